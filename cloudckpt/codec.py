@@ -1,0 +1,230 @@
+"""Chunk codecs: raw bytes -> self-describing compressed blob, and back.
+
+A blob is ``header | payload``. The header names the codec, the element width and the
+raw length, so any blob decodes on its own and a blob stored under one codec can be
+reused by a later chunk with the same bytes but another dtype.
+
+Codecs:
+
+* ``raw``    -- stored as is.
+* ``zstd``   -- one zstd frame.
+* ``planes`` -- byte planes (byte k of every element together), each plane a zstd frame
+  or stored raw when zstd does not help. Good for integers and fp16/fp64.
+* ``fplanes`` -- like ``planes`` for fp32/bf16, but the sign bit is moved out of the
+  top byte first, so that one plane holds exactly the 8-bit exponent. Trained weights
+  have a narrow exponent range, so that plane compresses well, while the mantissa
+  planes are close to random and are stored raw without spending CPU on them.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+import zstandard
+
+from cloudckpt.errors import CorruptCheckpoint
+
+MAGIC = b"CKB1"
+_HEADER = struct.Struct("<4sBBHQ")  # magic, codec id, width, plane count, raw length
+_PLANE = struct.Struct("<BQ")  # 0 raw / 1 zstd, stored length
+
+RAW, ZSTD, PLANES, FPLANES = "raw", "zstd", "planes", "fplanes"
+_IDS = {RAW: 0, ZSTD: 1, PLANES: 2, FPLANES: 3}
+_NAMES = {v: k for k, v in _IDS.items()}
+
+#: zstd settings for the exponent plane: a tiny hash table finds almost no (spurious)
+#: matches on near-random symbols, so zstd spends its bits on Huffman-coded literals.
+#: Measured on MiniLM weights: ratio 0.331 at ~600 MB/s vs 0.364 at ~200 MB/s for level 1.
+_EXPONENT_PARAMS = dict(
+    window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0
+)
+
+#: Planes smaller than this are not worth a zstd frame.
+_MIN_COMPRESS = 256
+#: A plane is compressed only if a sample of it shrinks below this ratio.
+_SAMPLE_BYTES = 1 << 16
+_SAMPLE_RATIO = 0.97
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    """Which codec a chunk of one dtype gets, and the element width it groups by."""
+
+    name: str
+    width: int
+
+
+def content_hash(raw: memoryview | bytes) -> str:
+    """The content address of raw chunk bytes (xxh3-128, hex)."""
+    return xxhash.xxh3_128_hexdigest(raw)
+
+
+def choose(dtype_name: str, itemsize: int, nbytes: int) -> CodecChoice:
+    """Pick the codec for a chunk of ``nbytes`` of elements of ``dtype_name``."""
+    if nbytes < _MIN_COMPRESS:
+        return CodecChoice(RAW, 1)
+    if dtype_name in ("float32", "bfloat16"):
+        return CodecChoice(FPLANES, itemsize)
+    if itemsize > 1:
+        return CodecChoice(PLANES, itemsize)
+    return CodecChoice(ZSTD, 1)
+
+
+class Codec:
+    """Encodes and decodes chunks; thread-safe (a zstd context per call)."""
+
+    def __init__(self, level: int = 1) -> None:
+        self.level = level
+
+    # -- encode ---------------------------------------------------------------------
+    def encode(self, raw: memoryview | bytes, choice: CodecChoice) -> bytes:
+        """Compress ``raw`` (a contiguous byte buffer) into a self-describing blob."""
+        data = np.frombuffer(raw, dtype=np.uint8)
+        n = data.size
+        if choice.name == RAW:
+            return _HEADER.pack(MAGIC, _IDS[RAW], 1, 0, n) + bytes(raw)
+        if choice.name == ZSTD:
+            planes = [data]
+        else:
+            width = choice.width
+            if n % width:
+                raise ValueError(f"chunk of {n} bytes is not a multiple of width {width}")
+            planes = _split_planes(data.reshape(-1, width), choice.name == FPLANES)
+        parts: list[bytes | memoryview] = [
+            _HEADER.pack(MAGIC, _IDS[choice.name], choice.width, len(planes), n)
+        ]
+        cctx = zstandard.ZstdCompressor(level=self.level)
+        for i, plane in enumerate(planes):
+            ctx = cctx
+            if i == 0 and choice.name == FPLANES:
+                ctx = zstandard.ZstdCompressor(compression_params=_exponent_params())
+            parts.extend(self._encode_plane(ctx, plane))
+        return b"".join(parts)
+
+    @staticmethod
+    def _encode_plane(
+        cctx: zstandard.ZstdCompressor, plane: np.ndarray
+    ) -> list[bytes | memoryview]:
+        buf = memoryview(np.ascontiguousarray(plane))
+        if len(buf) >= _MIN_COMPRESS and _worth_compressing(cctx, buf):
+            packed = cctx.compress(buf)
+            if len(packed) < len(buf):
+                return [_PLANE.pack(1, len(packed)), packed]
+        return [_PLANE.pack(0, len(buf)), buf]
+
+    # -- decode ---------------------------------------------------------------------
+    def decode(self, blob: bytes | memoryview, raw_len: int, where: str) -> np.ndarray:
+        """Decompress a blob into a fresh uint8 array of exactly ``raw_len`` bytes.
+
+        ``where`` names the object in errors. Lengths are checked against ``raw_len``
+        before anything is allocated, so a hostile blob cannot inflate memory.
+        """
+        out = np.empty(raw_len, dtype=np.uint8)
+        self.decode_into(blob, out, where)
+        return out
+
+    def decode_into(self, blob: bytes | memoryview, out: np.ndarray, where: str) -> None:
+        """Decompress a blob into ``out`` (a contiguous uint8 array of the raw length)."""
+        view = memoryview(blob)
+        if len(view) < _HEADER.size:
+            raise CorruptCheckpoint(f"{where}: blob is truncated ({len(view)} bytes)")
+        magic, codec_id, width, nplanes, n = _HEADER.unpack_from(view)
+        if magic != MAGIC or codec_id not in _NAMES:
+            raise CorruptCheckpoint(f"{where}: not a cloudckpt blob (bad header)")
+        if n != out.size:
+            raise CorruptCheckpoint(
+                f"{where}: blob holds {n} bytes but the manifest expects {out.size}"
+            )
+        name = _NAMES[codec_id]
+        body = view[_HEADER.size :]
+        if name == RAW:
+            if len(body) != n:
+                raise CorruptCheckpoint(f"{where}: raw blob has {len(body)} of {n} bytes")
+            out[:] = np.frombuffer(body, dtype=np.uint8)
+            return
+        if name == ZSTD:
+            width, expected = 1, [n]
+        else:
+            if width == 0 or n % width or nplanes != width:
+                raise CorruptCheckpoint(f"{where}: inconsistent plane layout")
+            expected = [n // width] * width
+        planes = _read_planes(body, expected, where)
+        if name == ZSTD:
+            out[:] = planes[0]
+        else:
+            _join_planes(planes, out.reshape(-1, width), name == FPLANES)
+
+
+def _worth_compressing(cctx: zstandard.ZstdCompressor, buf: memoryview) -> bool:
+    if len(buf) <= 2 * _SAMPLE_BYTES:
+        return True
+    sample = buf[:_SAMPLE_BYTES]
+    return len(cctx.compress(sample)) < _SAMPLE_RATIO * len(sample)
+
+
+def _exponent_params() -> zstandard.ZstdCompressionParameters:
+    return zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, **_EXPONENT_PARAMS)
+
+
+def _split_planes(elems: np.ndarray, float_exponent: bool) -> list[np.ndarray]:
+    """Byte planes, most significant first. ``elems`` is (n, width) little-endian."""
+    width = elems.shape[1]
+    planes = [elems[:, k] for k in range(width - 1, -1, -1)]
+    if float_exponent:
+        top, nxt = planes[0], planes[1]
+        exponent = np.left_shift(top, 1)
+        scratch = np.right_shift(nxt, 7)
+        exponent |= scratch
+        sign_mant = np.bitwise_and(nxt, 0x7F)
+        np.bitwise_and(top, 0x80, out=scratch)
+        sign_mant |= scratch
+        planes[0], planes[1] = exponent, sign_mant
+    return planes
+
+
+def _join_planes(planes: list[np.ndarray], out: np.ndarray, float_exponent: bool) -> None:
+    width = out.shape[1]
+    if float_exponent:
+        exponent, sign_mant = planes[0], planes[1]
+        out[:, width - 1] = (sign_mant & 0x80) | (exponent >> 1)
+        out[:, width - 2] = ((exponent & 1) << 7) | (sign_mant & 0x7F)
+        rest = planes[2:]
+        first = width - 3
+    else:
+        rest = planes
+        first = width - 1
+    for i, plane in enumerate(rest):
+        out[:, first - i] = plane
+
+
+def _read_planes(body: memoryview, expected: list[int], where: str) -> list[np.ndarray]:
+    dctx = zstandard.ZstdDecompressor()
+    planes = []
+    pos = 0
+    for size in expected:
+        if pos + _PLANE.size > len(body):
+            raise CorruptCheckpoint(f"{where}: blob is truncated")
+        kind, stored = _PLANE.unpack_from(body, pos)
+        pos += _PLANE.size
+        payload = body[pos : pos + stored]
+        pos += stored
+        if len(payload) != stored:
+            raise CorruptCheckpoint(f"{where}: blob is truncated")
+        if kind == 0:
+            if stored != size:
+                raise CorruptCheckpoint(f"{where}: plane has {stored} of {size} bytes")
+            planes.append(np.frombuffer(payload, dtype=np.uint8))
+            continue
+        try:
+            plain = dctx.decompress(payload, max_output_size=size)
+        except zstandard.ZstdError as e:
+            raise CorruptCheckpoint(f"{where}: cannot decompress ({e})") from None
+        if len(plain) != size:
+            raise CorruptCheckpoint(f"{where}: plane decompressed to {len(plain)} of {size}")
+        planes.append(np.frombuffer(plain, dtype=np.uint8))
+    if pos != len(body):
+        raise CorruptCheckpoint(f"{where}: {len(body) - pos} trailing bytes in blob")
+    return planes

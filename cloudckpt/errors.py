@@ -1,0 +1,31 @@
+"""Errors raised by cloudckpt. Each message names the object and what to do."""
+
+from __future__ import annotations
+
+
+class CloudCkptError(Exception):
+    """Base class of every error cloudckpt raises."""
+
+
+class CheckpointNotFound(CloudCkptError, LookupError):
+    """A ref (branch, tag, version id) or an object it needs does not exist."""
+
+
+class CorruptCheckpoint(CloudCkptError):
+    """Stored data failed a hash, length or format check."""
+
+
+class CommitConflict(CloudCkptError):
+    """Another writer moved the branch head while this commit was in progress."""
+
+
+class StoreError(CloudCkptError, OSError):
+    """The object store failed, after retries where the failure was retryable."""
+
+
+class UnsupportedState(CloudCkptError, TypeError):
+    """The state holds an object cloudckpt cannot store without pickle."""
+
+
+class PreconditionFailed(StoreError):
+    """A conditional write lost: the object exists, or its ETag changed."""

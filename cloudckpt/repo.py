@@ -1,0 +1,343 @@
+"""The checkpoint repository at a URI: commit a state, load it back.
+
+Layout under the root URI (format 1)::
+
+    versions.json              branches, tags, one row per version (compare-and-swap)
+    manifests/<version>.json   immutable: the state's skeleton and each array's chunks
+    blobs/<hh>/<hash>          immutable compressed chunks, named by their content hash
+
+A commit uploads missing blobs, writes the manifest (create-if-absent), then swaps
+``versions.json``; the version exists only once that swap succeeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import fnmatch
+import json
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloudckpt import tree, versions
+from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats, iter_chunks
+from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
+from cloudckpt.store import Store, StoreOptions
+from cloudckpt.versions import Index, Version
+
+log = logging.getLogger("cloudckpt")
+
+MANIFEST_FORMAT = 1
+LATEST = "latest"
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    """Options of a repository handle: transfer tuning and store behaviour."""
+
+    transfer: TransferOptions = field(default_factory=TransferOptions)
+    store: StoreOptions = field(default_factory=StoreOptions)
+
+
+def new_version_id() -> str:
+    """Sortable by creation time, unique across writers."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}"
+
+
+class Repo:
+    """The checkpoint repository at ``uri`` (``s3://``, ``gs://``, ``file://``, ``memory://``...).
+
+    ``storage_options`` go to fsspec unchanged (for S3: ``endpoint_url``, ``key``,
+    ``secret``...). Nothing is read or written until the first call.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        options: RepoOptions | None = None,
+    ) -> None:
+        self.options = options or RepoOptions()
+        self.store = Store(uri, storage_options, self.options.store)
+        self.uri = self.store.uri
+        self.last_stats: TransferStats | None = None
+
+    def __repr__(self) -> str:
+        return f"Repo({self.uri!r})"
+
+    # -- reading the index ---------------------------------------------------------
+    def index(self) -> Index:
+        return versions.read(self.store)[0]
+
+    def versions(self) -> list[Version]:
+        """All versions, oldest first."""
+        return list(self.index().versions.values())
+
+    def branches(self) -> dict[str, str]:
+        """Branch name -> head version id."""
+        return dict(self.index().branches)
+
+    def resolve(self, ref: str = "main", index: Index | None = None) -> Version:
+        """The version a ref names: a branch, a tag, a version id, or ``"latest"``."""
+        index = index or self.index()
+        if ref == LATEST:
+            found = index.latest()
+        else:
+            vid = index.branches.get(ref) or index.tags.get(ref) or ref
+            found = index.versions.get(vid)
+        if found is None:
+            known = ", ".join(sorted(index.branches)) or "none yet"
+            raise CheckpointNotFound(
+                f"{self.uri}: no branch, tag or version named {ref!r} (branches: {known})"
+            )
+        return found
+
+    def manifest(self, ref: str = "main") -> dict[str, Any]:
+        """The parsed manifest of a version."""
+        return self._manifest(self.resolve(ref).id)
+
+    def _manifest(self, vid: str) -> dict[str, Any]:
+        key = f"manifests/{vid}.json"
+        where = self.store.url(key)
+        try:
+            doc = json.loads(self.store.get(key))
+        except CheckpointNotFound:
+            raise CorruptCheckpoint(f"{where} is missing: the repository is damaged") from None
+        except ValueError as e:
+            raise CorruptCheckpoint(f"{where} is not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+            raise CorruptCheckpoint(
+                f"{where}: manifest format {doc.get('format') if isinstance(doc, dict) else '?'}"
+                f" is not supported (this cloudckpt reads {MANIFEST_FORMAT})"
+            )
+        if not isinstance(doc.get("tensors"), list) or "state" not in doc:
+            raise CorruptCheckpoint(f"{where}: manifest lacks its state or tensors")
+        return doc
+
+    # -- commit ----------------------------------------------------------------------
+    def commit(
+        self,
+        state: Any,
+        *,
+        branch: str = "main",
+        step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        message: str | None = None,
+    ) -> Version:
+        """Store ``state`` as a new version at the head of ``branch``.
+
+        Raises UnsupportedState (before any upload) if the state holds an object that
+        cannot be stored without pickle, and CommitConflict if another writer moved the
+        branch meanwhile.
+        """
+        t0 = time.perf_counter()
+        skeleton, leaves = tree.flatten(state)
+        index = self.index()
+        parent = index.branches.get(branch)
+        known = self._known_blobs(parent) if parent else {}
+        writer = BlobWriter(self.store, self.options.transfer, known)
+        entries, stats = writer.write(leaves)
+        vid = new_version_id()
+        row = Version(
+            id=vid,
+            branch=branch,
+            parent=parent,
+            step=step,
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+            message=message,
+            created=time.time(),
+            logical_bytes=stats.logical_bytes,
+            stored_bytes=stats.stored_bytes,
+            uploaded_bytes=stats.transferred_bytes,
+        )
+        doc = {
+            "format": MANIFEST_FORMAT,
+            "id": vid,
+            "parent": parent,
+            "branch": branch,
+            "step": step,
+            "metrics": row.metrics,
+            "message": message,
+            "created": row.created,
+            "chunk_size": self.options.transfer.chunk_size,
+            "state": skeleton,
+            "tensors": entries,
+        }
+        if not self.store.put_if_absent(f"manifests/{vid}.json", json.dumps(doc).encode()):
+            raise CommitConflict(f"{self.uri}: manifest {vid} already exists; retry the commit")
+
+        def add(ix: Index) -> None:
+            head = ix.branches.get(branch)
+            if head != parent:
+                raise CommitConflict(
+                    f"{self.uri}: branch {branch!r} moved from {parent} to {head} while this "
+                    "commit was uploading; commit again (its blobs are reused) or use another "
+                    "branch"
+                )
+            ix.versions[vid] = row
+            ix.branches[branch] = vid
+
+        stats.seconds = time.perf_counter() - t0
+        row = dataclasses.replace(row, seconds=stats.seconds)
+        versions.update(self.store, add)
+        self.last_stats = stats
+        log.info(
+            "committed %s on %s: %d arrays, %.1f MB logical, %.1f MB stored, %.1f MB uploaded "
+            "(%d new blobs, %d reused) in %.2fs",
+            vid, branch, len(leaves), stats.logical_bytes / 1e6, stats.stored_bytes / 1e6,
+            stats.transferred_bytes / 1e6, stats.transferred_blobs, stats.reused_blobs,
+            stats.seconds,
+        )  # fmt: skip
+        return row
+
+    def _known_blobs(self, vid: str) -> dict[str, int]:
+        try:
+            doc = self._manifest(vid)
+        except CorruptCheckpoint as e:
+            log.warning("cannot reuse blobs of parent %s: %s", vid, e)
+            return {}
+        return {d: stored for entry in doc["tensors"] for d, _, _, stored in iter_chunks(entry)}
+
+    # -- load ------------------------------------------------------------------------
+    def load(
+        self,
+        ref: str = "main",
+        *,
+        keys: Iterable[str] | None = None,
+        into: Any = None,
+    ) -> Any:
+        """Load a version's state: tensors on the CPU, exactly as committed.
+
+        ``keys``: only the entries whose path (dot-joined, e.g. ``"model.fc.weight"``)
+        matches one of these names or glob patterns (``"model"`` or ``"model.*"``);
+        only their chunks are fetched.
+
+        ``into``: an object with ``state_dict()``/``load_state_dict()`` holding the whole
+        state, or a mapping from top-level key to such objects (``{"model": model,
+        "optimizer": opt}``). Tensors are decoded straight into the existing tensors of
+        matching shape and dtype, then ``load_state_dict`` is called, so no second full
+        copy of the state is held.
+        """
+        version = self.resolve(ref)
+        doc = self._manifest(version.id)
+        skeleton = doc["state"]
+        if keys is not None:
+            patterns = list(keys)
+            skeleton = tree.select(skeleton, lambda p: _matches(p, patterns))
+            if skeleton is None:
+                raise CheckpointNotFound(
+                    f"{self.uri}: nothing in version {version.id} matches keys {patterns}"
+                )
+        destinations = _destinations(into)
+        entries = doc["tensors"]
+        arrays: dict[int, Any] = {}
+        targets: list[tuple[dict[str, Any], Any]] = []
+
+        def array(index: int, path: str) -> Any:
+            if index not in arrays:
+                if index >= len(entries):
+                    raise CorruptCheckpoint(f"{self.uri}: manifest leaf {index} out of range")
+                entry = entries[index]
+                dest = _allocate(entry, destinations.get(entry.get("path", path)))
+                arrays[index] = dest
+                targets.append((entry, dest))
+            return arrays[index]
+
+        state = tree.unflatten(skeleton, array)
+        self.last_stats = BlobReader(self.store, self.options.transfer).read(targets)
+        log.info(
+            "loaded %s: %d arrays, %.1f MB in %.2fs",
+            version.id, len(targets), self.last_stats.logical_bytes / 1e6,
+            self.last_stats.seconds,
+        )  # fmt: skip
+        _apply(into, state)
+        return state
+
+
+def _matches(path: str, patterns: list[str]) -> bool:
+    return any(
+        path == p or path.startswith(p + ".") or fnmatch.fnmatchcase(path, p) for p in patterns
+    )
+
+
+def _targets_of(into: Any) -> list[tuple[str, Any]]:
+    if into is None:
+        return []
+    if hasattr(into, "state_dict") and hasattr(into, "load_state_dict"):
+        return [("", into)]
+    if isinstance(into, Mapping):
+        return [(str(k), v) for k, v in into.items()]
+    raise TypeError(
+        "into= takes an object with state_dict()/load_state_dict() or a mapping of them, "
+        f"not {type(into).__name__}"
+    )
+
+
+def _destinations(into: Any) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for prefix, obj in _targets_of(into):
+        current = obj.state_dict() if hasattr(obj, "state_dict") else obj
+        found.update(tree.tensors_by_path(current, prefix))
+    return found
+
+
+def _apply(into: Any, state: Any) -> None:
+    for prefix, obj in _targets_of(into):
+        if not hasattr(obj, "load_state_dict"):
+            continue
+        if prefix == "":
+            obj.load_state_dict(state)
+        elif isinstance(state, Mapping) and prefix in state:
+            obj.load_state_dict(state[prefix])
+        else:
+            raise CheckpointNotFound(f"the loaded state has no entry {prefix!r} to load into")
+
+
+def _allocate(entry: dict[str, Any], dest: torch.Tensor | None) -> Any:
+    """The array a manifest entry loads into: ``dest`` if it fits, else a new one."""
+    try:
+        shape = tuple(int(d) for d in entry["shape"])
+        kind, dtype = entry["kind"], entry["dtype"]
+        if any(d < 0 for d in shape):
+            raise ValueError("negative dimension")
+        nbytes = sum(size for _, _, size, _ in iter_chunks(entry))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptCheckpoint(
+            f"manifest entry {entry.get('path')!r} is malformed ({e})"
+        ) from None
+    if kind == "numpy":
+        np_dtype = tree.numpy_dtype(dtype)
+        _check_size(entry, shape, np_dtype.itemsize, nbytes)
+        return np.empty(shape, dtype=np_dtype)
+    if kind != "torch":
+        raise CorruptCheckpoint(f"manifest entry {entry.get('path')!r} has unknown kind {kind!r}")
+    t_dtype = tree.torch_dtype(dtype)
+    _check_size(entry, shape, t_dtype.itemsize, nbytes)
+    if (
+        dest is not None
+        and tuple(dest.shape) == shape
+        and dest.dtype == t_dtype
+        and dest.is_contiguous()
+    ):
+        return dest.detach()
+    return torch.empty(shape, dtype=t_dtype)
+
+
+def _check_size(entry: dict[str, Any], shape: tuple[int, ...], itemsize: int, nbytes: int) -> None:
+    expected = itemsize
+    for d in shape:
+        expected *= d
+    if expected != nbytes:
+        raise CorruptCheckpoint(
+            f"manifest entry {entry.get('path')!r}: chunks hold {nbytes} bytes but shape "
+            f"{list(shape)} needs {expected}"
+        )

@@ -1,0 +1,177 @@
+"""An object store at a URI, behind fsspec: plain and conditional writes, with retries.
+
+Keys are ``/``-separated paths relative to the store's root URI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import fsspec
+
+from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError
+from cloudckpt.store.conditional import Conditional, for_filesystem, write_temp
+from cloudckpt.store.retry import RetryPolicy, is_retryable
+
+__all__ = ["RetryPolicy", "Store", "StoreOptions"]
+
+log = logging.getLogger("cloudckpt.store")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Timeouts and retries for every call the store makes."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class Store:
+    """The objects under one root URI (``s3://bucket/prefix``, ``file:///dir``, ``memory://x``).
+
+    ``storage_options`` are passed to fsspec exactly as the backend takes them (for S3:
+    ``endpoint_url``, ``key``, ``secret``, ``client_kwargs``...); the standard AWS
+    environment (``AWS_ENDPOINT_URL``, credentials, profile) applies as usual.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        options: StoreOptions | None = None,
+    ) -> None:
+        self.uri = uri.rstrip("/")
+        self.options = options or StoreOptions()
+        protocol, _ = fsspec.core.split_protocol(self.uri)
+        protocol = protocol or "file"
+        opts = dict(storage_options or {})
+        if protocol in ("s3", "s3a"):
+            opts = _s3_defaults(opts, self.options)
+        self.fs = fsspec.filesystem(protocol, **opts)
+        if protocol in ("s3", "s3a"):
+            # One retry budget, ours: s3fs and botocore each retry on their own otherwise.
+            self.fs.retries = 1
+        self.root = self.fs._strip_protocol(self.uri).rstrip("/")
+        self._local = protocol in ("file", "local")
+        self._cond: Conditional = for_filesystem(self.fs)
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r})"
+
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}"
+
+    def url(self, key: str) -> str:
+        return f"{self.uri}/{key}"
+
+    # -- the calls -----------------------------------------------------------------
+    def _run(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        try:
+            return self.options.retry.call(fn, f"{what} {self.url(key)}")
+        except (CheckpointNotFound, PreconditionFailed):
+            raise
+        except FileNotFoundError as e:
+            raise CheckpointNotFound(f"{self.url(key)} does not exist") from e
+        except PermissionError as e:
+            raise StoreError(
+                f"access denied for {what} {self.url(key)}: check the credentials and the "
+                "bucket policy for this prefix"
+            ) from e
+        except Exception as e:
+            if is_retryable(e):
+                hint = "the store kept failing; retry later or raise RetryPolicy limits"
+            else:
+                hint = "check the URI, the endpoint and storage_options"
+            raise StoreError(
+                f"{what} {self.url(key)} failed: {type(e).__name__}: {e} ({hint})"
+            ) from e
+
+    def get(self, key: str) -> bytes:
+        """The whole object; CheckpointNotFound if it does not exist."""
+        return self._run("get", key, lambda: self.fs.cat_file(self.path(key)))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the object."""
+        return self._run("get", key, lambda: self.fs.cat_file(self.path(key), start=start, end=end))
+
+    def exists(self, key: str) -> bool:
+        return self._run("head", key, lambda: self.fs.exists(self.path(key)))
+
+    def size(self, key: str) -> int:
+        return self._run("head", key, lambda: self.fs.size(self.path(key)))
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Write the object whole (readers never see a partial object)."""
+        path = self.path(key)
+        if isinstance(data, memoryview):
+            data = data.tobytes()
+        if self._local:
+            self._run("put", key, lambda: os.replace(write_temp(path, data), path))
+        else:
+            self._run("put", key, lambda: self.fs.pipe_file(path, data))
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Write only if no object is at ``key``; False if one was already there."""
+        return self._run("create", key, lambda: self._cond.create(self.path(key), data))
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its ETag, or None if absent (for compare-and-swap)."""
+        return self._run("get", key, lambda: self._cond.read(self.path(key)))
+
+    def put_if_match(self, key: str, data: bytes, etag: str | None) -> str:
+        """Replace the object only if its ETag is still ``etag`` (None: only if absent).
+
+        Returns the new ETag; raises PreconditionFailed if another writer won.
+        """
+        return self._run("swap", key, lambda: self._cond.replace(self.path(key), data, etag))
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (relative to the root), sorted."""
+        base = self.path(prefix).rstrip("/")
+
+        def _find() -> list[str]:
+            try:
+                found = self.fs.find(base)
+            except FileNotFoundError:
+                return []
+            return found
+
+        start = len(self.root) + 1
+        keys = [p[start:] for p in self._run("list", prefix, _find)]
+        return sorted(k for k in keys if not _internal(k))
+
+    def delete(self, keys: Iterable[str]) -> None:
+        paths = [self.path(k) for k in keys]
+        if paths:
+            self._run("delete", paths[0], lambda: self.fs.rm(paths))
+
+
+def _internal(key: str) -> bool:
+    name = key.rsplit("/", 1)[-1]
+    return name.startswith(".tmp-") or name.endswith(".lock")
+
+
+def _s3_defaults(opts: dict[str, Any], options: StoreOptions) -> dict[str, Any]:
+    """Per-request timeouts and no botocore-level retries, unless the caller set them."""
+    opts = dict(opts)
+    config = dict(opts.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", options.connect_timeout)
+    config.setdefault("read_timeout", options.read_timeout)
+    config.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+    opts["config_kwargs"] = config
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if (
+        endpoint
+        and "endpoint_url" not in opts
+        and "endpoint_url" not in opts.get("client_kwargs", {})
+    ):
+        opts["endpoint_url"] = endpoint
+    # A store instance of our own: fsspec's shared instances would share our settings.
+    opts.setdefault("skip_instance_cache", True)
+    return opts

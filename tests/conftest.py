@@ -1,0 +1,55 @@
+"""Shared fixtures: real local S3 servers (moto and SeaweedFS) on 127.0.0.1.
+
+Each server is started once per test session and stopped by its own PID at the end.
+Every test gets a fresh prefix in the session's bucket, so tests never see each other's
+objects (a new bucket per test is slow on SeaweedFS: each one grows new volumes).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cloudckpt.testing.local_s3 import MotoServer, SeaweedFS
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    with MotoServer() as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    with SeaweedFS(tmp_path_factory.mktemp("weed")) as srv:
+        yield srv
+
+
+BACKENDS = ["memory", "file", "moto", "seaweedfs"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """(uri, storage_options) of an empty repository root on each kind of store."""
+    return make_root(request, request.param, tmp_path)
+
+
+@pytest.fixture(params=["moto", "seaweedfs"])
+def s3_backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    return make_root(request, request.param, tmp_path)
+
+
+def make_root(
+    request: pytest.FixtureRequest, kind: str, tmp_path: Any
+) -> tuple[str, dict[str, Any]]:
+    if kind == "memory":
+        return f"memory://cloudckpt-tests/{uuid.uuid4().hex}", {}
+    if kind == "file":
+        return f"file://{tmp_path}/repo", {}
+    server = request.getfixturevalue("moto_server" if kind == "moto" else "seaweedfs")
+    if not hasattr(server, "test_bucket"):
+        server.test_bucket = server.create_bucket()
+    return f"s3://{server.test_bucket}/{uuid.uuid4().hex}", server.storage_options()
