@@ -249,7 +249,8 @@ def select(skeleton: Any, wanted: Callable[[str], bool]) -> Any:
                     return True, {tag: [sub if ok else None for ok, sub in items]}
         return False, None
 
-    return prune(skeleton, "")[1]
+    ok, pruned = prune(skeleton, "")
+    return pruned if ok else None
 
 
 def _no_arrays(index: int, path: str) -> Any:

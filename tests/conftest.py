@@ -53,3 +53,29 @@ def make_root(
     if not hasattr(server, "test_bucket"):
         server.test_bucket = server.create_bucket()
     return f"s3://{server.test_bucket}/{uuid.uuid4().hex}", server.storage_options()
+
+
+class S3Requests:
+    """Records every HTTP request s3fs sends for a store (method, key), via botocore events."""
+
+    def __init__(self, store: Any) -> None:
+        from fsspec.asyn import sync
+
+        self.calls: list[tuple[str, str]] = []
+        fs = store.fs
+        sync(fs.loop, fs.set_session)
+        fs.s3.meta.events.register("before-send.s3", self._record)
+        self._prefix = f"/{store.root}/"
+
+    def _record(self, request: Any, **_: Any) -> None:
+        from urllib.parse import unquote, urlsplit
+
+        path = unquote(urlsplit(request.url).path)
+        key = path[len(self._prefix) :] if path.startswith(self._prefix) else path
+        self.calls.append((request.method, key))
+
+    def count(self, method: str, prefix: str = "") -> int:
+        return sum(1 for m, k in self.calls if m == method and k.startswith(prefix))
+
+    def keys(self, method: str, prefix: str = "") -> list[str]:
+        return [k for m, k in self.calls if m == method and k.startswith(prefix)]
