@@ -2,7 +2,7 @@
 
 Saving: each array is cut into fixed-size chunks; a thread pool hashes each chunk,
 skips it if the store already holds that hash, else compresses and uploads it. The
-bytes being worked on at once are bounded (``max_inflight_bytes``), so memory while
+memory held by chunks in flight is bounded (``max_inflight_bytes``), so memory while
 saving is the live state plus that bound -- never a serialized copy of the whole state.
 
 Loading: chunks are fetched in parallel and decoded straight into the destination
@@ -40,7 +40,14 @@ def _default_workers() -> int:
 
 @dataclass(frozen=True)
 class TransferOptions:
-    """How arrays are cut, compressed and moved."""
+    """How arrays are cut, compressed and moved.
+
+    ``max_inflight_bytes`` bounds the memory the pipeline holds. A chunk in flight is
+    charged twice its raw size (scratch and output while compressing; the blob and the
+    HTTP client's copy while uploading), so the default lets two 64 MiB chunks or
+    eight 16 MiB chunks move at once. Raise it on machines with memory to spare and
+    fast networks.
+    """
 
     chunk_size: int = 64 * MiB
     max_inflight_bytes: int = 256 * MiB
@@ -66,6 +73,10 @@ class TransferStats:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
+
+
+#: Memory charged per raw byte of a chunk in flight (see TransferOptions).
+_CHARGE = 2
 
 
 def blob_key(digest: str) -> str:
@@ -159,7 +170,7 @@ class BlobWriter:
                     entries.append(_entry(leaf, chunks))
                     get, _keep = _bytes_of(leaf.value)
                     for a, b in _chunk_bounds(leaf.nbytes, leaf.itemsize, self.options.chunk_size):
-                        budget.acquire(b - a)
+                        budget.acquire(_CHARGE * (b - a))
                         fut = pool.submit(self._save_chunk, get, a, b, leaf, budget, progress)
                         jobs.append((chunks, fut))
                 for chunks, fut in jobs:
@@ -209,7 +220,7 @@ class BlobWriter:
                 self._known[digest] = stored
             return digest, b - a, stored, uploaded
         finally:
-            budget.release(b - a)
+            budget.release(_CHARGE * (b - a))
             progress.update(b - a)
 
     def _upload(self, digest: str, raw: np.ndarray, leaf: Leaf) -> tuple[int, bool]:
@@ -260,7 +271,7 @@ class BlobReader:
                 futures = []
                 for entry, dest in targets:
                     for chunk in iter_chunks(entry):
-                        budget.acquire(chunk[2])
+                        budget.acquire(_CHARGE * chunk[2])
                         futures.append(
                             pool.submit(self._load_chunk, entry, dest, chunk, budget, progress)
                         )
@@ -305,7 +316,7 @@ class BlobReader:
                 )
             return len(blob)
         finally:
-            budget.release(size)
+            budget.release(_CHARGE * size)
             progress.update(size)
 
 
