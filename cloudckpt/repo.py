@@ -205,7 +205,7 @@ class Repo:
         except CorruptCheckpoint as e:
             log.warning("cannot reuse blobs of parent %s: %s", vid, e)
             return {}
-        return {d: stored for entry in doc["tensors"] for d, _, _, stored in iter_chunks(entry)}
+        return {c.digest: c.stored for entry in doc["tensors"] for c in iter_chunks(entry)}
 
     # -- load ------------------------------------------------------------------------
     def load(
@@ -309,7 +309,7 @@ def _allocate(entry: dict[str, Any], dest: torch.Tensor | None) -> Any:
         kind, dtype = entry["kind"], entry["dtype"]
         if any(d < 0 for d in shape):
             raise ValueError("negative dimension")
-        nbytes = sum(size for _, _, size, _ in iter_chunks(entry))
+        nbytes = sum(c.size for c in iter_chunks(entry))
     except (KeyError, TypeError, ValueError) as e:
         raise CorruptCheckpoint(
             f"manifest entry {entry.get('path')!r} is malformed ({e})"

@@ -106,6 +106,17 @@ class Store:
     def size(self, key: str) -> int:
         return self._run("head", key, lambda: self.fs.size(self.path(key)))
 
+    def size_if_exists(self, key: str) -> int | None:
+        """The object's size, or None if it does not exist (one HEAD request)."""
+
+        def _head() -> int | None:
+            try:
+                return self.fs.info(self.path(key))["size"]
+            except FileNotFoundError:
+                return None
+
+        return self._run("head", key, _head)
+
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Write the object whole (readers never see a partial object)."""
         path = self.path(key)
@@ -174,4 +185,6 @@ def _s3_defaults(opts: dict[str, Any], options: StoreOptions) -> dict[str, Any]:
         opts["endpoint_url"] = endpoint
     # A store instance of our own: fsspec's shared instances would share our settings.
     opts.setdefault("skip_instance_cache", True)
+    # Listings are cached by default, and a cached listing would answer HEADs wrongly.
+    opts.setdefault("use_listings_cache", False)
     return opts
