@@ -1,0 +1,197 @@
+"""Saving: arrays -> chunks and packs -> content-addressed, compressed blobs.
+
+Each array is cut into fixed-size chunks (small arrays share per-dtype packs); a thread
+pool hashes each blob, skips it if the store already holds that hash, else compresses
+and uploads it. The memory held by blobs in flight is bounded (``max_inflight_bytes``),
+so memory while saving is the live state plus that bound -- never a serialized copy of
+the whole state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cloudckpt import codec
+from cloudckpt.blobs.layout import CHARGE, ByteBudget, Progress, blob_key
+from cloudckpt.blobs.options import TransferOptions, TransferStats
+from cloudckpt.store import Store
+from cloudckpt.tree import Leaf
+
+
+def _chunk_bounds(nbytes: int, itemsize: int, chunk_size: int) -> list[tuple[int, int]]:
+    step = max(itemsize, chunk_size - chunk_size % itemsize)
+    return [(a, min(a + step, nbytes)) for a in range(0, nbytes, step)]
+
+
+def _bytes_of(value: Any) -> Callable[[int, int], np.ndarray]:
+    """A function giving bytes [a, b) of an array as a uint8 numpy array on the CPU."""
+    if isinstance(value, np.ndarray):
+        flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+        return lambda a, b: flat[a:b]
+    t = value.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    flat_t = t.reshape(-1).view(torch.uint8)
+    if flat_t.device.type == "cpu":
+        flat = flat_t.numpy()
+        return lambda a, b: flat[a:b]
+    return lambda a, b: flat_t[a:b].cpu().numpy()
+
+
+@dataclass
+class _Planned:
+    """One blob to write: byte ranges ``(leaf index, start, end)`` of one or more leaves."""
+
+    pieces: list[tuple[int, int, int]]
+    size: int = 0
+
+
+def _plan(leaves: list[Leaf], chunk_size: int, pack_below: int) -> list[_Planned]:
+    """Large leaves are cut into chunks; small ones are packed together into shared
+    blobs, one pack per dtype so the dtype's codec still applies (one request instead of
+    hundreds for biases, norms and step counters)."""
+    planned: list[_Planned] = []
+    packs: dict[tuple[str, str], _Planned] = {}
+    small = min(pack_below, chunk_size)
+    for i, leaf in enumerate(leaves):
+        n = leaf.nbytes
+        if n == 0:
+            continue
+        if n < small:
+            pack = packs.get((leaf.kind, leaf.dtype))
+            if pack is None or pack.size + n > chunk_size:
+                pack = packs[(leaf.kind, leaf.dtype)] = _Planned([])
+                planned.append(pack)
+            pack.pieces.append((i, 0, n))
+            pack.size += n
+            continue
+        for a, b in _chunk_bounds(n, leaf.itemsize, chunk_size):
+            planned.append(_Planned([(i, a, b)], b - a))
+    return planned
+
+
+class BlobWriter:
+    """Uploads the chunks of arrays that the store does not hold yet.
+
+    ``known`` maps blob hashes the store is known to hold (e.g. from the parent
+    version's manifest) to their stored size; they are neither checked nor uploaded.
+    """
+
+    def __init__(
+        self, store: Store, options: TransferOptions, known: dict[str, int] | None = None
+    ) -> None:
+        self.store = store
+        self.options = options
+        self.codec = codec.Codec(options.compression_level)
+        self._known = dict(known or {})
+        self._claims: dict[str, Future[int]] = {}
+        self._lock = threading.Lock()
+
+    def write(self, leaves: list[Leaf]) -> tuple[list[dict[str, Any]], TransferStats]:
+        """Upload every leaf's bytes; returns the manifest entries and the stats."""
+        t0 = time.perf_counter()
+        stats = TransferStats(logical_bytes=sum(leaf.nbytes for leaf in leaves))
+        budget = ByteBudget(self.options.max_inflight_bytes)
+        progress = Progress(self.options.progress, stats.logical_bytes, "save")
+        entries = [_entry(leaf) for leaf in leaves]
+        planned = _plan(leaves, self.options.chunk_size, self.options.pack_below)
+        last_use = {i: n for n, blob in enumerate(planned) for i, _, _ in blob.pieces}
+        getters: dict[int, Callable[[int, int], np.ndarray]] = {}
+        jobs: list[tuple[_Planned, Future[tuple[str, int, bool]]]] = []
+        try:
+            with ThreadPoolExecutor(self.options.workers, "cloudckpt-save") as pool:
+                for n, blob in enumerate(planned):
+                    parts = []
+                    for i, a, b in blob.pieces:
+                        if i not in getters:
+                            getters[i] = _bytes_of(leaves[i].value)
+                        parts.append((getters[i], a, b))
+                        if last_use[i] == n:  # the job keeps what it needs
+                            del getters[i]
+                    budget.acquire(CHARGE * blob.size)
+                    fut = pool.submit(self._save_blob, parts, blob, leaves, budget, progress)
+                    jobs.append((blob, fut))
+                for blob, fut in jobs:
+                    digest, stored, uploaded = fut.result()
+                    offset = 0
+                    for i, a, b in blob.pieces:
+                        entries[i]["chunks"].append([digest, b - a, stored, offset, blob.size])
+                        offset += b - a
+                    stats.stored_bytes += stored
+                    if uploaded:
+                        stats.transferred_blobs += 1
+                        stats.transferred_bytes += stored
+                    else:
+                        stats.reused_blobs += 1
+        finally:
+            progress.close()
+        stats.seconds = time.perf_counter() - t0
+        return entries, stats
+
+    def _save_blob(
+        self,
+        parts: list[tuple[Callable[[int, int], np.ndarray], int, int]],
+        blob: _Planned,
+        leaves: list[Leaf],
+        budget: ByteBudget,
+        progress: Progress,
+    ) -> tuple[str, int, bool]:
+        try:
+            if len(parts) == 1:
+                get, a, b = parts[0]
+                raw = get(a, b)
+            else:
+                raw = np.concatenate([get(a, b) for get, a, b in parts])
+            leaf = leaves[blob.pieces[0][0]]  # a pack holds one dtype
+            choice = codec.choose(leaf.dtype, leaf.itemsize, raw.nbytes)
+            digest = codec.content_hash(raw)
+            with self._lock:
+                stored = self._known.get(digest)
+                claim = self._claims.get(digest) if stored is None else None
+                mine = stored is None and claim is None
+                if mine:
+                    claim = self._claims[digest] = Future()
+            if stored is not None:
+                return digest, stored, False
+            assert claim is not None
+            if not mine:
+                return digest, claim.result(), False
+            try:
+                stored, uploaded = self._upload(digest, raw, choice)
+            except BaseException as e:
+                claim.set_exception(e)
+                raise
+            claim.set_result(stored)
+            with self._lock:
+                self._known[digest] = stored
+            return digest, stored, uploaded
+        finally:
+            budget.release(CHARGE * blob.size)
+            progress.update(blob.size)
+
+    def _upload(self, digest: str, raw: np.ndarray, choice: codec.CodecChoice) -> tuple[int, bool]:
+        key = blob_key(digest)
+        existing = self.store.size_if_exists(key)
+        if existing is not None:
+            return existing, False
+        blob = self.codec.encode(memoryview(raw), choice)
+        self.store.put(key, blob)
+        return len(blob), True
+
+
+def _entry(leaf: Leaf) -> dict[str, Any]:
+    return {
+        "path": leaf.path,
+        "kind": leaf.kind,
+        "dtype": leaf.dtype,
+        "shape": list(leaf.shape),
+        "chunks": [],
+    }
