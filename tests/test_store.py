@@ -90,3 +90,17 @@ def test_unreachable_endpoint_fails_with_store_error_after_bounded_retries() -> 
     with pytest.raises(StoreError, match=r"s3://bucket/x/obj") as info:
         store.get("obj")
     assert "retry later" in str(info.value)
+
+
+def test_large_objects_go_up_in_multipart(seaweedfs) -> None:
+    from conftest import S3Requests
+
+    bucket = seaweedfs.create_bucket()
+    store = Store(f"s3://{bucket}/big", seaweedfs.storage_options())
+    requests = S3Requests(store)
+    data = bytes(range(256)) * (101 * 1024 * 4)  # 101 MiB
+    store.put("huge", data)
+    assert requests.count("POST", "huge") >= 2  # create and complete the multipart upload
+    assert requests.count("PUT", "huge") >= 2  # its parts
+    assert store.size("huge") == len(data)
+    assert store.get_range("huge", len(data) - 5, len(data)) == data[-5:]

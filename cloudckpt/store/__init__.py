@@ -59,6 +59,9 @@ class Store:
             self.fs.retries = 1
         self.root = self.fs._strip_protocol(self.uri).rstrip("/")
         self._local = protocol in ("file", "local")
+        # s3fs would first HEAD (and on a miss, LIST) every object it reads in parallel
+        # parts; blobs are read whole and in parallel with each other, so one GET each.
+        self._get_kwargs = {"max_concurrency": 1} if protocol in ("s3", "s3a") else {}
         self._cond: Conditional = for_filesystem(self.fs)
 
     def __repr__(self) -> str:
@@ -94,7 +97,7 @@ class Store:
 
     def get(self, key: str) -> bytes:
         """The whole object; CheckpointNotFound if it does not exist."""
-        return self._run("get", key, lambda: self.fs.cat_file(self.path(key)))
+        return self._run("get", key, lambda: self.fs.cat_file(self.path(key), **self._get_kwargs))
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object."""

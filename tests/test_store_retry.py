@@ -1,0 +1,114 @@
+"""Retries and timeouts through the real S3 client stack, against a scripted HTTP server
+on 127.0.0.1 that answers every request with the same failure."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from cloudckpt.errors import CheckpointNotFound, StoreError
+from cloudckpt.store import RetryPolicy, Store, StoreOptions
+
+ERRORS = {
+    503: ("SlowDown", "Please reduce your request rate."),
+    500: ("InternalError", "We encountered an internal error."),
+    403: ("AccessDenied", "Access Denied"),
+    404: ("NoSuchKey", "The specified key does not exist."),
+}
+
+
+class ScriptedS3(ThreadingHTTPServer):
+    """Answers every request with ``status`` (an S3 error document), or stalls."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int | None, stall: float = 0.0) -> None:
+        self.status, self.stall, self.requests = status, stall, 0
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ScriptedS3
+
+    def _answer(self) -> None:
+        self.server.requests += 1
+        # The body is never needed; with "Expect: 100-continue" it is not even sent.
+        length = int(self.headers.get("Content-Length") or 0)
+        if length and self.headers.get("Expect", "").lower() != "100-continue":
+            self.rfile.read(length)
+        if self.server.stall:
+            time.sleep(self.server.stall)
+        status = self.server.status or 500
+        code, message = ERRORS[status]
+        body = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve(status: int | None, stall: float = 0.0) -> Iterator[ScriptedS3]:
+    server = ScriptedS3(status, stall)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def store_for(server: ScriptedS3, attempts: int = 4, read_timeout: float = 5) -> Store:
+    opts = StoreOptions(
+        connect_timeout=2,
+        read_timeout=read_timeout,
+        retry=RetryPolicy(attempts=attempts, initial_backoff=0.01, max_backoff=0.05),
+    )
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    return Store("s3://bucket/run", {"endpoint_url": endpoint, "key": "k", "secret": "s"}, opts)
+
+
+@pytest.mark.parametrize("status", [503, 500])
+def test_throttling_and_server_errors_are_retried_up_to_the_budget(status: int) -> None:
+    for server in serve(status):
+        store = store_for(server, attempts=4)
+        with pytest.raises(StoreError, match="retry later") as info:
+            store.put("obj", b"data")
+        assert server.requests == 4
+        assert "s3://bucket/run/obj" in str(info.value)
+
+
+def test_access_denied_is_not_retried_and_says_what_to_check() -> None:
+    for server in serve(403):
+        with pytest.raises(StoreError, match=r"access denied.*credentials"):
+            store_for(server).get("obj")
+        assert server.requests == 1
+
+
+def test_missing_object_is_not_retried() -> None:
+    for server in serve(404):
+        with pytest.raises(CheckpointNotFound, match="s3://bucket/run/obj"):
+            store_for(server).get("obj")
+        assert server.requests == 1
+
+
+def test_a_stalled_response_times_out_and_is_retried() -> None:
+    for server in serve(503, stall=3.0):
+        store = store_for(server, attempts=2, read_timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(StoreError):
+            store.get("obj")
+        assert time.monotonic() - t0 < 2.5  # two 0.5 s timeouts, not two 3 s stalls
+        assert server.requests == 2
