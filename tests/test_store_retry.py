@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -58,6 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+@contextmanager
 def serve(status: int | None, stall: float = 0.0) -> Iterator[ScriptedS3]:
     server = ScriptedS3(status, stall)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -82,7 +84,7 @@ def store_for(server: ScriptedS3, attempts: int = 4, read_timeout: float = 5) ->
 
 @pytest.mark.parametrize("status", [503, 500])
 def test_throttling_and_server_errors_are_retried_up_to_the_budget(status: int) -> None:
-    for server in serve(status):
+    with serve(status) as server:
         store = store_for(server, attempts=4)
         with pytest.raises(StoreError, match="retry later") as info:
             store.put("obj", b"data")
@@ -91,21 +93,21 @@ def test_throttling_and_server_errors_are_retried_up_to_the_budget(status: int) 
 
 
 def test_access_denied_is_not_retried_and_says_what_to_check() -> None:
-    for server in serve(403):
+    with serve(403) as server:
         with pytest.raises(StoreError, match=r"access denied.*credentials"):
             store_for(server).get("obj")
         assert server.requests == 1
 
 
 def test_missing_object_is_not_retried() -> None:
-    for server in serve(404):
+    with serve(404) as server:
         with pytest.raises(CheckpointNotFound, match="s3://bucket/run/obj"):
             store_for(server).get("obj")
         assert server.requests == 1
 
 
 def test_a_stalled_response_times_out_and_is_retried() -> None:
-    for server in serve(503, stall=3.0):
+    with serve(503, stall=3.0) as server:
         store = store_for(server, attempts=2, read_timeout=0.5)
         t0 = time.monotonic()
         with pytest.raises(StoreError):
