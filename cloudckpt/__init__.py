@@ -9,20 +9,43 @@ from cloudckpt.errors import (
     StoreError,
     UnsupportedState,
 )
+from cloudckpt.health import HealthCheck
+from cloudckpt.manager import CheckpointManager, Resumed, SaveReport, StepResult
+from cloudckpt.policies import (
+    EveryMinutes,
+    EveryNSteps,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    OnBestMetric,
+)
 from cloudckpt.repo import Repo, RepoOptions
+from cloudckpt.resume import ResumableSampler
 from cloudckpt.store import RetryPolicy, StoreOptions
 from cloudckpt.versions import Version
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "CheckpointNotFound",
     "CloudCkptError",
     "CommitConflict",
     "CorruptCheckpoint",
+    "EveryMinutes",
+    "EveryNSteps",
+    "HealthCheck",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "OnBestMetric",
     "Repo",
     "RepoOptions",
+    "ResumableSampler",
+    "Resumed",
     "RetryPolicy",
+    "SaveReport",
+    "StepResult",
     "StoreError",
     "StoreOptions",
     "TransferOptions",

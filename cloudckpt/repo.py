@@ -29,6 +29,7 @@ import torch
 from cloudckpt import tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats, iter_chunks
 from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
+from cloudckpt.gc import DEFAULT_GRACE, GCReport, collect
 from cloudckpt.store import Store, StoreOptions
 from cloudckpt.versions import Index, Version
 
@@ -132,8 +133,12 @@ class Repo:
         step: int | None = None,
         metrics: Mapping[str, float] | None = None,
         message: str | None = None,
+        meta: Mapping[str, Any] | None = None,
     ) -> Version:
         """Store ``state`` as a new version at the head of ``branch``.
+
+        ``meta`` is recorded with the version (JSON-serializable: why it was saved,
+        recovery actions, timings).
 
         Raises UnsupportedState (before any upload) if the state holds an object that
         cannot be stored without pickle, and CommitConflict if another writer moved the
@@ -154,6 +159,7 @@ class Repo:
             step=step,
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             message=message,
+            meta=json.loads(json.dumps(dict(meta or {}))),
             created=time.time(),
             logical_bytes=stats.logical_bytes,
             stored_bytes=stats.stored_bytes,
@@ -190,7 +196,7 @@ class Repo:
         row = dataclasses.replace(row, seconds=stats.seconds)
         versions.update(self.store, add)
         self.last_stats = stats
-        log.info(
+        log.debug(
             "committed %s on %s: %d arrays, %.1f MB logical, %.1f MB stored, %.1f MB uploaded "
             "(%d new blobs, %d reused) in %.2fs",
             vid, branch, len(leaves), stats.logical_bytes / 1e6, stats.stored_bytes / 1e6,
@@ -198,6 +204,33 @@ class Repo:
             stats.seconds,
         )  # fmt: skip
         return row
+
+    # -- deleting ----------------------------------------------------------------------
+    def delete(self, refs: Iterable[str]) -> list[str]:
+        """Remove versions from the index; their data goes at the next :meth:`gc` after
+        the grace period. A branch head or a tagged version cannot be deleted."""
+        index = self.index()
+        ids = [self.resolve(ref, index).id for ref in refs]
+
+        def drop(ix: Index) -> None:
+            pinned = {*ix.branches.values(), *ix.tags.values()}
+            now = time.time()
+            for vid in ids:
+                if vid in pinned:
+                    raise CommitConflict(
+                        f"{self.uri}: version {vid} is a branch head or tagged; move or "
+                        "delete the branch/tag first"
+                    )
+                if ix.versions.pop(vid, None) is not None:
+                    ix.deleted[vid] = now
+
+        versions.update(self.store, drop)
+        log.info("deleted %d versions from %s", len(ids), self.uri)
+        return ids
+
+    def gc(self, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GCReport:
+        """Sweep manifests and blobs no live version reaches (see :mod:`cloudckpt.gc`)."""
+        return collect(self, grace=grace, dry_run=dry_run)
 
     def _known_blobs(self, vid: str) -> dict[str, int]:
         try:

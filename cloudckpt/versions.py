@@ -35,6 +35,7 @@ class Version:
     stored_bytes: int = 0
     uploaded_bytes: int = 0
     seconds: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> Version:
@@ -52,6 +53,9 @@ class Index:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     versions: dict[str, Version] = field(default_factory=dict)
+    #: Deleted version id -> when it was deleted. Its data stays until garbage
+    #: collection, and for the grace period after deletion (readers mid-load).
+    deleted: dict[str, float] = field(default_factory=dict)
 
     def dumps(self) -> bytes:
         doc = {
@@ -59,6 +63,7 @@ class Index:
             "branches": self.branches,
             "tags": self.tags,
             "versions": [asdict(v) for v in self.versions.values()],
+            "deleted": self.deleted,
         }
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
@@ -73,7 +78,8 @@ class Index:
                 )
             rows = [Version.from_dict(r) for r in doc["versions"]]
             rows.sort(key=lambda v: (v.created, v.id))
-            return cls(dict(doc["branches"]), dict(doc["tags"]), {v.id: v for v in rows})
+            deleted = {str(k): float(v) for k, v in doc.get("deleted", {}).items()}
+            return cls(dict(doc["branches"]), dict(doc["tags"]), {v.id: v for v in rows}, deleted)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpoint(
                 f"{where} is not a valid versions manifest ({e}); `repair` rebuilds it from "

@@ -2,22 +2,23 @@
 
     python examples/train_gpt.py --uri s3://bucket/runs/gpt --steps 200 --save-every 25
 
-Run it again with the same URI and it resumes from the last committed version, on this
-machine or any other (the S3 endpoint and credentials come from the standard AWS
-environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+Run it again with the same URI and it resumes exactly where the last checkpoint left
+off -- model, optimizer, LR schedule, RNG states and data position -- on this machine or
+any other. The S3 endpoint and credentials come from the standard AWS environment
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import sys
-import time
 
-import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 import cloudckpt
 from cloudckpt.testing.gpt import GPT, GPTConfig
@@ -66,33 +67,25 @@ def corpus(n_chars: int = 200_000, seed: int = 1234) -> torch.Tensor:
     return torch.tensor(list("".join(out).encode()[:n_chars]), dtype=torch.long)
 
 
-def batch_at(data: torch.Tensor, step: int, batch: int, block: int, seed: int) -> torch.Tensor:
-    """The batch for a global step: a function of the step alone, so resuming at step k
-    continues the same data order without saving any sampler state."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(data) - block - 1, (batch,), generator=g)
-    return torch.stack([data[s : s + block + 1] for s in starts.tolist()])
+class Windows(Dataset):
+    """Map-style dataset: window i is tokens [i*block, i*block + block + 1)."""
 
+    def __init__(self, data: torch.Tensor, block: int) -> None:
+        self.data, self.block = data, block
 
-def rng_state() -> dict:
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
+    def __len__(self) -> int:
+        return (len(self.data) - 1) // self.block
 
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i * self.block : i * self.block + self.block + 1]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--uri", default=os.environ.get("CLOUDCKPT_URI"), help="checkpoint repository")
     p.add_argument("--steps", type=int, default=200, help="train until this global step")
-    p.add_argument("--save-every", type=int, default=25, help="commit every K steps")
+    p.add_argument("--save-every", type=int, default=25, help="save every K steps")
+    p.add_argument("--keep-last", type=int, default=3, help="versions to keep (plus milestones)")
     p.add_argument("--log", help="append one JSON line per completed step to this file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-layer", type=int, default=2)
@@ -101,47 +94,47 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.uri:
         p.error("give --uri or set CLOUDCKPT_URI")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     torch.manual_seed(args.seed)
-    cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd)
+    cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, dropout=0.1)
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    data = corpus()
-    repo = cloudckpt.Repo(args.uri)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
+    dataset = Windows(corpus(), cfg.block_size)
+    sampler = cloudckpt.ResumableSampler(dataset, seed=args.seed)
+    # Its own generator: a DataLoader otherwise draws from the global RNG per epoch.
+    loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler,
+                        generator=torch.Generator())  # fmt: skip
 
-    step = 0
-    try:
-        saved = repo.load("main", into={"model": model, "optimizer": opt})
-    except cloudckpt.CheckpointNotFound:
-        print(f"fresh run: no checkpoint at {args.uri}", flush=True)
-    else:
-        step = saved["step"]
-        set_rng_state(saved["rng"])
-        print(f"resumed from step {step} ({repo.resolve('main').id})", flush=True)
+    mgr = cloudckpt.CheckpointManager(
+        args.uri, save_every_steps=args.save_every, keep_last=args.keep_last,
+        keep_every=10 * args.save_every,
+    )  # fmt: skip
+    start = mgr.restore(model=model, optimizer=opt, scheduler=sched, sampler=sampler)
+    print("fresh run" if start.fresh else f"resumed at step {start.step}", flush=True)
 
     log = open(args.log, "a") if args.log else None  # noqa: SIM115 (closed below)
+    step = start.step
     try:
-        while step < args.steps:
-            xy = batch_at(data, step, args.batch, cfg.block_size, args.seed)
-            loss = model(xy[:, :-1], xy[:, 1:])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if log:
-                log.write(json.dumps({"step": step, "loss": loss.item()}) + "\n")
-                log.flush()
-            if step % args.save_every == 0 or step == args.steps:
-                t0 = time.perf_counter()
-                state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                         "step": step, "rng": rng_state()}  # fmt: skip
-                v = repo.commit(state, step=step, metrics={"loss": loss.item()})
-                print(
-                    f"step {step:5d}  loss {loss.item():.4f}  saved {v.id}: "
-                    f"{v.uploaded_bytes / 1e3:.0f} kB uploaded of {v.logical_bytes / 1e3:.0f} kB "
-                    f"in {time.perf_counter() - t0:.2f}s",
-                    flush=True,
-                )
+        with mgr:
+            while step < args.steps:
+                for xy in loader:
+                    model.train()
+                    loss = model(xy[:, :-1], xy[:, 1:])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    result = mgr.step(step + 1, metrics={"loss": loss.item()})
+                    if result.rolled_back is None and log:
+                        log.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
+                        log.flush()
+                    step = result.step
+                    if step >= args.steps:
+                        break
+            if mgr.committed_step != step:
+                mgr.save("final")
     finally:
         if log:
             log.close()

@@ -24,8 +24,9 @@ def assert_state_equal(expected: Any, actual: Any, path: str = "") -> None:
         assert isinstance(actual, np.ndarray) and actual.dtype == expected.dtype, where
         assert actual.shape == expected.shape and actual.tobytes() == expected.tobytes(), where
         return
+    # A state_dict's OrderedDict loads back as a plain dict: both are mappings.
     assert type(actual) is type(expected) or (
-        isinstance(expected, dict) and type(actual) is dict
+        isinstance(expected, dict) and isinstance(actual, dict)
     ), f"{where}: {type(actual)} != {type(expected)}"
     if isinstance(expected, dict):
         assert list(actual) == list(expected), f"{where}: keys {list(actual)} != {list(expected)}"

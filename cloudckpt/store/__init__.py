@@ -5,6 +5,7 @@ Keys are ``/``-separated paths relative to the store's root URI.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -17,7 +18,7 @@ from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError
 from cloudckpt.store.conditional import Conditional, for_filesystem, write_temp
 from cloudckpt.store.retry import RetryPolicy, is_retryable
 
-__all__ = ["RetryPolicy", "Store", "StoreOptions"]
+__all__ = ["ObjectInfo", "RetryPolicy", "Store", "StoreOptions"]
 
 log = logging.getLogger("cloudckpt.store")
 T = TypeVar("T")
@@ -30,6 +31,21 @@ class StoreOptions:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """An object's size in bytes and last modification time (seconds since the epoch)."""
+
+    size: int
+    modified: float
+
+    @classmethod
+    def of(cls, info: dict[str, Any]) -> ObjectInfo:
+        when = info.get("LastModified") or info.get("mtime") or info.get("created") or 0.0
+        if isinstance(when, datetime.datetime):
+            when = when.timestamp()
+        return cls(int(info.get("size") or 0), float(when))
 
 
 class Store:
@@ -109,12 +125,12 @@ class Store:
     def size(self, key: str) -> int:
         return self._run("head", key, lambda: self.fs.size(self.path(key)))
 
-    def size_if_exists(self, key: str) -> int | None:
-        """The object's size, or None if it does not exist (one HEAD request)."""
+    def stat(self, key: str) -> ObjectInfo | None:
+        """Size and modification time, or None if the object does not exist (one HEAD)."""
 
-        def _head() -> int | None:
+        def _head() -> ObjectInfo | None:
             try:
-                return self.fs.info(self.path(key))["size"]
+                return ObjectInfo.of(self.fs.info(self.path(key)))
             except FileNotFoundError:
                 return None
 
@@ -147,18 +163,25 @@ class Store:
 
     def list_keys(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix`` (relative to the root), sorted."""
+        return sorted(self.list_info(prefix))
+
+    def list_info(self, prefix: str = "") -> dict[str, ObjectInfo]:
+        """Key -> size and modification time of every object under ``prefix``."""
         base = self.path(prefix).rstrip("/")
 
-        def _find() -> list[str]:
+        def _find() -> dict[str, Any]:
             try:
-                found = self.fs.find(base)
+                return self.fs.find(base, detail=True)
             except FileNotFoundError:
-                return []
-            return found
+                return {}
 
         start = len(self.root) + 1
-        keys = [p[start:] for p in self._run("list", prefix, _find)]
-        return sorted(k for k in keys if not _internal(k))
+        found = self._run("list", prefix, _find)
+        return {
+            p[start:]: ObjectInfo.of(info)
+            for p, info in found.items()
+            if not _internal(p[start:]) and info.get("type", "file") != "directory"
+        }
 
     def delete(self, keys: Iterable[str]) -> None:
         paths = [self.path(k) for k in keys]

@@ -1,0 +1,382 @@
+"""The training-loop API: restore once, call ``step`` every step, and the manager saves,
+prunes, rolls back and resumes.
+
+    mgr = CheckpointManager("s3://bucket/runs/gpt", save_every_steps=500, keep_last=3)
+    start = mgr.restore(model=model, optimizer=opt, scheduler=sched, sampler=sampler)
+    with mgr:                                   # saves the last consistent state on error
+        step = start.step
+        while step < total_steps:
+            loss = train_one_step()
+            step = mgr.step(step + 1, metrics={"loss": loss.item()}).step
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from cloudckpt import tree
+from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
+from cloudckpt.gc import DEFAULT_GRACE
+from cloudckpt.health import HealthCheck
+from cloudckpt.policies import (
+    EveryMinutes,
+    EveryNSteps,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    Mode,
+    OnBestMetric,
+    RetentionPolicy,
+    SavePolicy,
+)
+from cloudckpt.repo import Repo, RepoOptions
+from cloudckpt.resume import capture_rng, restore_rng
+from cloudckpt.versions import Version
+
+log = logging.getLogger("cloudckpt")
+
+#: Key of the manager's own entries in a committed state.
+META_KEY = "_cloudckpt"
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a run starts: from a version (``version``), or fresh (``version is None``)."""
+
+    step: int = 0
+    epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: Any = None
+    version: Version | None = None
+
+    @property
+    def fresh(self) -> bool:
+        return self.version is None
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    """What one save cost."""
+
+    version: Version
+    reason: str
+    logical_bytes: int
+    stored_bytes: int
+    uploaded_bytes: int
+    seconds: float
+    blocked_seconds: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The step to continue from, and what the manager did at this step."""
+
+    step: int
+    saved: SaveReport | None = None
+    rolled_back: Version | None = None
+
+
+class CheckpointManager:
+    """Saves, prunes and restores a training run's state in the repository at ``uri``.
+
+    Save policies (any of them triggers a save): ``save_every_steps``,
+    ``save_every_minutes`` (wall clock from ``clock``), ``best_metric`` (a new best of
+    that metric, ``best_mode`` "min" or "max"), plus any ``save_policies`` objects.
+
+    Retention (the union is kept; without any, everything is kept): ``keep_last``,
+    ``keep_best`` (by ``best_metric``), ``keep_every`` (steps that are multiples of it),
+    plus any ``retention`` objects. The newest version and the one the run resumed from
+    are always kept. Pruned versions leave the index at once; their data is garbage
+    collected every ``gc_every`` prunings, once older than ``gc_grace`` seconds.
+
+    ``health`` (a :class:`HealthCheck`, on by default for the metric ``"loss"``) rolls
+    back to the last committed version when the loss is non-finite or spikes.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        branch: str = "main",
+        save_every_steps: int | None = None,
+        save_every_minutes: float | None = None,
+        best_metric: str | None = None,
+        best_mode: Mode = "min",
+        keep_last: int | None = None,
+        keep_best: int = 0,
+        keep_every: int | None = None,
+        save_policies: Sequence[SavePolicy] = (),
+        retention: Sequence[RetentionPolicy] = (),
+        health: HealthCheck | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        gc_every: int = 10,
+        gc_grace: float = DEFAULT_GRACE,
+        options: RepoOptions | None = None,
+    ) -> None:
+        self.repo = Repo(uri, storage_options, options=options)
+        self.branch = branch
+        self.clock = clock
+        self.health = health if health is not None else HealthCheck()
+        self.gc_every, self.gc_grace = gc_every, gc_grace
+        self.save_policies: list[SavePolicy] = list(save_policies)
+        if save_every_steps:
+            self.save_policies.append(EveryNSteps(save_every_steps))
+        if save_every_minutes:
+            self.save_policies.append(EveryMinutes(save_every_minutes))
+        if best_metric:
+            self.save_policies.append(OnBestMetric(best_metric, best_mode))
+        self.retention: list[RetentionPolicy] = list(retention)
+        if keep_last:
+            self.retention.append(KeepLast(keep_last))
+        if keep_best:
+            if not best_metric:
+                raise ValueError("keep_best needs best_metric")
+            self.retention.append(KeepBest(keep_best, best_metric, best_mode))
+        if keep_every:
+            self.retention.append(KeepEvery(keep_every))
+        self.objects: dict[str, Any] = {}
+        self.step_count = 0
+        self.epoch = 0
+        self.extra: Any = None
+        self.metrics: dict[str, float] = {}
+        self.last_save: SaveReport | None = None
+        self.resumed_from: str | None = None
+        self._committed_step: int | None = None
+        self._versions_at_step: dict[str, tuple[int, int]] = {}
+        self._completed = 0
+        self._events: list[dict[str, Any]] = []
+        self._rollbacks = 0
+        self._prunings = 0
+
+    def __repr__(self) -> str:
+        return f"CheckpointManager({self.repo.uri!r}, branch={self.branch!r})"
+
+    @property
+    def committed_step(self) -> int | None:
+        """The step of the newest version this run saved or resumed from."""
+        return self._committed_step
+
+    # -- restore ---------------------------------------------------------------------
+    def restore(self, *, extra: Any = None, **objects: Any) -> Resumed:
+        """Register the objects to checkpoint (anything with ``state_dict`` and
+        ``load_state_dict``: model, optimizer, scheduler, scaler, sampler...) and load the
+        newest version of the branch into them, with the RNG states.
+
+        On a fresh run nothing is loaded and ``extra`` is returned as the extra state.
+        If the newest version fails verification, the next older one on the branch is
+        tried, and so on; each fallback is logged.
+        """
+        for name, obj in objects.items():
+            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise TypeError(f"{name}: {type(obj).__name__} has no state_dict/load_state_dict")
+        if META_KEY in objects:
+            raise ValueError(f"{META_KEY!r} is reserved")
+        self.objects = dict(objects)
+        self.extra = extra
+        for policy in self.save_policies:
+            policy.start(self.step_count, self.clock())
+        try:
+            head = self.repo.resolve(self.branch)
+        except CheckpointNotFound:
+            log.info("no checkpoint on %s@%s: fresh run", self.repo.uri, self.branch)
+            self._mark_completed(0)
+            return Resumed(extra=extra)
+        version, state = self._load_newest_good(head)
+        self._apply(version, state, self.objects)
+        self.resumed_from = version.id
+        for policy in self.save_policies:
+            if isinstance(policy, OnBestMetric):
+                policy.seed(self._branch_versions())
+        log.info("resumed %s from %s (step %d)", self.repo.uri, version.id, self.step_count)
+        return Resumed(self.step_count, self.epoch, dict(version.metrics), self.extra, version)
+
+    def _load_newest_good(self, head: Version) -> tuple[Version, Any]:
+        index = self.repo.index()
+        candidate: Version | None = head
+        while candidate is not None:
+            try:
+                return candidate, self.repo.load(candidate.id, into=self.objects)
+            except CorruptCheckpoint as e:
+                log.error("version %s does not verify (%s); trying its parent", candidate.id, e)
+                self._events.append({"action": "fallback", "bad_version": candidate.id,
+                                     "error": str(e)})  # fmt: skip
+                candidate = index.versions.get(candidate.parent) if candidate.parent else None
+        raise CorruptCheckpoint(f"{self.repo.uri}: no version of {self.branch!r} verifies")
+
+    def _apply(self, version: Version, state: Any, objects: Mapping[str, Any]) -> None:
+        own = state.get(META_KEY, {}) if isinstance(state, dict) else {}
+        if "rng" in own:
+            restore_rng(own["rng"])
+        self.step_count = int(own.get("step", version.step or 0))
+        self.epoch = int(own.get("epoch", 0))
+        self.extra = own.get("extra")
+        self._committed_step = self.step_count
+        self._mark_completed(self.step_count)
+
+    # -- every step ------------------------------------------------------------------
+    def step(
+        self,
+        step: int | None = None,
+        *,
+        metrics: Mapping[str, float] | None = None,
+        epoch: int | None = None,
+        extra: Any = None,
+    ) -> StepResult:
+        """Report a completed step (default: the previous one + 1) and its metrics.
+
+        Saves if a policy asks for it, or rolls back if the health check fails; the
+        returned ``step`` is where training continues (lower after a rollback).
+        """
+        if not self.objects:
+            raise RuntimeError("call restore(model=..., optimizer=...) before step()")
+        self.step_count = self.step_count + 1 if step is None else int(step)
+        if epoch is not None:
+            self.epoch = int(epoch)
+        if extra is not None:
+            self.extra = extra
+        values = {k: float(v) for k, v in (metrics or {}).items()}
+        self.metrics = values
+        problem = self.health.problem(values) if self.health else None
+        if problem is not None:
+            return self._roll_back(problem)
+        self._mark_completed(self.step_count)
+        now = self.clock()
+        reasons = [r for p in self.save_policies if (r := p.reason(self.step_count, values, now))]
+        if not reasons:
+            return StepResult(self.step_count)
+        report = self.save("; ".join(reasons), metrics=values)
+        return StepResult(self.step_count, saved=report)
+
+    def save(
+        self, reason: str = "manual", *, metrics: Mapping[str, float] | None = None
+    ) -> SaveReport:
+        """Commit the registered objects now (with the last step's metrics unless
+        ``metrics`` is given), then apply retention."""
+        values = {k: float(v) for k, v in (metrics or self.metrics).items()}
+        t0 = time.perf_counter()
+        resources = self.health.resources() if self.health else {}
+        for warning in self.health.resource_warnings(resources) if self.health else []:
+            log.warning("%s: %s", self.repo.uri, warning)
+        state = {name: obj.state_dict() for name, obj in self.objects.items()}
+        state[META_KEY] = {"rng": capture_rng(), "step": self.step_count, "epoch": self.epoch,
+                           "extra": self.extra}  # fmt: skip
+        meta = {"reason": reason, "mode": "sync", "resources": resources}
+        if self._events:
+            meta["events"] = self._events
+        version = self.repo.commit(state, branch=self.branch, step=self.step_count,
+                                   metrics=values, meta=meta)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        self._events = []
+        self._rollbacks = 0
+        self._committed_step = self.step_count
+        now = self.clock()
+        for policy in self.save_policies:
+            policy.saved(self.step_count, values, now)
+        self.last_save = SaveReport(version, reason, version.logical_bytes, version.stored_bytes,
+                                    version.uploaded_bytes, seconds, seconds)  # fmt: skip
+        log.info(
+            "saved step %d (%s) as %s: %.1f MB logical, %.1f MB stored, %.1f MB uploaded, "
+            "%.2fs, training blocked %.2fs",
+            self.step_count, reason, version.id, version.logical_bytes / 1e6,
+            version.stored_bytes / 1e6, version.uploaded_bytes / 1e6, seconds, seconds,
+        )  # fmt: skip
+        self._prune()
+        return self.last_save
+
+    # -- retention -------------------------------------------------------------------
+    def _branch_versions(self) -> list[Version]:
+        return [v for v in self.repo.versions() if v.branch == self.branch]
+
+    def _prune(self) -> None:
+        if not self.retention:
+            return
+        ours = self._branch_versions()
+        if not ours:
+            return
+        keep = {ours[-1].id, *([self.resumed_from] if self.resumed_from else [])}
+        for policy in self.retention:
+            keep |= policy.keep(ours)
+        index = self.repo.index()
+        pinned = {*index.branches.values(), *index.tags.values()}
+        doomed = [v.id for v in ours if v.id not in keep and v.id not in pinned]
+        if not doomed:
+            return
+        self.repo.delete(doomed)
+        self._prunings += 1
+        if self.gc_every and self._prunings % self.gc_every == 0:
+            self.repo.gc(grace=self.gc_grace)
+
+    # -- health ----------------------------------------------------------------------
+    def _roll_back(self, problem: str) -> StepResult:
+        self._rollbacks += 1
+        if self._rollbacks > self.health.max_rollbacks:
+            raise RuntimeError(
+                f"{problem} after {self.health.max_rollbacks} rollbacks in a row; stopping "
+                "(lower the learning rate or inspect the data)"
+            )
+        try:
+            target = self.repo.resolve(self.branch)
+        except CheckpointNotFound:
+            raise RuntimeError(f"{problem} and no committed version to roll back to") from None
+        bad_step = self.step_count
+        objects = dict(self.objects)
+        if self.health.skip_batches:
+            objects.pop("sampler", None)
+        state = self.repo.load(target.id, into=objects)
+        self._apply(target, state, objects)
+        event = {"action": "rollback", "reason": problem, "at_step": bad_step,
+                 "to_version": target.id, "to_step": self.step_count,
+                 "skipped_batches": self.health.skip_batches}  # fmt: skip
+        self._events.append(event)
+        skipping = ", skipping the offending batches" if self.health.skip_batches else ""
+        log.warning("%s at step %d: rolled back to %s (step %d)%s", problem, bad_step,
+                    target.id, self.step_count, skipping)  # fmt: skip
+        return StepResult(self.step_count, rolled_back=target)
+
+    # -- save on exception -----------------------------------------------------------
+    def _tracked_versions(self) -> dict[str, tuple[int, int]]:
+        # Every in-place write bumps a tensor's version counter (shared with the
+        # detached views state_dict() returns), so equal counters mean an unchanged state.
+        out = {}
+        for name, obj in self.objects.items():
+            for path, t in tree.tensors_by_path(obj.state_dict(), name).items():
+                out[path] = (t.data_ptr(), t._version)
+        return out
+
+    def _mark_completed(self, step: int) -> None:
+        self._versions_at_step = self._tracked_versions() if self.objects else {}
+        self._completed = step
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None or not self.objects:
+            return False
+        if self._tracked_versions() != self._versions_at_step:
+            log.error(
+                "%s raised mid-step (the state changed after step %d completed); not saving a "
+                "half-updated state. The last committed step is %s.",
+                type(exc).__name__, self._completed, self._committed_step,
+            )  # fmt: skip
+            return False
+        if self._committed_step == self.step_count:
+            log.info("%s raised; step %d is already committed", type(exc).__name__, self.step_count)
+            return False
+        try:
+            self._events.append({"action": "save_on_exception", "exception": repr(exc)[:500]})
+            self.save(f"exception: {type(exc).__name__}")
+        except Exception as save_error:  # the original exception matters more
+            log.error("saving after %s failed: %s", type(exc).__name__, save_error)
+        return False

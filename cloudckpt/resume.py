@@ -1,0 +1,82 @@
+"""What exact resume needs besides model and optimizer: RNG states and the data position."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+
+def capture_rng() -> dict[str, Any]:
+    """The state of every random number generator a training step may draw from."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what :func:`capture_rng` captured (CUDA only where devices match)."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class ResumableSampler(Sampler[int]):
+    """A sampler for map-style datasets that remembers where it is.
+
+    Each epoch is a permutation seeded by ``seed + epoch`` (or ``range(n)`` without
+    shuffling). ``state_dict()`` records the epoch and how many indices were drawn, so a
+    resumed run continues with the very next sample. Register it with the manager
+    (``mgr.restore(sampler=sampler, ...)``).
+
+    The position counts indices handed out, which equals the samples consumed for a
+    ``DataLoader`` with ``num_workers=0``; with worker processes, prefetched batches
+    count as consumed and are skipped on resume.
+    """
+
+    def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0) -> None:
+        self.n = data_source if isinstance(data_source, int) else len(data_source)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        while self.position < self.n:
+            index = order[self.position]
+            self.position += 1
+            yield index
+        self.epoch += 1
+        self.position = 0
+
+    def state_dict(self) -> dict[str, int | bool]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "n": self.n, "shuffle": self.shuffle}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["n"] != self.n:
+            raise ValueError(f"sampler was saved for {state['n']} samples, this one has {self.n}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
