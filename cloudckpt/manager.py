@@ -12,9 +12,11 @@ prunes, rolls back and resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -269,8 +271,10 @@ class CheckpointManager:
         meta = {"reason": reason, "mode": "sync", "resources": resources}
         if self._events:
             meta["events"] = self._events
-        version = self.repo.commit(state, branch=self.branch, step=self.step_count,
-                                   metrics=values, meta=meta)  # fmt: skip
+        with _python_rng_untouched():
+            version = self.repo.commit(state, branch=self.branch, step=self.step_count,
+                                       metrics=values, meta=meta)  # fmt: skip
+            self._prune()
         seconds = time.perf_counter() - t0
         self._events = []
         self._rollbacks = 0
@@ -286,7 +290,6 @@ class CheckpointManager:
             self.step_count, reason, version.id, version.logical_bytes / 1e6,
             version.stored_bytes / 1e6, version.uploaded_bytes / 1e6, seconds, seconds,
         )  # fmt: skip
-        self._prune()
         return self.last_save
 
     # -- retention -------------------------------------------------------------------
@@ -380,3 +383,15 @@ class CheckpointManager:
         except Exception as save_error:  # the original exception matters more
             log.error("saving after %s failed: %s", type(exc).__name__, save_error)
         return False
+
+
+@contextlib.contextmanager
+def _python_rng_untouched() -> Iterator[None]:
+    """Network libraries draw from Python's global ``random`` (aiohttp shuffles waiting
+    connections, tenacity jitters retries); a save must not shift the training run's
+    stream, or a resumed run would diverge from an uninterrupted one."""
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)

@@ -17,6 +17,7 @@ import os
 import random
 import sys
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --uri or set CLOUDCKPT_URI")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
+    random.seed(args.seed)
+    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, dropout=0.1)
     model = GPT(cfg)
