@@ -190,7 +190,7 @@ class CheckpointManager:
             self._mark_completed(0)
             return Resumed(extra=extra)
         version, state = self._load_newest_good(head)
-        self._apply(version, state, self.objects)
+        self._apply(version, state)
         self.resumed_from = version.id
         for policy in self.save_policies:
             if isinstance(policy, OnBestMetric):
@@ -211,7 +211,7 @@ class CheckpointManager:
                 candidate = index.versions.get(candidate.parent) if candidate.parent else None
         raise CorruptCheckpoint(f"{self.repo.uri}: no version of {self.branch!r} verifies")
 
-    def _apply(self, version: Version, state: Any, objects: Mapping[str, Any]) -> None:
+    def _apply(self, version: Version, state: Any) -> None:
         own = state.get(META_KEY, {}) if isinstance(state, dict) else {}
         if "rng" in own:
             restore_rng(own["rng"])
@@ -332,7 +332,7 @@ class CheckpointManager:
         if self.health.skip_batches:
             objects.pop("sampler", None)
         state = self.repo.load(target.id, into=objects)
-        self._apply(target, state, objects)
+        self._apply(target, state)
         event = {"action": "rollback", "reason": problem, "at_step": bad_step,
                  "to_version": target.id, "to_step": self.step_count,
                  "skipped_batches": self.health.skip_batches}  # fmt: skip
