@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import fnmatch
 import json
 import logging
 import secrets
@@ -23,10 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
-from cloudckpt import tree, versions
+from cloudckpt import loading, tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats, iter_chunks
 from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
 from cloudckpt.gc import DEFAULT_GRACE, GCReport, collect
@@ -265,12 +261,12 @@ class Repo:
         skeleton = doc["state"]
         if keys is not None:
             patterns = list(keys)
-            skeleton = tree.select(skeleton, lambda p: _matches(p, patterns))
+            skeleton = tree.select(skeleton, lambda p: loading.matches(p, patterns))
             if skeleton is None:
                 raise CheckpointNotFound(
                     f"{self.uri}: nothing in version {version.id} matches keys {patterns}"
                 )
-        destinations = _destinations(into)
+        destinations = loading.destinations(into)
         entries = doc["tensors"]
         arrays: dict[int, Any] = {}
         targets: list[tuple[dict[str, Any], Any]] = []
@@ -280,7 +276,7 @@ class Repo:
                 if index >= len(entries):
                     raise CorruptCheckpoint(f"{self.uri}: manifest leaf {index} out of range")
                 entry = entries[index]
-                dest = _allocate(entry, destinations.get(entry.get("path", path)))
+                dest = loading.allocate(entry, destinations.get(entry.get("path", path)))
                 arrays[index] = dest
                 targets.append((entry, dest))
             return arrays[index]
@@ -292,85 +288,5 @@ class Repo:
             version.id, len(targets), self.last_stats.logical_bytes / 1e6,
             self.last_stats.seconds,
         )  # fmt: skip
-        _apply(into, state)
+        loading.apply(into, state)
         return state
-
-
-def _matches(path: str, patterns: list[str]) -> bool:
-    return any(
-        path == p or path.startswith(p + ".") or fnmatch.fnmatchcase(path, p) for p in patterns
-    )
-
-
-def _targets_of(into: Any) -> list[tuple[str, Any]]:
-    if into is None:
-        return []
-    if hasattr(into, "state_dict") and hasattr(into, "load_state_dict"):
-        return [("", into)]
-    if isinstance(into, Mapping):
-        return [(str(k), v) for k, v in into.items()]
-    raise TypeError(
-        "into= takes an object with state_dict()/load_state_dict() or a mapping of them, "
-        f"not {type(into).__name__}"
-    )
-
-
-def _destinations(into: Any) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {}
-    for prefix, obj in _targets_of(into):
-        current = obj.state_dict() if hasattr(obj, "state_dict") else obj
-        found.update(tree.tensors_by_path(current, prefix))
-    return found
-
-
-def _apply(into: Any, state: Any) -> None:
-    for prefix, obj in _targets_of(into):
-        if not hasattr(obj, "load_state_dict"):
-            continue
-        if prefix == "":
-            obj.load_state_dict(state)
-        elif isinstance(state, Mapping) and prefix in state:
-            obj.load_state_dict(state[prefix])
-        else:
-            raise CheckpointNotFound(f"the loaded state has no entry {prefix!r} to load into")
-
-
-def _allocate(entry: dict[str, Any], dest: torch.Tensor | None) -> Any:
-    """The array a manifest entry loads into: ``dest`` if it fits, else a new one."""
-    try:
-        shape = tuple(int(d) for d in entry["shape"])
-        kind, dtype = entry["kind"], entry["dtype"]
-        if any(d < 0 for d in shape):
-            raise ValueError("negative dimension")
-        nbytes = sum(c.size for c in iter_chunks(entry))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptCheckpoint(
-            f"manifest entry {entry.get('path')!r} is malformed ({e})"
-        ) from None
-    if kind == "numpy":
-        np_dtype = tree.numpy_dtype(dtype)
-        _check_size(entry, shape, np_dtype.itemsize, nbytes)
-        return np.empty(shape, dtype=np_dtype)
-    if kind != "torch":
-        raise CorruptCheckpoint(f"manifest entry {entry.get('path')!r} has unknown kind {kind!r}")
-    t_dtype = tree.torch_dtype(dtype)
-    _check_size(entry, shape, t_dtype.itemsize, nbytes)
-    if (
-        dest is not None
-        and tuple(dest.shape) == shape
-        and dest.dtype == t_dtype
-        and dest.is_contiguous()
-    ):
-        return dest.detach()
-    return torch.empty(shape, dtype=t_dtype)
-
-
-def _check_size(entry: dict[str, Any], shape: tuple[int, ...], itemsize: int, nbytes: int) -> None:
-    expected = itemsize
-    for d in shape:
-        expected *= d
-    if expected != nbytes:
-        raise CorruptCheckpoint(
-            f"manifest entry {entry.get('path')!r}: chunks hold {nbytes} bytes but shape "
-            f"{list(shape)} needs {expected}"
-        )
