@@ -19,6 +19,7 @@ Codecs:
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,14 +88,15 @@ class Codec:
         if choice.name == RAW:
             return _HEADER.pack(MAGIC, _IDS[RAW], 1, 0, n) + bytes(raw)
         if choice.name == ZSTD:
-            planes = [data]
+            planes: Iterator[np.ndarray] = iter([data])
+            count = 1
         else:
-            width = choice.width
+            width = count = choice.width
             if n % width:
                 raise ValueError(f"chunk of {n} bytes is not a multiple of width {width}")
             planes = _split_planes(data.reshape(-1, width), choice.name == FPLANES)
         parts: list[bytes | memoryview] = [
-            _HEADER.pack(MAGIC, _IDS[choice.name], choice.width, len(planes), n)
+            _HEADER.pack(MAGIC, _IDS[choice.name], choice.width, count, n)
         ]
         cctx = zstandard.ZstdCompressor(level=self.level)
         for i, plane in enumerate(planes):
@@ -102,6 +104,7 @@ class Codec:
             if i == 0 and choice.name == FPLANES:
                 ctx = zstandard.ZstdCompressor(compression_params=_exponent_params())
             parts.extend(self._encode_plane(ctx, plane))
+            del plane  # planes are made one at a time: hold one scratch plane at most
         return b"".join(parts)
 
     @staticmethod
@@ -169,20 +172,23 @@ def _exponent_params() -> zstandard.ZstdCompressionParameters:
     return zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, **_EXPONENT_PARAMS)
 
 
-def _split_planes(elems: np.ndarray, float_exponent: bool) -> list[np.ndarray]:
-    """Byte planes, most significant first. ``elems`` is (n, width) little-endian."""
+def _split_planes(elems: np.ndarray, float_exponent: bool) -> Iterator[np.ndarray]:
+    """Byte planes, most significant first, made one at a time (each is a fresh
+    contiguous array). ``elems`` is (n, width) little-endian."""
     width = elems.shape[1]
-    planes = [elems[:, k] for k in range(width - 1, -1, -1)]
+    rest = range(width - 1, -1, -1)
     if float_exponent:
-        top, nxt = planes[0], planes[1]
-        exponent = np.left_shift(top, 1)
-        scratch = np.right_shift(nxt, 7)
-        exponent |= scratch
-        sign_mant = np.bitwise_and(nxt, 0x7F)
-        np.bitwise_and(top, 0x80, out=scratch)
-        sign_mant |= scratch
-        planes[0], planes[1] = exponent, sign_mant
-    return planes
+        top, nxt = elems[:, width - 1], elems[:, width - 2]
+        plane = np.left_shift(top, 1)
+        plane |= np.right_shift(nxt, 7)
+        yield plane
+        plane = np.bitwise_and(nxt, 0x7F)
+        plane |= np.bitwise_and(top, 0x80)
+        yield plane
+        del plane
+        rest = range(width - 3, -1, -1)
+    for k in rest:
+        yield np.ascontiguousarray(elems[:, k])
 
 
 def _join_planes(planes: list[np.ndarray], out: np.ndarray, float_exponent: bool) -> None:

@@ -54,42 +54,45 @@ def apply(into: Any, state: Any) -> None:
             raise CheckpointNotFound(f"the loaded state has no entry {prefix!r} to load into")
 
 
-def allocate(entry: dict[str, Any], dest: torch.Tensor | None) -> Any:
-    """The array a manifest entry loads into: ``dest`` if it fits, else a new one."""
+def check_entry(entry: dict[str, Any]) -> tuple[str, Any, tuple[int, ...]]:
+    """Validate a manifest entry before anything is allocated for it: its kind, an
+    allowed dtype, a shape whose byte size equals what its chunks hold. Returns
+    ``(kind, dtype, shape)`` with the dtype as a torch or numpy dtype."""
+    where = f"manifest entry {entry.get('path')!r}"
     try:
         shape = tuple(int(d) for d in entry["shape"])
-        kind, dtype = entry["kind"], entry["dtype"]
+        kind, name = entry["kind"], entry["dtype"]
         if any(d < 0 for d in shape):
             raise ValueError("negative dimension")
         nbytes = sum(c.size for c in iter_chunks(entry))
     except (KeyError, TypeError, ValueError) as e:
-        raise CorruptCheckpoint(
-            f"manifest entry {entry.get('path')!r} is malformed ({e})"
-        ) from None
+        raise CorruptCheckpoint(f"{where} is malformed ({e})") from None
     if kind == "numpy":
-        np_dtype = tree.numpy_dtype(dtype)
-        _check_size(entry, shape, np_dtype.itemsize, nbytes)
-        return np.empty(shape, dtype=np_dtype)
-    if kind != "torch":
-        raise CorruptCheckpoint(f"manifest entry {entry.get('path')!r} has unknown kind {kind!r}")
-    t_dtype = tree.torch_dtype(dtype)
-    _check_size(entry, shape, t_dtype.itemsize, nbytes)
-    if (
-        dest is not None
-        and tuple(dest.shape) == shape
-        and dest.dtype == t_dtype
-        and dest.is_contiguous()
-    ):
-        return dest.detach()
-    return torch.empty(shape, dtype=t_dtype)
-
-
-def _check_size(entry: dict[str, Any], shape: tuple[int, ...], itemsize: int, nbytes: int) -> None:
-    expected = itemsize
+        dtype: Any = tree.numpy_dtype(name)
+    elif kind == "torch":
+        dtype = tree.torch_dtype(name)
+    else:
+        raise CorruptCheckpoint(f"{where} has unknown kind {kind!r}")
+    expected = dtype.itemsize
     for d in shape:
         expected *= d
     if expected != nbytes:
         raise CorruptCheckpoint(
-            f"manifest entry {entry.get('path')!r}: chunks hold {nbytes} bytes but shape "
-            f"{list(shape)} needs {expected}"
+            f"{where}: chunks hold {nbytes} bytes but shape {list(shape)} needs {expected}"
         )
+    return kind, dtype, shape
+
+
+def allocate(entry: dict[str, Any], dest: torch.Tensor | None) -> Any:
+    """The array a manifest entry loads into: ``dest`` if it fits, else a new one."""
+    kind, dtype, shape = check_entry(entry)
+    if kind == "numpy":
+        return np.empty(shape, dtype=dtype)
+    if (
+        dest is not None
+        and tuple(dest.shape) == shape
+        and dest.dtype == dtype
+        and dest.is_contiguous()
+    ):
+        return dest.detach()
+    return torch.empty(shape, dtype=dtype)

@@ -22,10 +22,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudckpt import loading, tree, versions
+from cloudckpt import exchange, integrity, loading, tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats, iter_chunks
+from cloudckpt.diff import Diff, diff_versions
 from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
 from cloudckpt.gc import DEFAULT_GRACE, GCReport, collect
+from cloudckpt.integrity import VerifyReport
 from cloudckpt.store import Store, StoreOptions
 from cloudckpt.versions import Index, Version
 
@@ -130,6 +132,7 @@ class Repo:
         metrics: Mapping[str, float] | None = None,
         message: str | None = None,
         meta: Mapping[str, Any] | None = None,
+        fast_forward: bool = False,
     ) -> Version:
         """Store ``state`` as a new version at the head of ``branch``.
 
@@ -138,7 +141,7 @@ class Repo:
 
         Raises UnsupportedState (before any upload) if the state holds an object that
         cannot be stored without pickle, and CommitConflict if another writer moved the
-        branch meanwhile.
+        branch meanwhile -- unless ``fast_forward``, which commits on top of the new head.
         """
         t0 = time.perf_counter()
         skeleton, leaves = tree.flatten(state)
@@ -147,50 +150,45 @@ class Repo:
         known = self._known_blobs(parent) if parent else {}
         writer = BlobWriter(self.store, self.options.transfer, known)
         entries, stats = writer.write(leaves)
-        vid = new_version_id()
-        row = Version(
-            id=vid,
+        base = Version(
+            id="",
             branch=branch,
             parent=parent,
             step=step,
             metrics={k: float(v) for k, v in (metrics or {}).items()},
             message=message,
             meta=json.loads(json.dumps(dict(meta or {}))),
-            created=time.time(),
             logical_bytes=stats.logical_bytes,
             stored_bytes=stats.stored_bytes,
             uploaded_bytes=stats.transferred_bytes,
         )
-        doc = {
-            "format": MANIFEST_FORMAT,
-            "id": vid,
-            "parent": parent,
-            "branch": branch,
-            "step": step,
-            "metrics": row.metrics,
-            "message": message,
-            "created": row.created,
-            "chunk_size": self.options.transfer.chunk_size,
-            "state": skeleton,
-            "tensors": entries,
-        }
-        if not self.store.put_if_absent(f"manifests/{vid}.json", json.dumps(doc).encode()):
-            raise CommitConflict(f"{self.uri}: manifest {vid} already exists; retry the commit")
-
-        def add(ix: Index) -> None:
-            head = ix.branches.get(branch)
-            if head != parent:
-                raise CommitConflict(
-                    f"{self.uri}: branch {branch!r} moved from {parent} to {head} while this "
-                    "commit was uploading; commit again (its blobs are reused) or use another "
-                    "branch"
-                )
-            ix.versions[vid] = row
-            ix.branches[branch] = vid
-
-        stats.seconds = time.perf_counter() - t0
-        row = dataclasses.replace(row, seconds=stats.seconds)
-        versions.update(self.store, add)
+        while True:
+            vid = new_version_id()
+            stats.seconds = time.perf_counter() - t0
+            row = dataclasses.replace(
+                base, id=vid, parent=parent, created=time.time(), seconds=stats.seconds
+            )
+            doc = {
+                "format": MANIFEST_FORMAT,
+                **dataclasses.asdict(row),
+                "chunk_size": self.options.transfer.chunk_size,
+                "state": skeleton,
+                "tensors": entries,
+            }
+            if not self.store.put_if_absent(f"manifests/{vid}.json", json.dumps(doc).encode()):
+                raise CommitConflict(f"{self.uri}: manifest {vid} already exists; retry")
+            try:
+                versions.update(self.store, lambda ix, row=row: _add_version(ix, row))
+                break
+            except _BranchMoved as moved:
+                if not fast_forward:
+                    raise CommitConflict(
+                        f"{self.uri}: branch {branch!r} moved from {parent} to {moved.head} "
+                        "while this commit was uploading; commit again (its blobs are reused),"
+                        " pass fast_forward=True, or use another branch"
+                    ) from None
+                log.info("branch %s moved to %s; committing on top of it", branch, moved.head)
+                parent = moved.head
         self.last_stats = stats
         log.debug(
             "committed %s on %s: %d arrays, %.1f MB logical, %.1f MB stored, %.1f MB uploaded "
@@ -200,6 +198,73 @@ class Repo:
             stats.seconds,
         )  # fmt: skip
         return row
+
+    # -- branches, tags, history --------------------------------------------------------
+    def branch(self, name: str, from_ref: str = "main") -> Version:
+        """Create branch ``name`` whose head is the version ``from_ref`` names. Its first
+        commit's parent is that version; the two branches share all unchanged blobs."""
+        index = self.index()
+        target = self.resolve(from_ref, index)
+        _check_name(name, "branch", index)
+
+        def create(ix: Index) -> None:
+            if name in ix.branches:
+                raise CommitConflict(f"{self.uri}: branch {name!r} already exists")
+            ix.branches[name] = target.id
+
+        versions.update(self.store, create)
+        return target
+
+    def tag(self, name: str, ref: str = "main") -> Version:
+        """Name the version ``ref`` names; a tag never moves once set."""
+        index = self.index()
+        target = self.resolve(ref, index)
+        _check_name(name, "tag", index)
+
+        def create(ix: Index) -> None:
+            if ix.tags.get(name, target.id) != target.id:
+                raise CommitConflict(f"{self.uri}: tag {name!r} already names {ix.tags[name]}")
+            ix.tags[name] = target.id
+
+        versions.update(self.store, create)
+        return target
+
+    def tags(self) -> dict[str, str]:
+        """Tag name -> version id."""
+        return dict(self.index().tags)
+
+    def log(self, ref: str = "main") -> list[Version]:
+        """The lineage of ``ref``, newest first, following parents across branch points
+        (a deleted ancestor ends the walk)."""
+        index = self.index()
+        out: list[Version] = []
+        current: Version | None = self.resolve(ref, index)
+        while current is not None and len(out) <= len(index.versions):
+            out.append(current)
+            current = index.versions.get(current.parent) if current.parent else None
+        return out
+
+    def diff(self, a: str, b: str = "main", norms: bool = True) -> Diff:
+        """Arrays added, removed and changed from ``a`` to ``b`` (see :mod:`cloudckpt.diff`)."""
+        return diff_versions(self, a, b, norms=norms)
+
+    # -- integrity ---------------------------------------------------------------------
+    def verify(self, ref: str = "main") -> VerifyReport:
+        """Download, decompress and hash every chunk of a version; report each bad one."""
+        return integrity.verify(self, ref)
+
+    def repair(self) -> Index:
+        """Rebuild ``versions.json`` from the immutable manifests."""
+        return integrity.repair(self)
+
+    # -- single files --------------------------------------------------------------------
+    def export(self, ref: str, destination: str, **kwargs: Any) -> dict[str, str]:
+        """Write a version as one safetensors or torch file (see :func:`exchange.export`)."""
+        return exchange.export(self, ref, destination, **kwargs)
+
+    def import_file(self, source: str, **kwargs: Any) -> Version:
+        """Commit an existing safetensors or weights-only torch file as a new version."""
+        return exchange.import_file(self, source, **kwargs)
 
     # -- deleting ----------------------------------------------------------------------
     def delete(self, refs: Iterable[str]) -> list[str]:
@@ -290,3 +355,22 @@ class Repo:
         )  # fmt: skip
         loading.apply(into, state)
         return state
+
+
+def _check_name(name: str, kind: str, index: Index) -> None:
+    if not name or name == LATEST or name in index.versions or any(c in name for c in " \t\n"):
+        raise ValueError(f"{name!r} cannot name a {kind}: it is empty, reserved or a version id")
+
+
+class _BranchMoved(CommitConflict):
+    def __init__(self, head: str | None) -> None:
+        super().__init__(f"branch head moved to {head}")
+        self.head = head
+
+
+def _add_version(index: Index, row: Version) -> None:
+    head = index.branches.get(row.branch)
+    if head != row.parent:
+        raise _BranchMoved(head)
+    index.versions[row.id] = row
+    index.branches[row.branch] = row.id

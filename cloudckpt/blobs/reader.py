@@ -12,7 +12,15 @@ import numpy as np
 import torch
 
 from cloudckpt import codec
-from cloudckpt.blobs.layout import CHARGE, ByteBudget, ChunkRef, Progress, blob_key, iter_chunks
+from cloudckpt.blobs.layout import (
+    CHARGE,
+    ByteBudget,
+    ChunkRef,
+    Progress,
+    blob_key,
+    iter_chunks,
+    release_request_memory,
+)
 from cloudckpt.blobs.options import TransferOptions, TransferStats
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from cloudckpt.store import Store
@@ -28,6 +36,18 @@ class _Fetch:
     parts: list[tuple[str, Any, ChunkRef]] = field(default_factory=list)
 
 
+def _fetches(targets: list[tuple[dict[str, Any], Any]]) -> dict[str, _Fetch]:
+    """Group chunk references by blob: each blob is fetched once, whoever uses it."""
+    fetches: dict[str, _Fetch] = {}
+    for entry, dest in targets:
+        for ref in iter_chunks(entry):
+            fetch = fetches.setdefault(ref.digest, _Fetch(ref.digest, ref.stored, ref.blob_size))
+            if (fetch.stored, fetch.size) != (ref.stored, ref.blob_size):
+                raise CorruptCheckpoint(f"manifest: blob {ref.digest} has conflicting sizes")
+            fetch.parts.append((entry["path"], dest, ref))
+    return fetches
+
+
 class BlobReader:
     """Downloads, decodes and verifies blobs into destination arrays."""
 
@@ -38,29 +58,37 @@ class BlobReader:
 
     def read(self, targets: list[tuple[dict[str, Any], Any]]) -> TransferStats:
         """Fill each ``(manifest entry, destination array)`` pair; returns the stats."""
+        return self._transfer(_fetches(targets), "load", errors=None)
+
+    def verify(self, entries: list[dict[str, Any]]) -> tuple[TransferStats, dict[str, str]]:
+        """Download, decompress and hash every blob the entries use, keeping nothing;
+        returns the stats and blob key -> what is wrong with it, for each bad blob."""
+        errors: dict[str, str] = {}
+        stats = self._transfer(_fetches([(e, None) for e in entries]), "verify", errors)
+        return stats, errors
+
+    def _transfer(
+        self, fetches: dict[str, _Fetch], desc: str, errors: dict[str, str] | None
+    ) -> TransferStats:
         t0 = time.perf_counter()
-        fetches: dict[str, _Fetch] = {}
-        for entry, dest in targets:
-            for ref in iter_chunks(entry):
-                fetch = fetches.setdefault(
-                    ref.digest, _Fetch(ref.digest, ref.stored, ref.blob_size)
-                )
-                if (fetch.stored, fetch.size) != (ref.stored, ref.blob_size):
-                    raise CorruptCheckpoint(f"manifest: blob {ref.digest} has conflicting sizes")
-                fetch.parts.append((entry["path"], dest, ref))
         stats = TransferStats(
             logical_bytes=sum(r.size for f in fetches.values() for _, _, r in f.parts)
         )
         budget = ByteBudget(self.options.max_inflight_bytes)
-        progress = Progress(self.options.progress, stats.logical_bytes, "load")
+        progress = Progress(self.options.progress, stats.logical_bytes, desc)
         try:
-            with ThreadPoolExecutor(self.options.workers, "cloudckpt-load") as pool:
+            with ThreadPoolExecutor(self.options.workers, f"cloudckpt-{desc}") as pool:
                 futures = []
                 for fetch in fetches.values():
                     budget.acquire(CHARGE * fetch.size)
-                    futures.append(pool.submit(self._load_blob, fetch, budget, progress))
-                for fut in futures:
-                    stats.transferred_bytes += fut.result()
+                    futures.append((fetch, pool.submit(self._load_blob, fetch, budget, progress)))
+                for fetch, fut in futures:
+                    try:
+                        stats.transferred_bytes += fut.result()
+                    except CorruptCheckpoint as e:
+                        if errors is None:
+                            raise
+                        errors[blob_key(fetch.digest)] = str(e)
                     stats.transferred_blobs += 1
         finally:
             progress.close()
@@ -82,7 +110,7 @@ class BlobReader:
                     f"{where}: {len(blob)} bytes stored, manifest says {fetch.stored}"
                 )
             _, dest, ref = fetch.parts[0]
-            direct = len(fetch.parts) == 1 and ref.size == fetch.size
+            direct = len(fetch.parts) == 1 and ref.size == fetch.size and dest is not None
             raw = _dest_bytes(dest, ref.offset, ref.size) if direct else None
             if raw is None:
                 raw = np.empty(fetch.size, dtype=np.uint8)
@@ -90,9 +118,12 @@ class BlobReader:
             if codec.content_hash(raw) != fetch.digest:
                 raise CorruptCheckpoint(f"{where}: content does not match its hash")
             for _, dest, ref in fetch.parts:
-                if not (direct and _is_cpu(dest)):
+                if dest is not None and not (direct and _is_cpu(dest)):
                     _copy_into(dest, ref.offset, raw[ref.blob_offset : ref.blob_offset + ref.size])
-            return len(blob)
+            size = len(blob)
+            del blob, raw
+            release_request_memory(size)
+            return size
         finally:
             budget.release(CHARGE * fetch.size)
             progress.update(fetch.size)

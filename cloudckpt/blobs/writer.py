@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from cloudckpt import codec
-from cloudckpt.blobs.layout import CHARGE, REUSE_WINDOW, ByteBudget, Progress, blob_key
+from cloudckpt.blobs.layout import (
+    CHARGE,
+    REUSE_WINDOW,
+    ByteBudget,
+    Progress,
+    blob_key,
+    release_request_memory,
+)
 from cloudckpt.blobs.options import TransferOptions, TransferStats
 from cloudckpt.store import Store
 from cloudckpt.tree import Leaf
@@ -187,7 +194,10 @@ class BlobWriter:
             return existing.size, False
         blob = self.codec.encode(memoryview(raw), choice)
         self.store.put(key, blob)
-        return len(blob), True
+        size = len(blob)
+        del blob
+        release_request_memory(size)
+        return size, True
 
 
 def _entry(leaf: Leaf) -> dict[str, Any]:
