@@ -61,20 +61,36 @@ def diff_versions(repo: Repo, a: str, b: str, norms: bool = True) -> Diff:
             out.changed.append(Change(path, changed, total))
         else:
             out.unchanged += 1
-    wanted = [c.path for c in out.changed if not c.note and _is_float(eb[c.path])]
-    if norms and wanted:
-        ta = _flat(repo.load(va.id, keys=wanted))
-        tb = _flat(repo.load(vb.id, keys=wanted))
-        for change in out.changed:
-            if change.path in ta and change.path in tb:
-                delta = tb[change.path].double() - ta[change.path].double()
-                change.norm = float(torch.linalg.vector_norm(delta))
+    # Small arrays share pack blobs: a changed pack does not mean each member changed,
+    # so packed arrays are compared by content (they are small by definition).
+    packed = [c.path for c in out.changed if not c.note and _packed(eb[c.path])]
+    floats = [c.path for c in out.changed if not c.note and _is_float(eb[c.path])]
+    wanted = sorted(set(packed) | (set(floats) if norms else set()))
+    if wanted:
+        ta = tensors_by_path(repo.load(va.id, keys=wanted))
+        tb = tensors_by_path(repo.load(vb.id, keys=wanted))
+        for change in list(out.changed):
+            x, y = ta.get(change.path), tb.get(change.path)
+            if x is None or y is None:
+                continue
+            if change.path in packed and torch.equal(_bytes(x), _bytes(y)):
+                out.changed.remove(change)
+                out.unchanged += 1
+                continue
+            if change.path in floats and norms:
+                change.norm = float(torch.linalg.vector_norm(y.double() - x.double()))
     return out
+
+
+def _packed(entry: dict[str, Any]) -> bool:
+    return any(c.size != c.blob_size for c in iter_chunks(entry))
+
+
+def _bytes(t: Any) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        t = torch.from_numpy(t)
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _is_float(entry: dict[str, Any]) -> bool:
     return entry["kind"] == "torch" and entry["dtype"].startswith(("float", "bfloat"))
-
-
-def _flat(state: Any) -> dict[str, torch.Tensor]:
-    return tensors_by_path(state)

@@ -105,6 +105,11 @@ class Store:
         except Exception as e:
             if is_retryable(e):
                 hint = "the store kept failing; retry later or raise RetryPolicy limits"
+            elif "NoCredentials" in type(e).__name__:
+                hint = (
+                    "no credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                    "AWS_PROFILE, or pass key/secret in storage_options"
+                )
             else:
                 hint = "check the URI, the endpoint and storage_options"
             raise StoreError(
