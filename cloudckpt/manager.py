@@ -17,9 +17,10 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from cloudckpt import tree
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
@@ -36,8 +37,10 @@ from cloudckpt.policies import (
     RetentionPolicy,
     SavePolicy,
 )
+from cloudckpt.preemption import PreemptionWatcher
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.resume import capture_rng, restore_rng
+from cloudckpt.snapshot import Snapshotter
 from cloudckpt.versions import Version
 
 log = logging.getLogger("cloudckpt")
@@ -76,11 +79,25 @@ class SaveReport:
 
 @dataclass(frozen=True)
 class StepResult:
-    """The step to continue from, and what the manager did at this step."""
+    """The step to continue from, and what the manager did at this step: ``saved``
+    (a synchronous save), ``saving`` (an async save started), ``rolled_back``, or
+    ``preempted`` (a final checkpoint is committed: stop training)."""
 
     step: int
     saved: SaveReport | None = None
     rolled_back: Version | None = None
+    saving: bool = False
+    preempted: bool = False
+
+
+@dataclass
+class _SaveJob:
+    reason: str
+    step: int
+    metrics: dict[str, float]
+    meta: dict[str, Any]
+    started: float
+    blocked: float | None = None
 
 
 class CheckpointManager:
@@ -119,6 +136,9 @@ class CheckpointManager:
         clock: Callable[[], float] = time.monotonic,
         gc_every: int = 10,
         gc_grace: float = DEFAULT_GRACE,
+        async_save: bool = False,
+        when_busy: Literal["wait", "skip"] = "wait",
+        preemption: PreemptionWatcher | bool | None = None,
         options: RepoOptions | None = None,
     ) -> None:
         self.repo = Repo(uri, storage_options, options=options)
@@ -155,6 +175,13 @@ class CheckpointManager:
         self._events: list[dict[str, Any]] = []
         self._rollbacks = 0
         self._prunings = 0
+        self.async_save, self.when_busy = async_save, when_busy
+        self._snapshots = Snapshotter()
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: Future[SaveReport] | None = None
+        self._owns_watcher = preemption is True
+        self.preemption = PreemptionWatcher().start() if preemption is True else preemption or None
+        self.preempted = False
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.repo.uri!r}, branch={self.branch!r})"
@@ -237,6 +264,7 @@ class CheckpointManager:
         """
         if not self.objects:
             raise RuntimeError("call restore(model=..., optimizer=...) before step()")
+        self._raise_background_error()
         self.step_count = self.step_count + 1 if step is None else int(step)
         if epoch is not None:
             self.epoch = int(epoch)
@@ -248,49 +276,142 @@ class CheckpointManager:
         if problem is not None:
             return self._roll_back(problem)
         self._mark_completed(self.step_count)
+        if self.preemption is not None and self.preemption.triggered and not self.preempted:
+            return StepResult(self.step_count, saved=self._final_save(), preempted=True)
         now = self.clock()
         reasons = [r for p in self.save_policies if (r := p.reason(self.step_count, values, now))]
         if not reasons:
             return StepResult(self.step_count)
+        inflight = self._inflight
         report = self.save("; ".join(reasons), metrics=values)
-        return StepResult(self.step_count, saved=report)
+        started = report is None and self._inflight is not None and self._inflight is not inflight
+        return StepResult(self.step_count, saved=report, saving=started)
 
     def save(
-        self, reason: str = "manual", *, metrics: Mapping[str, float] | None = None
-    ) -> SaveReport:
-        """Commit the registered objects now (with the last step's metrics unless
-        ``metrics`` is given), then apply retention."""
+        self,
+        reason: str = "manual",
+        *,
+        metrics: Mapping[str, float] | None = None,
+        sync: bool | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> SaveReport | None:
+        """Save the registered objects now (with the last step's metrics unless
+        ``metrics`` is given), then apply retention.
+
+        Synchronous unless the manager was made with ``async_save=True`` (or ``sync`` is
+        False): then the state is snapshotted into reused host buffers, the upload and
+        commit run in the background, and None is returned (``last_save`` is set when the
+        commit lands). At most one save is in flight: a new one waits for it, or is
+        skipped when ``when_busy="skip"``.
+        """
+        self._raise_background_error()
         values = {k: float(v) for k, v in (metrics or self.metrics).items()}
         t0 = time.perf_counter()
+        if self._inflight is not None and not self._inflight.done():
+            if self.when_busy == "skip" and sync is not True:
+                log.info("step %d: a save is still uploading; skipping this one", self.step_count)
+                return None
+            self._wait_inflight()
         resources = self.health.resources() if self.health else {}
         for warning in self.health.resource_warnings(resources) if self.health else []:
             log.warning("%s: %s", self.repo.uri, warning)
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
         state[META_KEY] = {"rng": capture_rng(), "step": self.step_count, "epoch": self.epoch,
                            "extra": self.extra}  # fmt: skip
-        meta = {"reason": reason, "mode": "sync", "resources": resources}
+        background = not sync if sync is not None else self.async_save
+        info = {"reason": reason, "mode": "async" if background else "sync",
+                "resources": resources, **(meta or {})}  # fmt: skip
         if self._events:
-            meta["events"] = self._events
-        with _python_rng_untouched():
-            version = self.repo.commit(state, branch=self.branch, step=self.step_count,
-                                       metrics=values, meta=meta)  # fmt: skip
-            self._prune()
-        seconds = time.perf_counter() - t0
-        self._events = []
+            info["events"] = self._events
+            self._events = []
         self._rollbacks = 0
-        self._committed_step = self.step_count
         now = self.clock()
         for policy in self.save_policies:
             policy.saved(self.step_count, values, now)
-        self.last_save = SaveReport(version, reason, version.logical_bytes, version.stored_bytes,
-                                    version.uploaded_bytes, seconds, seconds)  # fmt: skip
+        job = _SaveJob(reason, self.step_count, values, info, t0)
+        if not background:
+            return self._commit(state, job)
+        state = self._snapshots.copy(state)
+        job.blocked = time.perf_counter() - t0
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-async-save")
+        self._inflight = self._pool.submit(self._commit, state, job)
+        log.debug("step %d: snapshot in %.3fs, uploading in the background", job.step, job.blocked)
+        return None
+
+    def _commit(self, state: Any, job: _SaveJob) -> SaveReport:
+        with _python_rng_untouched():
+            version = self.repo.commit(state, branch=self.branch, step=job.step,
+                                       metrics=job.metrics, meta=job.meta)  # fmt: skip
+            self._prune()
+        seconds = time.perf_counter() - job.started
+        blocked = seconds if job.blocked is None else job.blocked
+        self._committed_step = max(self._committed_step or 0, job.step)
+        self.last_save = SaveReport(version, job.reason, version.logical_bytes,
+                                    version.stored_bytes, version.uploaded_bytes, seconds,
+                                    blocked)  # fmt: skip
         log.info(
             "saved step %d (%s) as %s: %.1f MB logical, %.1f MB stored, %.1f MB uploaded, "
             "%.2fs, training blocked %.2fs",
-            self.step_count, reason, version.id, version.logical_bytes / 1e6,
-            version.stored_bytes / 1e6, version.uploaded_bytes / 1e6, seconds, seconds,
+            job.step, job.reason, version.id, version.logical_bytes / 1e6,
+            version.stored_bytes / 1e6, version.uploaded_bytes / 1e6, seconds, blocked,
         )  # fmt: skip
         return self.last_save
+
+    def wait(self) -> SaveReport | None:
+        """Block until the save in flight (if any) is committed; raise its error."""
+        self._wait_inflight()
+        return self.last_save
+
+    def _wait_inflight(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    def _raise_background_error(self) -> None:
+        if self._inflight is not None and self._inflight.done():
+            self._wait_inflight()
+
+    def close(self) -> None:
+        """Flush the save in flight and stop the preemption watcher."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self.preemption is not None and self._owns_watcher:
+                self.preemption.stop()
+
+    # -- preemption ------------------------------------------------------------------
+    def _final_save(self) -> SaveReport:
+        watcher = self.preemption
+        assert watcher is not None and watcher.notice is not None
+        notice = watcher.notice
+        left = watcher.remaining()
+        estimate = self.last_save.seconds if self.last_save else None
+        if estimate is not None and estimate > left:
+            log.warning(
+                "preemption (%s): a full save took %.1fs last time but only %.1fs are left; "
+                "committing the snapshot already uploading first, then trying the final save",
+                notice.source, estimate, left,
+            )  # fmt: skip
+        t0 = time.perf_counter()
+        self._wait_inflight()
+        waited = time.perf_counter() - t0
+        report = self.save(
+            f"preemption ({notice.source})",
+            sync=True,
+            meta={"preemption": {"source": notice.source, "seconds_left": round(left, 3),
+                                 "waited_for_inflight_seconds": round(waited, 3)}},
+        )  # fmt: skip
+        assert report is not None
+        self.preempted = True
+        log.warning(
+            "preemption (%s): final checkpoint %s at step %d committed in %.2fs; stop training",
+            notice.source, report.version.id, report.version.step, waited + report.seconds,
+        )  # fmt: skip
+        return report
 
     # -- retention -------------------------------------------------------------------
     def _branch_versions(self) -> list[Version]:
@@ -365,24 +486,41 @@ class CheckpointManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        if exc is None or not self.objects:
+        if exc is None:
+            self.close()
             return False
+        try:
+            self._save_after(exc)
+        finally:
+            try:
+                self.close()
+            except Exception as background:  # the loop's own exception matters more
+                log.error("closing after %s failed: %s", type(exc).__name__, background)
+        return False
+
+    def _save_after(self, exc: BaseException) -> None:
+        """Save on exception: only a state that is exactly a completed step's."""
+        try:
+            self.wait()
+        except Exception as background:
+            log.error("the save in flight failed too: %s", background)
+        if not self.objects:
+            return
         if self._tracked_versions() != self._versions_at_step:
             log.error(
                 "%s raised mid-step (the state changed after step %d completed); not saving a "
                 "half-updated state. The last committed step is %s.",
                 type(exc).__name__, self._completed, self._committed_step,
             )  # fmt: skip
-            return False
+            return
         if self._committed_step == self.step_count:
             log.info("%s raised; step %d is already committed", type(exc).__name__, self.step_count)
-            return False
+            return
         try:
             self._events.append({"action": "save_on_exception", "exception": repr(exc)[:500]})
-            self.save(f"exception: {type(exc).__name__}")
-        except Exception as save_error:  # the original exception matters more
+            self.save(f"exception: {type(exc).__name__}", sync=True)
+        except Exception as save_error:
             log.error("saving after %s failed: %s", type(exc).__name__, save_error)
-        return False
 
 
 @contextlib.contextmanager

@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--async-save", action="store_true", help="upload in the background")
+    p.add_argument("--no-preemption-watcher", action="store_true",
+                   help="do not turn SIGTERM/SIGINT into a final checkpoint")  # fmt: skip
     args = p.parse_args(argv)
     if not args.uri:
         p.error("give --uri or set CLOUDCKPT_URI")
@@ -112,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     mgr = cloudckpt.CheckpointManager(
         args.uri, save_every_steps=args.save_every, keep_last=args.keep_last,
-        keep_every=10 * args.save_every,
+        keep_every=10 * args.save_every, async_save=args.async_save,
+        preemption=not args.no_preemption_watcher,
     )  # fmt: skip
     start = mgr.restore(model=model, optimizer=opt, scheduler=sched, sampler=sampler)
     print("fresh run" if start.fresh else f"resumed at step {start.step}", flush=True)
@@ -134,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                         log.write(json.dumps({"step": step + 1, "loss": loss.item()}) + "\n")
                         log.flush()
                     step = result.step
-                    if step >= args.steps:
+                    if step >= args.steps or result.preempted:
                         break
-            if mgr.committed_step != step:
-                mgr.save("final")
+                if mgr.preempted:
+                    print(f"preempted: final checkpoint at step {step} is committed", flush=True)
+                    break
+            if not mgr.preempted and mgr.committed_step != step:
+                mgr.save("final", sync=True)
     finally:
         if log:
             log.close()

@@ -1,0 +1,41 @@
+"""Commits one small version, then starts a large async save and prints "uploading"."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from cloudckpt import CheckpointManager, HealthCheck, RepoOptions, TransferOptions
+
+
+class Holder:
+    def __init__(self) -> None:
+        self.tensors = {"w": torch.zeros(4)}
+
+    def state_dict(self) -> dict:
+        return self.tensors
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tensors = state
+
+
+def main() -> None:
+    holder = Holder()
+    options = RepoOptions(transfer=TransferOptions(chunk_size=1 << 20))
+    mgr = CheckpointManager(sys.argv[1], async_save=True, options=options,
+                            health=HealthCheck(spike_factor=1e9))  # fmt: skip
+    mgr.restore(holder=holder)
+    mgr.step(1)
+    mgr.save("small", sync=True)
+    torch.manual_seed(0)
+    holder.tensors = {"w": torch.randn(96 << 20 >> 2)}  # 96 MiB of incompressible floats
+    mgr.step(2)
+    mgr.save("large")
+    print("uploading", flush=True)
+    time.sleep(120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Async saves: the loop blocks only for the snapshot; errors surface; one in flight."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from assertions import assert_state_equal
+
+from cloudckpt import CheckpointManager, HealthCheck, Repo
+from cloudckpt.errors import StoreError
+
+CHILD = str(Path(__file__).with_name("child_async.py"))
+
+
+def trainer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    return model, torch.optim.AdamW(model.parameters())
+
+
+def train(model, opt) -> float:
+    loss = model(torch.randn(16, 64)).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def test_async_save_commits_the_snapshot_not_later_updates(tmp_path) -> None:
+    model, opt = trainer()
+    mgr = CheckpointManager(f"file://{tmp_path}/r", save_every_steps=2, async_save=True,
+                            health=HealthCheck(spike_factor=1e9))  # fmt: skip
+    mgr.restore(model=model, optimizer=opt)
+    train(model, opt)
+    mgr.step(1)
+    train(model, opt)
+    at_step_2 = {k: v.clone() for k, v in model.state_dict().items()}
+    result = mgr.step(2)
+    assert result.saving and result.saved is None
+    for _ in range(3):  # keep training while the upload runs
+        train(model, opt)
+    report = mgr.wait()
+    assert report is not None and report.version.step == 2
+    assert report.blocked_seconds <= report.seconds
+    assert report.version.meta["mode"] == "async"
+    assert_state_equal(at_step_2, Repo(f"file://{tmp_path}/r").load()["model"])
+
+
+def test_background_error_is_raised_on_the_next_call(tmp_path) -> None:
+    model, opt = trainer()
+    mgr = CheckpointManager(f"file://{tmp_path}/r", save_every_steps=1, async_save=True,
+                            health=HealthCheck(spike_factor=1e9))  # fmt: skip
+    mgr.restore(model=model, optimizer=opt)
+
+    def broken_put(key, data):
+        raise StoreError(f"put {key} failed: injected")
+
+    mgr.repo.store.put = broken_put  # type: ignore[method-assign]
+    train(model, opt)
+    assert mgr.step(1).saving
+    deadline = time.monotonic() + 30
+    while not mgr._inflight.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(StoreError, match="injected"):
+        mgr.step(2)
+
+
+def test_when_busy_skip_skips_while_a_save_is_uploading(tmp_path) -> None:
+    model, opt = trainer()
+    mgr = CheckpointManager(f"file://{tmp_path}/r", save_every_steps=1, async_save=True,
+                            when_busy="skip", health=HealthCheck(spike_factor=1e9))  # fmt: skip
+    mgr.restore(model=model, optimizer=opt)
+    original = mgr.repo.commit
+
+    def slow_commit(*args, **kwargs):
+        time.sleep(0.5)
+        return original(*args, **kwargs)
+
+    mgr.repo.commit = slow_commit  # type: ignore[method-assign]
+    assert mgr.step(1).saving
+    assert not mgr.step(2).saving  # skipped: step 1 is still uploading
+    mgr.wait()
+    assert [v.step for v in mgr.repo.versions()] == [1]
+
+
+def test_context_exit_flushes_the_save_in_flight(tmp_path) -> None:
+    model, opt = trainer()
+    with CheckpointManager(f"file://{tmp_path}/r", save_every_steps=1, async_save=True,
+                           health=HealthCheck(spike_factor=1e9)) as mgr:  # fmt: skip
+        mgr.restore(model=model, optimizer=opt)
+        train(model, opt)
+        mgr.step(1)
+    assert Repo(f"file://{tmp_path}/r").resolve("main").step == 1
+
+
+def test_sigkill_during_an_async_upload_leaves_no_torn_version(seaweedfs) -> None:
+    uri = f"s3://{seaweedfs.create_bucket()}/async"
+    env = {**os.environ, **seaweedfs.env()}
+    proc = subprocess.Popen([sys.executable, CHILD, uri], env=env, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "uploading"
+        repo = Repo(uri, seaweedfs.storage_options())
+        deadline = time.monotonic() + 60
+        while len(repo.store.list_keys("blobs")) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the upload finished before the kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    versions = repo.versions()
+    assert [v.step for v in versions] == [1]  # the small first save; never the torn second
+    assert repo.verify("main").ok
+    repo.load("main")

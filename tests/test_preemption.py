@@ -1,0 +1,179 @@
+"""Preemption: real signals to real processes, and cloud metadata endpoints played by a
+local HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+
+from cloudckpt import CheckpointManager, HealthCheck, Repo
+from cloudckpt.preemption import PreemptionWatcher, aws_poller, azure_poller, gcp_poller
+
+TRAIN = str(Path(__file__).resolve().parent.parent / "examples" / "train_gpt.py")
+
+
+class Metadata(ThreadingHTTPServer):
+    """Plays one cloud's metadata service: no notice until ``notice()`` is called."""
+
+    daemon_threads = True
+
+    def __init__(self, cloud: str) -> None:
+        self.cloud, self.noticed, self.requests = cloud, False, []
+        super().__init__(("127.0.0.1", 0), _MetadataHandler)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _MetadataHandler(BaseHTTPRequestHandler):
+    server: Metadata
+
+    def _reply(self, status: int, body: str = "") -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_PUT(self) -> None:  # AWS IMDSv2 token
+        self.server.requests.append(("PUT", self.path, dict(self.headers)))
+        if self.server.cloud == "aws" and self.path == "/latest/api/token":
+            return self._reply(200, "token-123")
+        return self._reply(404)
+
+    def do_GET(self) -> None:
+        self.server.requests.append(("GET", self.path, dict(self.headers)))
+        cloud, noticed = self.server.cloud, self.server.noticed
+        if cloud == "aws" and self.path == "/latest/meta-data/spot/instance-action":
+            if self.headers.get("X-aws-ec2-metadata-token") != "token-123" or not noticed:
+                return self._reply(404)
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 120))
+            return self._reply(200, json.dumps({"action": "terminate", "time": when}))
+        if cloud == "gcp" and self.path == "/computeMetadata/v1/instance/preempted":
+            ok = self.headers.get("Metadata-Flavor") == "Google"
+            return self._reply(200 if ok else 403, "TRUE" if noticed else "FALSE")
+        if cloud == "azure" and self.path.startswith("/metadata/scheduledevents"):
+            events = [{"EventId": "1", "EventType": "Preempt", "NotBefore": ""}] if noticed else []
+            return self._reply(200, json.dumps({"Events": events}))
+        return self._reply(404)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextmanager
+def metadata(cloud: str):
+    server = Metadata(cloud)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+POLLERS = {"aws": aws_poller, "gcp": gcp_poller, "azure": azure_poller}
+
+
+@pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
+def test_cloud_notice_stops_training_with_a_final_checkpoint(cloud, tmp_path) -> None:
+    with metadata(cloud) as server:
+        watcher = PreemptionWatcher(signals=(), pollers=[POLLERS[cloud](server.endpoint)],
+                                    interval=0.05).start()  # fmt: skip
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        mgr = CheckpointManager(
+            f"file://{tmp_path}/repo",
+            save_every_steps=1000,
+            preemption=watcher,
+            health=HealthCheck(spike_factor=1e9),
+        )
+        mgr.restore(model=model, optimizer=opt)
+        step, result = 0, None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            result = mgr.step(step + 1, metrics={"loss": loss.item()})
+            step = result.step
+            if step == 5:
+                server.noticed = True
+            if result.preempted:
+                break
+            time.sleep(0.01)
+        watcher.stop()
+        assert result is not None and result.preempted and mgr.preempted
+        final = Repo(f"file://{tmp_path}/repo").resolve("main")
+        assert final.step == step and final.meta["reason"] == f"preemption ({cloud})"
+        assert final.meta["preemption"]["source"] == cloud
+        if cloud == "aws":
+            assert 100 < final.meta["preemption"]["seconds_left"] <= 121
+
+
+def last_step(log: Path) -> int:
+    lines = log.read_text().splitlines() if log.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_sigterm_at_a_random_step_commits_the_last_completed_step_and_exits_0(
+    seaweedfs, tmp_path, trial
+) -> None:
+    uri = f"s3://{seaweedfs.create_bucket()}/spot-{uuid.uuid4().hex[:6]}"
+    log = tmp_path / "steps.jsonl"
+    env = {**os.environ, **seaweedfs.env()}
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, "--uri", uri, "--steps", "100000", "--save-every", "100000",
+         "--log", str(log)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    target = random.Random(trial).randint(3, 40)
+    deadline = time.monotonic() + 120
+    while last_step(log) < target and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert time.monotonic() - sent < 30  # within the default notice window
+    final = Repo(uri, seaweedfs.storage_options()).resolve("main")
+    assert final.step == last_step(log) >= target
+    assert final.meta["reason"] == "preemption (SIGTERM)"
+    assert "preempted: final checkpoint" in out
+
+
+def test_second_signal_exits_at_once(tmp_path) -> None:
+    script = (
+        "import signal, time\n"
+        "from cloudckpt.preemption import PreemptionWatcher\n"
+        "w = PreemptionWatcher().start()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert proc.poll() is None  # the first signal only sets the flag
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
