@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/spot_resume.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check cloudckpt tests examples benchmarks

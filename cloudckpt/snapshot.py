@@ -15,6 +15,8 @@ import torch
 
 from cloudckpt.tree import join
 
+_ATOMS = (int, float, bool, str, bytes, type(None))
+
 
 class Snapshotter:
     """Copies states into reused buffers. Not thread-safe; reuse a buffer only after the
@@ -50,6 +52,8 @@ class Snapshotter:
                 return obj.copy()
             if isinstance(obj, dict):
                 return {k: walk(v, join(path, k)) for k, v in obj.items()}
+            if type(obj) in (tuple, torch.Size) and all(type(v) in _ATOMS for v in obj):
+                return obj  # immutable all the way down (an RNG state's 625 ints)
             if type(obj) in (list, tuple, torch.Size):
                 return type(obj)(walk(v, join(path, i)) for i, v in enumerate(obj))
             return obj  # scalars, str, bytes, None: immutable

@@ -1,12 +1,12 @@
-"""The cloudckpt demo: train, lose the machine, resume somewhere else, report.
+"""The cloudckpt demo (`make demo`): a spot instance is reclaimed, another resumes.
 
 1. Starts a real S3 server (SeaweedFS) on 127.0.0.1 with an empty bucket.
-2. Trains a small GPT with examples/train_gpt.py, committing every 25 steps.
-3. Kills the training process with SIGKILL mid-run, as when a spot instance is
-   reclaimed without notice.
-4. Starts a fresh process in a new empty working directory: it finds the last committed
-   version in the bucket and trains on to the end.
-5. Reports what was lost, what was stored and how much deduplication saved.
+2. Machine 1 trains a small GPT with examples/train_gpt.py, committing every 25 steps.
+3. Mid-run it gets SIGTERM, as a spot instance does when its notice arrives: the
+   training loop finishes the current step, commits a final checkpoint and exits 0.
+4. Machine 2 -- a fresh process in a new, empty working directory -- finds that
+   checkpoint in the bucket and trains on to the end. No step is lost.
+5. Reports the versions, what retention kept, and what the bucket holds.
 """
 
 from __future__ import annotations
@@ -68,14 +68,17 @@ def main() -> int:
             if proc.poll() is not None:
                 print(f"training exited early with code {proc.returncode}")
                 return 1
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            banner("spot notice: SIGTERM sent to machine 1")
+            if proc.wait(timeout=60) != 0:
+                print(f"machine 1 exited with code {proc.returncode}")
+                return 1
             lost_at = last_step(log)
-            banner(f"machine 1 lost at step {lost_at} (SIGKILL, no warning)")
-
             repo = Repo(uri, s3.storage_options())
             durable = repo.resolve("main")
-            print(f"last durable version: {durable.id} at step {durable.step}")
+            banner(f"machine 1 exited 0 after step {lost_at}")
+            print(f"final checkpoint: {durable.id} at step {durable.step} "
+                  f"({durable.meta.get('reason')})")  # fmt: skip
 
             banner("machine 2: a fresh process in an empty directory resumes from the bucket")
             second = root / "machine2"
@@ -108,10 +111,10 @@ def report(repo: Repo, lost_at: int, resumed_from: int, log: Path) -> None:
     stored = sum(info.size for info in blobs.values())
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     print()
-    print(f"lost at step {lost_at}; resumed from step {resumed_from} in a fresh process; "
+    print(f"stopped at step {lost_at}; resumed from step {resumed_from} in a fresh process; "
           f"{lost_at - resumed_from} steps redone; trained to step {max(steps)}")  # fmt: skip
     print(f"final loss {versions[-1].metrics['loss']:.4f}; retention kept {len(versions)} "
-          "versions (the last 3, and the one the run resumed from)")  # fmt: skip
+          "versions (the last 3 and the one the run resumed from)")  # fmt: skip
     naive = len(buf.getvalue()) * len(versions)
     print(f"gc freed {freed.freed_bytes / 1e6:.2f} MB of pruned versions; the bucket holds "
           f"{len(blobs)} blobs, {stored / 1e6:.2f} MB")  # fmt: skip
