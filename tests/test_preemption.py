@@ -9,15 +9,15 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
+from http_servers import serving
 
 from cloudckpt import CheckpointManager, HealthCheck, Repo
 from cloudckpt.preemption import PreemptionWatcher, aws_poller, azure_poller, gcp_poller
@@ -75,17 +75,8 @@ class _MetadataHandler(BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def metadata(cloud: str):
-    server = Metadata(cloud)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+def metadata(cloud: str) -> AbstractContextManager[Metadata]:
+    return serving(Metadata(cloud))
 
 
 POLLERS = {"aws": aws_poller, "gcp": gcp_poller, "azure": azure_poller}

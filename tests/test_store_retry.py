@@ -3,13 +3,12 @@ on 127.0.0.1 that answers every request with the same failure."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from http_servers import serving
 
 from cloudckpt.errors import CheckpointNotFound, StoreError
 from cloudckpt.store import RetryPolicy, Store, StoreOptions
@@ -59,17 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@contextmanager
-def serve(status: int | None, stall: float = 0.0) -> Iterator[ScriptedS3]:
-    server = ScriptedS3(status, stall)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+def serve(status: int | None, stall: float = 0.0) -> AbstractContextManager[ScriptedS3]:
+    return serving(ScriptedS3(status, stall))
 
 
 def store_for(server: ScriptedS3, attempts: int = 4, read_timeout: float = 5) -> Store:
