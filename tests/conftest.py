@@ -50,9 +50,7 @@ def make_root(
     if kind == "file":
         return f"file://{tmp_path}/repo", {}
     server = request.getfixturevalue("moto_server" if kind == "moto" else "seaweedfs")
-    if not hasattr(server, "test_bucket"):
-        server.test_bucket = server.create_bucket()
-    return f"s3://{server.test_bucket}/{uuid.uuid4().hex}", server.storage_options()
+    return server.fresh_uri("test"), server.storage_options()
 
 
 class S3Requests:

@@ -101,7 +101,7 @@ def test_context_exit_flushes_the_save_in_flight(tmp_path) -> None:
 
 
 def test_sigkill_during_an_async_upload_leaves_no_torn_version(seaweedfs) -> None:
-    uri = f"s3://{seaweedfs.create_bucket()}/async"
+    uri = seaweedfs.fresh_uri("async")
     env = {**os.environ, **seaweedfs.env()}
     proc = subprocess.Popen([sys.executable, CHILD, uri], env=env, stdout=subprocess.PIPE,
                             text=True)  # fmt: skip

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 import torch
@@ -20,9 +19,7 @@ from cloudckpt.cli import main
 def repo(seaweedfs, monkeypatch) -> Repo:
     for k, v in seaweedfs.env().items():
         monkeypatch.setenv(k, v)
-    if not hasattr(seaweedfs, "cli_bucket"):
-        seaweedfs.cli_bucket = seaweedfs.create_bucket()
-    repo = Repo(f"s3://{seaweedfs.cli_bucket}/{uuid.uuid4().hex}", seaweedfs.storage_options())
+    repo = Repo(seaweedfs.fresh_uri("cli"), seaweedfs.storage_options())
     torch.manual_seed(0)
     state = {"model": {"w": torch.randn(256, 256), "b": torch.zeros(256)}, "step": 1}
     v1 = repo.commit(state, step=100, metrics={"loss": 2.5})

@@ -4,7 +4,6 @@ health rollback and save-on-exception."""
 from __future__ import annotations
 
 import math
-import uuid
 
 import pytest
 import torch
@@ -26,9 +25,7 @@ from cloudckpt.blobs import blob_key
 @pytest.fixture
 def s3(seaweedfs):
     """(uri, storage_options) of a fresh prefix on the session's SeaweedFS."""
-    if not hasattr(seaweedfs, "manager_bucket"):
-        seaweedfs.manager_bucket = seaweedfs.create_bucket()
-    return f"s3://{seaweedfs.manager_bucket}/{uuid.uuid4().hex}", seaweedfs.storage_options()
+    return seaweedfs.fresh_uri("manager"), seaweedfs.storage_options()
 
 
 class Trainer:

@@ -45,8 +45,7 @@ def last_step(log: Path) -> int:
 
 
 def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(seaweedfs, tmp_path):
-    bucket = seaweedfs.create_bucket()
-    straight_uri, resumed_uri = f"s3://{bucket}/straight", f"s3://{bucket}/resumed"
+    straight_uri, resumed_uri = seaweedfs.fresh_uri("straight"), seaweedfs.fresh_uri("resumed")
 
     straight = train(seaweedfs, straight_uri, tmp_path / "straight.jsonl", tmp_path / "a")
     assert straight.wait(timeout=300) == 0, (tmp_path / "a" / "output.txt").read_text()[-3000:]

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from contextlib import AbstractContextManager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -129,7 +128,7 @@ def last_step(log: Path) -> int:
 def test_sigterm_at_a_random_step_commits_the_last_completed_step_and_exits_0(
     seaweedfs, tmp_path, trial
 ) -> None:
-    uri = f"s3://{seaweedfs.create_bucket()}/spot-{uuid.uuid4().hex[:6]}"
+    uri = seaweedfs.fresh_uri("spot")
     log = tmp_path / "steps.jsonl"
     env = {**os.environ, **seaweedfs.env()}
     proc = subprocess.Popen(

@@ -39,8 +39,7 @@ def read_line(proc: subprocess.Popen[str], timeout: float = 120) -> dict:
 
 
 def test_sigkill_mid_upload_leaves_previous_version(seaweedfs) -> None:
-    bucket = seaweedfs.create_bucket()
-    uri = f"s3://{bucket}/run"
+    uri = seaweedfs.fresh_uri("killed")
     repo = Repo(uri, seaweedfs.storage_options())
     previous = {"model": {"w": torch.arange(10.0)}, "step": 1}
     v1 = repo.commit(previous, step=1)
@@ -73,8 +72,7 @@ def test_sigkill_mid_upload_leaves_previous_version(seaweedfs) -> None:
 
 @pytest.mark.timeout(300)
 def test_commit_of_1gb_state_needs_less_than_512mib_extra(seaweedfs) -> None:
-    bucket = seaweedfs.create_bucket()
-    uri = f"s3://{bucket}/big"
+    uri = seaweedfs.fresh_uri("big")
     proc = start_child(seaweedfs, uri, megabytes=1024, chunk=64 * MiB)
     try:
         ready = read_line(proc)

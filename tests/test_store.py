@@ -95,8 +95,7 @@ def test_unreachable_endpoint_fails_with_store_error_after_bounded_retries() -> 
 def test_large_objects_go_up_in_multipart(seaweedfs) -> None:
     from conftest import S3Requests
 
-    bucket = seaweedfs.create_bucket()
-    store = Store(f"s3://{bucket}/big", seaweedfs.storage_options())
+    store = Store(seaweedfs.fresh_uri("multipart"), seaweedfs.storage_options())
     requests = S3Requests(store)
     data = bytes(range(256)) * (101 * 1024 * 4)  # 101 MiB
     store.put("huge", data)

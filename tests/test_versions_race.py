@@ -19,7 +19,7 @@ N = 8
 @pytest.mark.parametrize("server", ["moto_server", "seaweedfs"])
 def test_two_processes_racing_on_one_branch_lose_nothing(server, request) -> None:
     srv = request.getfixturevalue(server)
-    uri = f"s3://{srv.create_bucket()}/race"
+    uri = srv.fresh_uri("race")
     env = {**os.environ, **srv.env()}
     procs = [
         subprocess.Popen(

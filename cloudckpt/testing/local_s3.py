@@ -89,6 +89,13 @@ class _Server:
             region_name="us-east-1",
         )
 
+    def fresh_uri(self, name: str = "run") -> str:
+        """``s3://<bucket>/<name>-<random>``: a new, empty prefix in one shared bucket
+        (each bucket costs SeaweedFS volumes, so tests share one)."""
+        if getattr(self, "_shared_bucket", None) is None:
+            self._shared_bucket = self.create_bucket()
+        return f"s3://{self._shared_bucket}/{name}-{uuid.uuid4().hex[:10]}"
+
     def create_bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh random name by default) and return its name."""
         name = name or f"ckpt-{uuid.uuid4().hex[:12]}"
@@ -158,7 +165,7 @@ class SeaweedFS(_Server):
             _find_binary("weed"), "server", f"-dir={data}",
             "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
             f"-filer.port={filer}", f"-ip={HOST}", f"-ip.bind={HOST}", "-volume.max=0",
-            "-master.volumeSizeLimitMB=1024", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=256", "-s3.port.iceberg=0", "-s3.port.lance=0",
         ]  # fmt: skip
         self._log = open(data / "weed.log", "wb")  # noqa: SIM115 (lives as long as the server)
         self._proc = subprocess.Popen(
