@@ -19,6 +19,7 @@ from cloudckpt.policies import (
     KeepLast,
     OnBestMetric,
 )
+from cloudckpt.preemption import PreemptionWatcher
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.resume import ResumableSampler
 from cloudckpt.store import RetryPolicy, StoreOptions
@@ -39,6 +40,7 @@ __all__ = [
     "KeepEvery",
     "KeepLast",
     "OnBestMetric",
+    "PreemptionWatcher",
     "Repo",
     "RepoOptions",
     "ResumableSampler",
