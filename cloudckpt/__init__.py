@@ -10,7 +10,7 @@ from cloudckpt.errors import (
     UnsupportedState,
 )
 from cloudckpt.health import HealthCheck
-from cloudckpt.manager import CheckpointManager, Resumed, SaveReport, StepResult
+from cloudckpt.manager import CheckpointManager
 from cloudckpt.policies import (
     EveryMinutes,
     EveryNSteps,
@@ -21,6 +21,7 @@ from cloudckpt.policies import (
 )
 from cloudckpt.preemption import PreemptionWatcher
 from cloudckpt.repo import Repo, RepoOptions
+from cloudckpt.reports import Resumed, SaveReport, StepResult
 from cloudckpt.resume import ResumableSampler
 from cloudckpt.store import RetryPolicy, StoreOptions
 from cloudckpt.versions import Version

@@ -12,13 +12,10 @@ prunes, rolls back and resumes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal
 
@@ -39,7 +36,8 @@ from cloudckpt.policies import (
 )
 from cloudckpt.preemption import PreemptionWatcher
 from cloudckpt.repo import Repo, RepoOptions
-from cloudckpt.resume import capture_rng, restore_rng
+from cloudckpt.reports import Resumed, SaveJob, SaveReport, StepResult
+from cloudckpt.resume import capture_rng, python_rng_untouched, restore_rng
 from cloudckpt.snapshot import Snapshotter
 from cloudckpt.versions import Version
 
@@ -47,57 +45,6 @@ log = logging.getLogger("cloudckpt")
 
 #: Key of the manager's own entries in a committed state.
 META_KEY = "_cloudckpt"
-
-
-@dataclass(frozen=True)
-class Resumed:
-    """Where a run starts: from a version (``version``), or fresh (``version is None``)."""
-
-    step: int = 0
-    epoch: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    extra: Any = None
-    version: Version | None = None
-
-    @property
-    def fresh(self) -> bool:
-        return self.version is None
-
-
-@dataclass(frozen=True)
-class SaveReport:
-    """What one save cost."""
-
-    version: Version
-    reason: str
-    logical_bytes: int
-    stored_bytes: int
-    uploaded_bytes: int
-    seconds: float
-    blocked_seconds: float
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """The step to continue from, and what the manager did at this step: ``saved``
-    (a synchronous save), ``saving`` (an async save started), ``rolled_back``, or
-    ``preempted`` (a final checkpoint is committed: stop training)."""
-
-    step: int
-    saved: SaveReport | None = None
-    rolled_back: Version | None = None
-    saving: bool = False
-    preempted: bool = False
-
-
-@dataclass
-class _SaveJob:
-    reason: str
-    step: int
-    metrics: dict[str, float]
-    meta: dict[str, Any]
-    started: float
-    blocked: float | None = None
 
 
 class CheckpointManager:
@@ -328,7 +275,7 @@ class CheckpointManager:
         now = self.clock()
         for policy in self.save_policies:
             policy.saved(self.step_count, values, now)
-        job = _SaveJob(reason, self.step_count, values, info, t0)
+        job = SaveJob(reason, self.step_count, values, info, t0)
         if not background:
             return self._commit(state, job)
         state = self._snapshots.copy(state)
@@ -339,8 +286,8 @@ class CheckpointManager:
         log.debug("step %d: snapshot in %.3fs, uploading in the background", job.step, job.blocked)
         return None
 
-    def _commit(self, state: Any, job: _SaveJob) -> SaveReport:
-        with _python_rng_untouched():
+    def _commit(self, state: Any, job: SaveJob) -> SaveReport:
+        with python_rng_untouched():
             version = self.repo.commit(state, branch=self.branch, step=job.step,
                                        metrics=job.metrics, meta=job.meta)  # fmt: skip
             self._prune()
@@ -521,15 +468,3 @@ class CheckpointManager:
             self.save(f"exception: {type(exc).__name__}", sync=True)
         except Exception as save_error:
             log.error("saving after %s failed: %s", type(exc).__name__, save_error)
-
-
-@contextlib.contextmanager
-def _python_rng_untouched() -> Iterator[None]:
-    """Network libraries draw from Python's global ``random`` (aiohttp shuffles waiting
-    connections, tenacity jitters retries); a save must not shift the training run's
-    stream, or a resumed run would diverge from an uninterrupted one."""
-    state = random.getstate()
-    try:
-        yield
-    finally:
-        random.setstate(state)

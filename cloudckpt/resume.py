@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterator, Sized
 from typing import Any
@@ -80,3 +81,15 @@ class ResumableSampler(Sampler[int]):
             raise ValueError(f"sampler was saved for {state['n']} samples, this one has {self.n}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.seed, self.shuffle = int(state["seed"]), bool(state["shuffle"])
+
+
+@contextlib.contextmanager
+def python_rng_untouched() -> Iterator[None]:
+    """Network libraries draw from Python's global ``random`` (aiohttp shuffles waiting
+    connections, tenacity jitters retries); a save must not shift the training run's
+    stream, or a resumed run would diverge from an uninterrupted one."""
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)

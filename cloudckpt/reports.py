@@ -1,0 +1,61 @@
+"""What the manager returns: where a run resumes, what a step did, what a save cost."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudckpt.versions import Version
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a run starts: from a version (``version``), or fresh (``version is None``)."""
+
+    step: int = 0
+    epoch: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra: Any = None
+    version: Version | None = None
+
+    @property
+    def fresh(self) -> bool:
+        return self.version is None
+
+
+@dataclass(frozen=True)
+class SaveReport:
+    """What one save cost."""
+
+    version: Version
+    reason: str
+    logical_bytes: int
+    stored_bytes: int
+    uploaded_bytes: int
+    seconds: float
+    blocked_seconds: float
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The step to continue from, and what the manager did at this step: ``saved``
+    (a synchronous save), ``saving`` (an async save started), ``rolled_back``, or
+    ``preempted`` (a final checkpoint is committed: stop training)."""
+
+    step: int
+    saved: SaveReport | None = None
+    rolled_back: Version | None = None
+    saving: bool = False
+    preempted: bool = False
+
+
+@dataclass
+class SaveJob:
+    """A save on its way: what to record once it is committed."""
+
+    reason: str
+    step: int
+    metrics: dict[str, float]
+    meta: dict[str, Any]
+    started: float
+    blocked: float | None = None
