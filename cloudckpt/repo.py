@@ -296,10 +296,10 @@ class Repo:
     def _known_blobs(self, vid: str) -> dict[str, int]:
         try:
             doc = self._manifest(vid)
-        except CorruptCheckpoint as e:
+            return {c.digest: c.stored for entry in doc["tensors"] for c in iter_chunks(entry)}
+        except CorruptCheckpoint as e:  # a damaged parent must not block new commits
             log.warning("cannot reuse blobs of parent %s: %s", vid, e)
             return {}
-        return {c.digest: c.stored for entry in doc["tensors"] for c in iter_chunks(entry)}
 
     # -- load ------------------------------------------------------------------------
     def load(
