@@ -25,10 +25,6 @@ class Snapshotter:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
     def copy(self, state: Any) -> Any:
         seen: dict[int, Any] = {}
         used_cuda = False

@@ -212,17 +212,6 @@ def _pairs(val: Any, path: str) -> Iterator[list[Any]]:
         yield pair
 
 
-def leaf_paths(skeleton: Any) -> dict[int, str]:
-    """Leaf index -> the first path it appears at (for selecting leaves by pattern)."""
-    found: dict[int, str] = {}
-
-    def record(index: int, path: str) -> None:
-        found.setdefault(index, path)
-
-    unflatten(skeleton, lambda i, p: record(i, p))
-    return found
-
-
 def select(skeleton: Any, wanted: Callable[[str], bool]) -> Any:
     """The skeleton pruned to the entries whose path ``wanted`` accepts.
 

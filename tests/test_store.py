@@ -21,8 +21,8 @@ def test_put_get_range_list_delete(store: Store) -> None:
     store.put("a/two", memoryview(b"xyz"))
     assert store.get("a/b/one") == b"hello world"
     assert store.get_range("a/b/one", 6, 11) == b"world"
-    assert store.exists("a/two") and not store.exists("a/three")
-    assert store.size("a/b/one") == 11
+    assert store.stat("a/two") is not None and store.stat("a/three") is None
+    assert store.stat("a/b/one").size == 11
     assert store.list_keys("a") == ["a/b/one", "a/two"]
     store.delete(["a/two"])
     assert store.list_keys("a") == ["a/b/one"]
@@ -101,5 +101,5 @@ def test_large_objects_go_up_in_multipart(seaweedfs) -> None:
     store.put("huge", data)
     assert requests.count("POST", "huge") >= 2  # create and complete the multipart upload
     assert requests.count("PUT", "huge") >= 2  # its parts
-    assert store.size("huge") == len(data)
+    assert store.stat("huge").size == len(data)
     assert store.get_range("huge", len(data) - 5, len(data)) == data[-5:]

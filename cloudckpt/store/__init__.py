@@ -124,12 +124,6 @@ class Store:
         """Bytes ``[start, end)`` of the object."""
         return self._run("get", key, lambda: self.fs.cat_file(self.path(key), start=start, end=end))
 
-    def exists(self, key: str) -> bool:
-        return self._run("head", key, lambda: self.fs.exists(self.path(key)))
-
-    def size(self, key: str) -> int:
-        return self._run("head", key, lambda: self.fs.size(self.path(key)))
-
     def stat(self, key: str) -> ObjectInfo | None:
         """Size and modification time, or None if the object does not exist (one HEAD)."""
 
