@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cloudckpt.errors import UnsupportedState
-from cloudckpt.tree import tensors_by_path
+from cloudckpt.tree import map_arrays, tensors_by_path
 from cloudckpt.versions import Version
 
 if TYPE_CHECKING:
@@ -114,17 +114,15 @@ def _apply_cast(t: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
     return t.to(cast) if cast is not None and t.is_floating_point() else t
 
 
-def _cast_tree(obj: Any, cast: torch.dtype | None) -> Any:
+def _cast_tree(state: Any, cast: torch.dtype | None) -> Any:
     """The state with floats cast, and numpy values turned into what
     ``torch.load(weights_only=True)`` accepts (tensors and Python scalars)."""
-    if isinstance(obj, np.ndarray):
-        obj = torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, torch.Tensor):
-        return _apply_cast(obj, cast)
-    if isinstance(obj, dict):
-        return {k: _cast_tree(v, cast) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast_tree(v, cast) for v in obj)
-    return obj
+
+    def convert(value: Any, path: str) -> Any:
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        return _apply_cast(value, cast)
+
+    return map_arrays(state, convert)

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
-from cloudckpt.tree import join
-
-_ATOMS = (int, float, bool, str, bytes, type(None))
+from cloudckpt.tree import map_arrays
 
 
 class Snapshotter:
@@ -29,32 +26,24 @@ class Snapshotter:
         seen: dict[int, Any] = {}
         used_cuda = False
 
-        def walk(obj: Any, path: str) -> Any:
+        def snapshot(value: Any, path: str) -> Any:
             nonlocal used_cuda
-            if isinstance(obj, torch.Tensor):
-                if id(obj) in seen:  # tied weights stay tied
-                    return seen[id(obj)]
-                src = obj.detach()
-                buf = self._buffers.get(path)
-                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                    pin = src.device.type == "cuda"
-                    buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=pin)
-                    self._buffers[path] = buf
-                buf.copy_(src, non_blocking=src.device.type == "cuda")
-                used_cuda |= src.device.type == "cuda"
-                seen[id(obj)] = buf
-                return buf
-            if isinstance(obj, np.ndarray):
-                return obj.copy()
-            if isinstance(obj, dict):
-                return {k: walk(v, join(path, k)) for k, v in obj.items()}
-            if type(obj) in (tuple, torch.Size) and all(type(v) in _ATOMS for v in obj):
-                return obj  # immutable all the way down (an RNG state's 625 ints)
-            if type(obj) in (list, tuple, torch.Size):
-                return type(obj)(walk(v, join(path, i)) for i, v in enumerate(obj))
-            return obj  # scalars, str, bytes, None: immutable
+            if not isinstance(value, torch.Tensor):
+                return value.copy()  # numpy arrays and scalars: small (RNG states)
+            if id(value) in seen:  # tied weights stay tied
+                return seen[id(value)]
+            src = value.detach()
+            cuda = src.device.type == "cuda"
+            buf = self._buffers.get(path)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=cuda)
+                self._buffers[path] = buf
+            buf.copy_(src, non_blocking=cuda)
+            used_cuda |= cuda
+            seen[id(value)] = buf
+            return buf
 
-        out = walk(state, "")
+        out = map_arrays(state, snapshot)
         if used_cuda:
             torch.cuda.synchronize()
         return out

@@ -262,3 +262,25 @@ def tensors_by_path(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
 
     walk(obj, prefix)
     return found
+
+
+_ATOMS = (int, float, bool, str, bytes, type(None))
+
+
+def map_arrays(obj: Any, fn: Callable[[Any, str], Any], prefix: str = "") -> Any:
+    """A copy of ``obj`` with every tensor, numpy array and numpy scalar replaced by
+    ``fn(value, path)``; dicts, lists and tuples are rebuilt, other leaves kept as they
+    are (a tuple of plain scalars, like an RNG state, is kept whole)."""
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, (torch.Tensor, np.ndarray, np.generic)):
+            return fn(node, path)
+        if isinstance(node, dict):
+            return {k: walk(v, join(path, k)) for k, v in node.items()}
+        if type(node) in (tuple, torch.Size) and all(type(v) in _ATOMS for v in node):
+            return node
+        if type(node) in (list, tuple, torch.Size):
+            return type(node)(walk(v, join(path, i)) for i, v in enumerate(node))
+        return node
+
+    return walk(obj, prefix)
