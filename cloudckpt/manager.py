@@ -39,7 +39,7 @@ from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.reports import Resumed, SaveJob, SaveReport, StepResult
 from cloudckpt.resume import capture_rng, python_rng_untouched, restore_rng
 from cloudckpt.snapshot import Snapshotter
-from cloudckpt.versions import Version
+from cloudckpt.versions import Index, Version
 
 log = logging.getLogger("cloudckpt")
 
@@ -157,23 +157,23 @@ class CheckpointManager:
         self.extra = extra
         for policy in self.save_policies:
             policy.start(self.step_count, self.clock())
+        index = self.repo.index()
         try:
-            head = self.repo.resolve(self.branch)
+            head = self.repo.resolve(self.branch, index)
         except CheckpointNotFound:
             log.info("no checkpoint on %s@%s: fresh run", self.repo.uri, self.branch)
             self._mark_completed(0)
             return Resumed(extra=extra)
-        version, state = self._load_newest_good(head)
+        version, state = self._load_newest_good(head, index)
         self._apply(version, state)
         self.resumed_from = version.id
         for policy in self.save_policies:
             if isinstance(policy, OnBestMetric):
-                policy.seed(self._branch_versions())
+                policy.seed(self._branch_versions(index))
         log.info("resumed %s from %s (step %d)", self.repo.uri, version.id, self.step_count)
         return Resumed(self.step_count, self.epoch, dict(version.metrics), self.extra, version)
 
-    def _load_newest_good(self, head: Version) -> tuple[Version, Any]:
-        index = self.repo.index()
+    def _load_newest_good(self, head: Version, index: Index) -> tuple[Version, Any]:
         candidate: Version | None = head
         while candidate is not None:
             try:
@@ -361,19 +361,19 @@ class CheckpointManager:
         return report
 
     # -- retention -------------------------------------------------------------------
-    def _branch_versions(self) -> list[Version]:
-        return [v for v in self.repo.versions() if v.branch == self.branch]
+    def _branch_versions(self, index: Index) -> list[Version]:
+        return [v for v in index.versions.values() if v.branch == self.branch]
 
     def _prune(self) -> None:
         if not self.retention:
             return
-        ours = self._branch_versions()
+        index = self.repo.index()
+        ours = self._branch_versions(index)
         if not ours:
             return
         keep = {ours[-1].id, *([self.resumed_from] if self.resumed_from else [])}
         for policy in self.retention:
             keep |= policy.keep(ours)
-        index = self.repo.index()
         pinned = {*index.branches.values(), *index.tags.values()}
         doomed = [v.id for v in ours if v.id not in keep and v.id not in pinned]
         if not doomed:
