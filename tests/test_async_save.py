@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from assertions import assert_state_equal
+from processes import reaped, sigkill_when
 
 from cloudckpt import CheckpointManager, HealthCheck, Repo
 from cloudckpt.errors import StoreError
@@ -105,19 +105,10 @@ def test_sigkill_during_an_async_upload_leaves_no_torn_version(seaweedfs) -> Non
     env = {**os.environ, **seaweedfs.env()}
     proc = subprocess.Popen([sys.executable, CHILD, uri], env=env, stdout=subprocess.PIPE,
                             text=True)  # fmt: skip
-    try:
+    repo = Repo(uri, seaweedfs.storage_options())
+    with reaped(proc):
         assert proc.stdout.readline().strip() == "uploading"
-        repo = Repo(uri, seaweedfs.storage_options())
-        deadline = time.monotonic() + 60
-        while len(repo.store.list_keys("blobs")) < 20 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert proc.poll() is None, "the upload finished before the kill"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sigkill_when(proc, lambda: len(repo.store.list_keys("blobs")) >= 20)
     versions = repo.versions()
     assert [v.step for v in versions] == [1]  # the small first save; never the torn second
     assert repo.verify("main").ok

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from processes import reaped, sigkill_when
 
 from cloudckpt import Repo
 
@@ -46,20 +47,9 @@ def test_sigkill_mid_upload_leaves_previous_version(seaweedfs) -> None:
     blobs_before = len(repo.store.list_keys("blobs"))
 
     proc = start_child(seaweedfs, uri, megabytes=256, chunk=MiB)
-    try:
+    with reaped(proc):
         assert read_line(proc)["ready"]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if len(repo.store.list_keys("blobs")) >= blobs_before + 10:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the commit finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        sigkill_when(proc, lambda: len(repo.store.list_keys("blobs")) >= blobs_before + 10)
     assert proc.returncode == -signal.SIGKILL
 
     uploaded = len(repo.store.list_keys("blobs")) - blobs_before
@@ -74,14 +64,10 @@ def test_sigkill_mid_upload_leaves_previous_version(seaweedfs) -> None:
 def test_commit_of_1gb_state_needs_less_than_512mib_extra(seaweedfs) -> None:
     uri = seaweedfs.fresh_uri("big")
     proc = start_child(seaweedfs, uri, megabytes=1024, chunk=64 * MiB)
-    try:
+    with reaped(proc):
         ready = read_line(proc)
         done = read_line(proc, timeout=240)
         assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     extra = done["rss"] - ready["rss"]
     print(f"peak RSS: live state + {extra / MiB:.0f} MiB for a 1 GiB state")
     assert extra < 512 * MiB
