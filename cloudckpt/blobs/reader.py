@@ -19,7 +19,6 @@ from cloudckpt.blobs.layout import (
     Progress,
     blob_key,
     iter_chunks,
-    release_request_memory,
 )
 from cloudckpt.blobs.options import TransferOptions, TransferStats
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
@@ -120,10 +119,7 @@ class BlobReader:
             for _, dest, ref in fetch.parts:
                 if dest is not None and not (direct and _is_cpu(dest)):
                     _copy_into(dest, ref.offset, raw[ref.blob_offset : ref.blob_offset + ref.size])
-            size = len(blob)
-            del blob, raw
-            release_request_memory(size)
-            return size
+            return len(blob)
         finally:
             budget.release(CHARGE * fetch.size)
             progress.update(fetch.size)

@@ -26,7 +26,6 @@ from cloudckpt.blobs.layout import (
     ByteBudget,
     Progress,
     blob_key,
-    release_request_memory,
 )
 from cloudckpt.blobs.options import TransferOptions, TransferStats
 from cloudckpt.store import Store
@@ -194,10 +193,7 @@ class BlobWriter:
             return existing.size, False
         blob = self.codec.encode(memoryview(raw), choice)
         self.store.put(key, blob)
-        size = len(blob)
-        del blob
-        release_request_memory(size)
-        return size, True
+        return len(blob), True
 
 
 def _entry(leaf: Leaf) -> dict[str, Any]:
