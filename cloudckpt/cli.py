@@ -127,7 +127,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     repo = _repo(args)
     v = repo.resolve(args.ref)
-    doc = repo.manifest(v.id)
+    doc = repo.manifest(v)
     tensors = []
     for e in doc["tensors"]:
         chunks = list(iter_chunks(e))

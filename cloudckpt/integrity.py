@@ -39,7 +39,7 @@ def verify(repo: Repo, ref: str = "main") -> VerifyReport:
     version = repo.resolve(ref)
     report = VerifyReport(version.id)
     try:
-        doc = repo.manifest(version.id)
+        doc = repo.manifest(version)
         for entry in doc["tensors"]:
             loading.check_entry(entry)
     except CorruptCheckpoint as e:

@@ -100,9 +100,9 @@ class Repo:
             )
         return found
 
-    def manifest(self, ref: str = "main") -> dict[str, Any]:
-        """The parsed manifest of a version."""
-        return self._manifest(self.resolve(ref).id)
+    def manifest(self, ref: str | Version = "main") -> dict[str, Any]:
+        """The parsed manifest of a version (a ref, or a Version already resolved)."""
+        return self._manifest(ref.id if isinstance(ref, Version) else self.resolve(ref).id)
 
     def _manifest(self, vid: str) -> dict[str, Any]:
         key = f"manifests/{vid}.json"
