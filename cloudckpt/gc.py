@@ -35,6 +35,8 @@ class GCReport:
     blobs: list[str] = field(default_factory=list)
     freed_bytes: int = 0
     kept_blobs: int = 0
+    #: Incomplete multipart uploads aborted (left by writers that died mid-upload).
+    aborted_uploads: int = 0
     dry_run: bool = False
 
 
@@ -75,6 +77,7 @@ def collect(repo: Repo, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> 
         # left without its manifest is swept next time.
         store.delete(report.blobs)
         store.delete(report.manifests)
+        report.aborted_uploads = store.abort_stale_uploads(now - grace)
         expired = [v for v, t in index.deleted.items() if now - t >= grace]
         if expired:
             versions.update(store, lambda ix: [ix.deleted.pop(v, None) for v in expired])

@@ -207,10 +207,13 @@ class Repo:
         target = self.resolve(from_ref, index)
         _check_name(name, "branch", index)
 
-        def create(ix: Index) -> None:
-            if name in ix.branches:
+        def create(ix: Index) -> bool:
+            if ix.branches.get(name, target.id) != target.id or name in index.branches:
                 raise CommitConflict(f"{self.uri}: branch {name!r} already exists")
+            if name in ix.branches:
+                return False  # created by an earlier attempt whose response was lost
             ix.branches[name] = target.id
+            return True
 
         versions.update(self.store, create)
         return target
@@ -368,9 +371,12 @@ class _BranchMoved(CommitConflict):
         self.head = head
 
 
-def _add_version(index: Index, row: Version) -> None:
+def _add_version(index: Index, row: Version) -> bool:
+    if row.id in index.versions:
+        return False  # an earlier attempt of this swap took effect
     head = index.branches.get(row.branch)
     if head != row.parent:
         raise _BranchMoved(head)
     index.versions[row.id] = row
     index.branches[row.branch] = row.id
+    return True

@@ -98,15 +98,17 @@ def read(store: Store) -> tuple[Index, str | None]:
     return Index.parse(found[0], store.url(KEY)), found[1]
 
 
-def update(store: Store, change: Callable[[Index], None], attempts: int = 32) -> Index:
+def update(store: Store, change: Callable[[Index], bool | None], attempts: int = 32) -> Index:
     """Apply ``change`` to the index and swap it in; retried on lost races.
 
     ``change`` sees the freshest index each time and may raise (e.g. CommitConflict)
-    to give up.
+    to give up, or return False when the index already holds the change: a swap whose
+    response was lost took effect, and its retry must not apply the change twice.
     """
     for attempt in range(attempts):
         index, etag = read(store)
-        change(index)
+        if change(index) is False:
+            return index
         try:
             store.put_if_match(KEY, index.dumps(), etag)
             return index

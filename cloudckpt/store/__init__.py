@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import fsspec
 
 from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError
+from cloudckpt.store import multipart
 from cloudckpt.store.conditional import Conditional, for_filesystem, write_temp
 from cloudckpt.store.retry import RetryPolicy, is_retryable
 
@@ -35,6 +36,8 @@ class StoreOptions:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: S3 objects of at least two parts go up as multipart uploads, retried per part.
+    part_size: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,12 @@ class Store:
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Write the object whole (readers never see a partial object)."""
         path = self.path(key)
+        if self._http and len(data) >= 2 * self.options.part_size:
+            multipart.upload(
+                self.fs, path, data, self.options.part_size, lambda w, fn: self._run(w, key, fn)
+            )
+            self._release_http_memory(len(data))
+            return
         if isinstance(data, memoryview):
             data = data.tobytes()
         if self._local:
@@ -162,8 +171,15 @@ class Store:
             gc.collect()
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
-        """Write only if no object is at ``key``; False if one was already there."""
-        return self._run("create", key, lambda: self._cond.create(self.path(key), data))
+        """Write only if no object is at ``key``; False if another object was already there.
+
+        An object with exactly these bytes counts as ours: a retried create whose first
+        attempt took effect but lost its response finds it there.
+        """
+        if self._run("create", key, lambda: self._cond.create(self.path(key), data)):
+            return True
+        found = self._run("get", key, lambda: self._cond.read(self.path(key)))
+        return found is not None and found[0] == bytes(data)
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         """The object and its ETag, or None if absent (for compare-and-swap)."""
@@ -197,6 +213,19 @@ class Store:
             for p, info in found.items()
             if not _internal(p[start:]) and info.get("type", "file") != "directory"
         }
+
+    def abort_stale_uploads(self, older_than: float) -> int:
+        """Abort incomplete multipart uploads under the root started before ``older_than``
+        (seconds since the epoch): what a killed writer left. Returns how many."""
+        if not self._http:
+            return 0
+        stale = self._run("list-uploads", "", lambda: multipart.stale_uploads(
+            self.fs, self.root, older_than))  # fmt: skip
+        for path, upload_id in stale:
+            key = path[len(self.root) + 1 :]
+            self._run("abort-upload", key, lambda p=path, u=upload_id: multipart.abort(
+                self.fs, p, u))  # fmt: skip
+        return len(stale)
 
     def delete(self, keys: Iterable[str]) -> None:
         paths = [self.path(k) for k in keys]
