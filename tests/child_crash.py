@@ -1,0 +1,125 @@
+"""A zygote for the crash harness: imports torch and cloudckpt once, then forks one child
+per scenario, which SIGKILLs itself at a chosen point (or is SIGKILLed after a delay).
+
+Reads one JSON scenario per line on stdin, answers one JSON line per scenario:
+``{"status": <waitpid status as returncode>, "reached": bool}``.
+
+A scenario: ``{"uri", "env", "action": "commit"|"collect", "point": [what, n, "before"|
+"after"] or null, "after_seconds": float or null}``. ``what`` names a store call
+(``put``, ``put_if_absent``, ``put_if_match``, ``read_versioned``, ``delete``) or an S3
+multipart call (``create_multipart_upload``, ``upload_part``, ``complete_multipart_upload``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+import cloudckpt.store.multipart as multipart
+from cloudckpt import Repo, RepoOptions, TransferOptions
+from cloudckpt.store import Store, StoreOptions
+
+MiB = 1 << 20
+OPTIONS = RepoOptions(
+    transfer=TransferOptions(chunk_size=16 * MiB, workers=1),
+    store=StoreOptions(part_size=5 * MiB),
+)
+STORE_CALLS = ("put", "put_if_absent", "put_if_match", "read_versioned", "delete")
+
+
+def state(step: int) -> dict[str, Any]:
+    """Step 1 and step 2 share ``frozen``; ``big`` (16 MiB) goes up in multipart parts."""
+    g = torch.Generator().manual_seed(step)
+    return {
+        "model": {
+            "frozen": torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)),
+            "big": torch.randn(4 * MiB, generator=g),
+            "w1": torch.randn(512, 1024, generator=g),
+            "w2": torch.randn(512, 1024, generator=g),
+            "bias": torch.randn(64, generator=g),
+        },
+        "step": step,
+    }
+
+
+def _install(point: list[Any]) -> None:
+    what, n, when = point
+    calls: Counter[str] = Counter()
+
+    def check(name: str, moment: str) -> None:
+        if name == what and calls[name] == n and moment == when:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap(name: str, fn: Any) -> Any:
+        def hooked(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            check(name, "before")
+            out = fn(*args, **kwargs)
+            check(name, "after")
+            return out
+
+        return hooked
+
+    for name in STORE_CALLS:
+        setattr(Store, name, wrap(name, getattr(Store, name)))
+    raw = multipart._s3
+
+    def s3(fs: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+        return wrap(method, raw)(fs, method, *args, **kwargs)
+
+    multipart._s3 = s3
+
+
+def run(scenario: dict[str, Any]) -> None:
+    os.environ.update(scenario["env"])
+    torch.set_num_threads(1)
+    if scenario.get("point"):
+        _install(scenario["point"])
+    repo = Repo(scenario["uri"], options=OPTIONS)
+    if scenario["action"] == "commit":
+        repo.commit(state(2), step=2)
+    else:  # delete the oldest version, then collect with no grace
+        repo.delete([repo.versions()[0].id])
+        repo.gc(grace=0)
+    if scenario.get("after_seconds") is not None:
+        time.sleep(30)  # a timed kill must find it alive
+
+
+def main() -> None:
+    for line in sys.stdin:
+        scenario = json.loads(line)
+        started = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                run(scenario)
+                code = 0
+            except BaseException as e:
+                print(f"child failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                code = 1
+            os._exit(code)
+        if scenario.get("after_seconds") is not None:
+            time.sleep(scenario["after_seconds"])
+            os.kill(pid, signal.SIGKILL)
+        for _ in range(600):  # bounded: 60 s
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        out = {"returncode": code, "seconds": time.monotonic() - started}
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Crash harness: a real process SIGKILLed at 26 points of a commit and of a collection.
+
+Each time the repository must stay consistent: every visible version verifies, the head
+loads bit-exact as one of the states committed, ``gc`` reclaims every orphan (blobs,
+manifests, incomplete multipart uploads), and the next commit works.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from child_crash import OPTIONS, state
+from processes import reaped
+
+from cloudckpt import Repo
+from cloudckpt.blobs import iter_chunks
+from cloudckpt.blobs.layout import blob_key
+
+COMMIT_POINTS: list[Any] = [
+    ["read_versioned", 1, "before"],
+    ["put", 1, "before"],
+    ["put", 1, "after"],
+    ["put", 2, "before"],
+    ["put", 3, "after"],
+    ["put", 4, "after"],
+    ["create_multipart_upload", 1, "after"],
+    ["upload_part", 1, "after"],
+    ["upload_part", 2, "before"],
+    ["upload_part", 3, "after"],
+    ["complete_multipart_upload", 1, "before"],
+    ["complete_multipart_upload", 1, "after"],
+    ["put_if_absent", 1, "before"],
+    ["put_if_absent", 1, "after"],
+    ["put_if_match", 1, "before"],
+    ["put_if_match", 1, "after"],
+    0.05, 0.15, 0.3, 0.6, 1.0,  # seconds after the commit process started
+]  # fmt: skip
+COLLECT_POINTS: list[Any] = [
+    ["put_if_match", 1, "before"],  # the delete's swap
+    ["put_if_match", 1, "after"],
+    ["delete", 1, "before"],  # blobs
+    ["delete", 1, "after"],
+    ["delete", 2, "after"],  # manifests; the tombstone is not yet cleared
+]
+
+
+@pytest.fixture(scope="module")
+def zygote() -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("child_crash.py"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with reaped(proc):
+        yield proc
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def crash(zygote: subprocess.Popen[str], server: Any, uri: str, action: str, point: Any) -> int:
+    scenario = {
+        "uri": uri,
+        "env": server.env(),
+        "action": action,
+        "point": point if isinstance(point, list) else None,
+        "after_seconds": point if isinstance(point, float) else None,
+    }
+    assert zygote.stdin is not None and zygote.stdout is not None
+    zygote.stdin.write(json.dumps(scenario) + "\n")
+    zygote.stdin.flush()
+    return json.loads(zygote.stdout.readline())["returncode"]
+
+
+def assert_equal_state(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got["step"] == want["step"]
+    for name, tensor in want["model"].items():
+        assert torch.equal(got["model"][name], tensor), name
+
+
+def assert_consistent_after_gc(repo: Repo, server: Any) -> None:
+    """Every visible version verifies; gc leaves exactly what live versions reference."""
+    for version in repo.versions():
+        assert repo.verify(version.id).ok, version.id
+    report = repo.gc(grace=0)
+    live = {v.id for v in repo.versions()}
+    referenced = {
+        blob_key(chunk.digest)
+        for vid in live
+        for entry in repo.manifest(repo.resolve(vid))["tensors"]
+        for chunk in iter_chunks(entry)
+    }
+    assert set(repo.store.list_keys("blobs")) == referenced, report
+    assert set(repo.store.list_keys("manifests")) == {f"manifests/{v}.json" for v in live}
+    assert repo.index().deleted == {}
+    bucket, prefix = repo.uri.removeprefix("s3://").split("/", 1)
+    uploads = server.client().list_multipart_uploads(Bucket=bucket, Prefix=prefix + "/")
+    assert uploads.get("Uploads", []) == []
+
+
+def label(point: Any) -> str:
+    return f"{point}s" if isinstance(point, float) else "-".join(map(str, point))
+
+
+@pytest.mark.parametrize("point", COMMIT_POINTS, ids=label)
+def test_commit_killed_at(point: Any, zygote: Any, seaweedfs: Any) -> None:
+    uri = seaweedfs.fresh_uri("crash")
+    repo = Repo(uri, seaweedfs.storage_options(), options=OPTIONS)
+    first = repo.commit(state(1), step=1)
+
+    assert crash(zygote, seaweedfs, uri, "commit", point) == -9
+
+    head = repo.resolve("main")
+    assert {v.id for v in repo.versions()} <= {first.id, head.id}
+    if point == ["put_if_match", 1, "after"]:
+        assert head.id != first.id, "the swap took effect: the new version is the head"
+    assert_equal_state(repo.load(), state(1 if head.id == first.id else 2))
+    assert_consistent_after_gc(repo, seaweedfs)
+    repo.commit(state(3), step=3)
+    assert_equal_state(repo.load(), state(3))
+
+
+@pytest.mark.parametrize("point", COLLECT_POINTS, ids=label)
+def test_collection_killed_at(point: Any, zygote: Any, seaweedfs: Any) -> None:
+    uri = seaweedfs.fresh_uri("crash-gc")
+    repo = Repo(uri, seaweedfs.storage_options(), options=OPTIONS)
+    first = repo.commit(state(1), step=1)
+    second = repo.commit(state(2), step=2)
+
+    assert crash(zygote, seaweedfs, uri, "collect", point) == -9
+
+    assert repo.resolve("main").id == second.id
+    assert {v.id for v in repo.versions()} <= {first.id, second.id}
+    assert_equal_state(repo.load(), state(2))
+    assert_consistent_after_gc(repo, seaweedfs)
