@@ -164,22 +164,28 @@ class CheckpointManager:
             log.info("no checkpoint on %s@%s: fresh run", self.repo.uri, self.branch)
             self._mark_completed(0)
             return Resumed(extra=extra)
-        version, state = self._load_newest_good(head, index)
+        skipped: dict[str, str] = {}
+        version, state = self._load_newest_good(head, index, skipped)
         self._apply(version, state)
         self.resumed_from = version.id
         for policy in self.save_policies:
             if isinstance(policy, OnBestMetric):
                 policy.seed(self._branch_versions(index))
         log.info("resumed %s from %s (step %d)", self.repo.uri, version.id, self.step_count)
-        return Resumed(self.step_count, self.epoch, dict(version.metrics), self.extra, version)
+        return Resumed(
+            self.step_count, self.epoch, dict(version.metrics), self.extra, version, skipped
+        )
 
-    def _load_newest_good(self, head: Version, index: Index) -> tuple[Version, Any]:
+    def _load_newest_good(
+        self, head: Version, index: Index, skipped: dict[str, str]
+    ) -> tuple[Version, Any]:
         candidate: Version | None = head
         while candidate is not None:
             try:
                 return candidate, self.repo.load(candidate.id, into=self.objects)
             except CorruptCheckpoint as e:
                 log.error("version %s does not verify (%s); trying its parent", candidate.id, e)
+                skipped[candidate.id] = str(e)
                 self._events.append({"action": "fallback", "bad_version": candidate.id,
                                      "error": str(e)})  # fmt: skip
                 candidate = index.versions.get(candidate.parent) if candidate.parent else None

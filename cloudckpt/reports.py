@@ -17,6 +17,9 @@ class Resumed:
     metrics: dict[str, float] = field(default_factory=dict)
     extra: Any = None
     version: Version | None = None
+    #: Newer versions of the branch that failed verification and were passed over:
+    #: version id -> what was wrong (the damaged object is named).
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def fresh(self) -> bool:
