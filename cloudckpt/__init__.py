@@ -6,6 +6,7 @@ from cloudckpt.errors import (
     CloudCkptError,
     CommitConflict,
     CorruptCheckpoint,
+    LeaseHeld,
     StoreError,
     UnsupportedState,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "KeepBest",
     "KeepEvery",
     "KeepLast",
+    "LeaseHeld",
     "OnBestMetric",
     "PreemptionWatcher",
     "Repo",

@@ -29,3 +29,7 @@ class UnsupportedState(CloudCkptError, TypeError):
 
 class PreconditionFailed(StoreError):
     """A conditional write lost: the object exists, or its ETag changed."""
+
+
+class LeaseHeld(CloudCkptError):
+    """Another job holds the writer lease of the branch (the message names it)."""

@@ -23,6 +23,7 @@ from cloudckpt import tree
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from cloudckpt.gc import DEFAULT_GRACE
 from cloudckpt.health import HealthCheck
+from cloudckpt.lease import WriterLease
 from cloudckpt.policies import (
     EveryMinutes,
     EveryNSteps,
@@ -62,6 +63,11 @@ class CheckpointManager:
 
     ``health`` (a :class:`HealthCheck`, on by default for the metric ``"loss"``) rolls
     back to the last committed version when the loss is non-finite or spikes.
+
+    ``exclusive`` (default): the manager holds the branch's writer lease (see
+    :mod:`cloudckpt.lease`) from ``restore()`` or the first save until ``close()``, so a
+    second job on the same branch fails fast with LeaseHeld naming the first. Jobs on
+    different branches of one repository do not conflict.
     """
 
     def __init__(
@@ -86,9 +92,12 @@ class CheckpointManager:
         async_save: bool = False,
         when_busy: Literal["wait", "skip"] = "wait",
         preemption: PreemptionWatcher | bool | None = None,
+        exclusive: bool = True,
+        lease_ttl: float = 60.0,
         options: RepoOptions | None = None,
     ) -> None:
         self.repo = Repo(uri, storage_options, options=options)
+        self._lease = WriterLease(self.repo.store, branch, lease_ttl) if exclusive else None
         self.branch = branch
         self.clock = clock
         self.health = health if health is not None else HealthCheck()
@@ -155,6 +164,7 @@ class CheckpointManager:
             raise ValueError(f"{META_KEY!r} is reserved")
         self.objects = dict(objects)
         self.extra = extra
+        self._hold_lease()
         for policy in self.save_policies:
             policy.start(self.step_count, self.clock())
         index = self.repo.index()
@@ -292,7 +302,14 @@ class CheckpointManager:
         log.debug("step %d: snapshot in %.3fs, uploading in the background", job.step, job.blocked)
         return None
 
+    def _hold_lease(self) -> None:
+        if self._lease is not None and not self._lease.held:
+            self._lease.acquire()
+
     def _commit(self, state: Any, job: SaveJob) -> SaveReport:
+        if self._lease is not None:
+            self._hold_lease()
+            self._lease.check()
         with python_rng_untouched():
             version = self.repo.commit(state, branch=self.branch, step=job.step,
                                        metrics=job.metrics, meta=job.meta)  # fmt: skip
@@ -335,6 +352,8 @@ class CheckpointManager:
                 self._pool = None
             if self.preemption is not None and self._owns_watcher:
                 self.preemption.stop()
+            if self._lease is not None:
+                self._lease.release()
 
     # -- preemption ------------------------------------------------------------------
     def _final_save(self) -> SaveReport:

@@ -1,0 +1,28 @@
+"""A job that holds a branch's writer lease until told to stop.
+
+Usage: python child_lease.py URI BRANCH (endpoint and credentials from the AWS environment).
+Prints one JSON line once the lease is held; closes the manager when stdin closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from torch import nn
+
+from cloudckpt import CheckpointManager
+
+
+def main() -> None:
+    uri, branch = sys.argv[1], sys.argv[2]
+    with CheckpointManager(uri, branch=branch, save_every_steps=1) as mgr:
+        mgr.restore(model=nn.Linear(4, 4))
+        mgr.step(1)
+        print(json.dumps({"held": True, "pid": os.getpid()}), flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

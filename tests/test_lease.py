@@ -1,0 +1,124 @@
+"""Writer leases: a second job on a branch fails fast naming the first (real processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from processes import reaped
+from torch import nn
+
+from cloudckpt import CheckpointManager
+from cloudckpt.errors import LeaseHeld
+from cloudckpt.lease import WriterLease
+from cloudckpt.store import Store
+
+CHILD = str(Path(__file__).with_name("child_lease.py"))
+
+
+@contextmanager
+def holder(server: Any, uri: str, branch: str = "main") -> Iterator[subprocess.Popen[str]]:
+    """A job in another process holding ``branch``'s lease until the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, CHILD, uri, branch],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **server.env()},
+    )
+    with reaped(proc):
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["held"]
+        yield proc
+
+
+def release(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+
+
+def test_a_second_job_on_the_branch_fails_fast_naming_the_first(seaweedfs: Any) -> None:
+    uri = seaweedfs.fresh_uri("lease")
+    with holder(seaweedfs, uri) as first:
+        start = time.monotonic()
+        with pytest.raises(LeaseHeld) as err:
+            CheckpointManager(uri, seaweedfs.storage_options()).restore(model=nn.Linear(4, 4))
+        assert time.monotonic() - start < 5
+        message = str(err.value)
+        assert f"pid {first.pid}" in message and repr(socket.gethostname()) in message
+        assert re.search(r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", message), message
+        assert "another branch" in message
+        release(first)
+    with CheckpointManager(uri, seaweedfs.storage_options()) as second:
+        assert second.restore(model=nn.Linear(4, 4)).step == 1
+
+
+def test_jobs_on_different_branches_run_side_by_side(seaweedfs: Any) -> None:
+    uri = seaweedfs.fresh_uri("lease")
+    with holder(seaweedfs, uri, "main") as first:
+        with CheckpointManager(uri, seaweedfs.storage_options(), branch="exp") as other:
+            other.restore(model=nn.Linear(4, 4))
+            assert other.save() is not None
+        release(first)
+
+
+def test_a_killed_holder_on_this_host_does_not_block_the_restart(seaweedfs: Any) -> None:
+    uri = seaweedfs.fresh_uri("lease")
+    with holder(seaweedfs, uri) as first:
+        first.kill()
+        first.wait(timeout=30)
+    with CheckpointManager(uri, seaweedfs.storage_options()) as restarted:
+        assert restarted.restore(model=nn.Linear(4, 4)).step == 1
+
+
+def test_renewal_keeps_a_lease_and_an_unrenewed_one_expires(seaweedfs: Any) -> None:
+    store = Store(seaweedfs.fresh_uri("lease"), seaweedfs.storage_options())
+    mine = WriterLease(store, "main", ttl=0.6).acquire()
+
+    def elsewhere() -> WriterLease:  # a job on another machine
+        lease = WriterLease(store, "main", ttl=0.6)
+        lease.me = dataclasses.replace(lease.me, host="another-machine")
+        return lease
+
+    time.sleep(1.5)  # past the ttl: only the heartbeat keeps it
+    with pytest.raises(LeaseHeld, match="another branch"):
+        elsewhere().acquire()
+    mine._stop.set()  # the holder's machine vanishes: no more renewals
+    mine._thread.join(5)  # type: ignore[union-attr]
+    time.sleep(1.0)
+    taken = elsewhere().acquire()
+    with pytest.raises(LeaseHeld, match="lost its writer lease"):
+        mine.check()
+    taken.release()
+    assert store.stat("leases/main.json") is None
+
+
+def test_a_manager_that_lost_its_lease_cannot_save(seaweedfs: Any) -> None:
+    uri, opts = seaweedfs.fresh_uri("lease"), seaweedfs.storage_options()
+    first = CheckpointManager(uri, opts)
+    first.restore(model=nn.Linear(4, 4))
+    with CheckpointManager(uri, opts) as second:  # this process's newer manager wins
+        second.restore(model=nn.Linear(4, 4))
+        with pytest.raises(LeaseHeld, match="lost its writer lease"):
+            first.save()
+        assert second.save() is not None
+
+
+def test_not_exclusive_takes_no_lease(seaweedfs: Any) -> None:
+    uri, opts = seaweedfs.fresh_uri("lease"), seaweedfs.storage_options()
+    with CheckpointManager(uri, opts, exclusive=False, save_every_steps=1) as mgr:
+        mgr.restore(model=nn.Linear(4, 4))
+        mgr.step(1)
+        assert Store(uri, opts).list_keys("leases") == []
