@@ -25,6 +25,7 @@ from cloudckpt.errors import (
     StoreError,
     UnsupportedState,
 )
+from cloudckpt.redact import redact
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.versions import Version
 
@@ -458,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, err = EXIT_STORE, e
     except (CloudCkptError, UnsupportedState, ValueError) as e:
         code, err = EXIT_ERROR, e
-    print(f"cloudckpt: {err}", file=sys.stderr)
+    print(f"cloudckpt: {redact(str(err))}", file=sys.stderr)
     return code
 
 

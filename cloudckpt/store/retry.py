@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import tenacity
 
+from cloudckpt.redact import redact
+
 log = logging.getLogger("cloudckpt.store")
 
 T = TypeVar("T")
@@ -66,7 +68,7 @@ class RetryPolicy:
 
 
 def _short(exc: BaseException | None) -> str:
-    return f"{type(exc).__name__}: {exc}" if exc else "?"
+    return redact(f"{type(exc).__name__}: {exc}") if exc else "?"
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
