@@ -20,7 +20,7 @@ from cloudckpt.errors import CloudCkptError
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.store import StoreOptions
 from cloudckpt.store.retry import RetryPolicy
-from cloudckpt.testing.faults import FaultPlan, FaultProxy
+from cloudckpt.testing.faults import KINDS, FaultPlan, FaultProxy
 
 #: Short timeouts and a patient retry budget: a stalled response costs one read timeout.
 CHAOS_STORE = StoreOptions(
@@ -130,6 +130,8 @@ def run(
     counter = _RetryCounter()
     store_log = logging.getLogger("cloudckpt.store")
     store_log.addHandler(counter)
+    level = store_log.level
+    store_log.setLevel(min(store_log.getEffectiveLevel(), logging.WARNING))
     start = time.monotonic()
     committed: dict[str, dict[str, Any]] = {}
     try:
@@ -154,9 +156,10 @@ def run(
             with proxy.paused():
                 _check_all(repo, committed, report)
             report.requests = proxy.counts["requests"]
-            report.faults = {k: n for k, n in proxy.counts.items() if k != "requests"}
+            report.faults = {k: n for k, n in proxy.counts.items() if k in KINDS}
     finally:
         store_log.removeHandler(counter)
+        store_log.setLevel(level)
     report.retries = counter.count
     report.seconds = time.monotonic() - start
     return report

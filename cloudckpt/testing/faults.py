@@ -64,7 +64,8 @@ class FaultPlan:
 class FaultProxy:
     """An HTTP proxy to ``upstream`` that injects faults by ``plan``; a context manager.
 
-    ``counts`` holds the number of requests (``"requests"``) and of each fault kind.
+    ``counts`` holds the number of requests while faults were on (``"requests"``), while
+    they were paused (``"paused"``), and of each fault kind.
     """
 
     def __init__(self, upstream: str, plan: FaultPlan | None = None, port: int = 0) -> None:
@@ -150,12 +151,15 @@ class FaultProxy:
 
     def _draw(self, request: web.Request) -> tuple[str | None, bool]:
         with self._lock:
+            if not self._enabled:
+                self.counts["paused"] += 1
+                return None, False
             self.counts["requests"] += 1
             if self.plan.only and not re.search(
                 self.plan.only, f"{request.method} {request.path_qs}"
             ):
                 return None, False
-            if not self._enabled or self._rng.random() >= self.plan.rate:
+            if self._rng.random() >= self.plan.rate:
                 return None, False
             return self._rng.choice(self.plan.kinds), self._rng.random() < 0.5
 
