@@ -25,7 +25,9 @@ _URL_PARAMS = re.compile(
     r"(?i)\b((?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)"
     r"|Signature|AWSAccessKeyId|GoogleAccessId|sig|skoid|sktid)=)[^&\s\"'<>]+"
 )
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@")
+# Everything between "://" and "@": a password may hold "/", and botocore elides the
+# middle of long URLs ("http://...secret@host").
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s@'\"`<>]*@")
 _AUTH_HEADER = re.compile(r"(?i)\b(authorization['\"]?\s*[:=]\s*['\"]?)[^'\"\n]+")
 
 _known: set[str] = set()

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import fsspec
 
+from cloudckpt import redact
 from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError
 from cloudckpt.store import multipart
 from cloudckpt.store.conditional import Conditional, for_filesystem, write_temp
@@ -74,6 +75,7 @@ class Store:
         protocol, _ = fsspec.core.split_protocol(self.uri)
         protocol = protocol or "file"
         opts = dict(storage_options or {})
+        redact.remember(opts)
         if protocol in ("s3", "s3a"):
             opts = _s3_defaults(opts, self.options)
         self.fs = fsspec.filesystem(protocol, **opts)
@@ -89,7 +91,7 @@ class Store:
         self._cond: Conditional = for_filesystem(self.fs)
 
     def __repr__(self) -> str:
-        return f"Store({self.uri!r})"
+        return f"Store({redact.redact(self.uri)!r})"
 
     def path(self, key: str) -> str:
         return f"{self.root}/{key}"
@@ -121,7 +123,7 @@ class Store:
             else:
                 hint = "check the URI, the endpoint and storage_options"
             raise StoreError(
-                f"{what} {self.url(key)} failed: {type(e).__name__}: {e} ({hint})"
+                redact.redact(f"{what} {self.url(key)} failed: {type(e).__name__}: {e} ({hint})")
             ) from e
 
     def get(self, key: str) -> bytes:
