@@ -20,6 +20,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass
 
 from cloudckpt.errors import CheckpointNotFound, LeaseHeld, PreconditionFailed, StoreError
@@ -95,8 +96,9 @@ class WriterLease:
                 continue
         else:
             raise LeaseHeld(f"{self.store.url(self.key)}: too many jobs racing for the lease")
-        self._thread = threading.Thread(target=self._heartbeat, name="cloudckpt-lease",
-                                        daemon=True)  # fmt: skip
+        # The thread holds the lease weakly: a lease dropped without release() stops it.
+        self._thread = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop),
+                                        name="cloudckpt-lease", daemon=True)  # fmt: skip
         self._thread.start()
         return self
 
@@ -152,13 +154,6 @@ class WriterLease:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl / 3) and self._lost is None:
-            try:
-                self.renew()
-            except StoreError as e:  # keep trying: the lease lasts ttl
-                log.warning("could not renew the writer lease of %s: %s", self.branch, e)
-
     def _stale(self, holder: Holder) -> bool:
         """Expired, or held by a process of this host that is gone -- or by this very
         process (a second manager here takes over; the first can no longer save)."""
@@ -171,6 +166,18 @@ class WriterLease:
     def _doc(self, now: float) -> bytes:
         holder = Holder(self.me.host, self.me.pid, self.me.started, now, self.me.token)
         return json.dumps({**asdict(holder), "ttl": self.ttl, "branch": self.branch}).encode()
+
+
+def _heartbeat(ref: weakref.ref[WriterLease], stop: threading.Event) -> None:
+    while (lease := ref()) is not None and lease._lost is None:
+        interval, lease = lease.ttl / 3, None
+        if stop.wait(interval) or (lease := ref()) is None:
+            return
+        try:
+            lease.renew()
+        except StoreError as e:  # keep trying: the lease lasts ttl
+            log.warning("could not renew the writer lease of %s: %s", lease.branch, e)
+        lease = None
 
 
 def _parse(data: bytes) -> Holder | None:
