@@ -20,6 +20,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 from cloudckpt import tree
+from cloudckpt.distributed import replicated
+from cloudckpt.distributed.collectives import Group
+from cloudckpt.distributed.replicated import DistributedOptions
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from cloudckpt.gc import DEFAULT_GRACE
 from cloudckpt.health import HealthCheck
@@ -35,7 +38,7 @@ from cloudckpt.policies import (
     RetentionPolicy,
     SavePolicy,
 )
-from cloudckpt.preemption import PreemptionWatcher
+from cloudckpt.preemption import Notice, PreemptionWatcher
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.reports import Resumed, SaveJob, SaveReport, StepResult
 from cloudckpt.resume import capture_rng, python_rng_untouched, restore_rng
@@ -68,6 +71,13 @@ class CheckpointManager:
     :mod:`cloudckpt.lease`) from ``restore()`` or the first save until ``close()``, so a
     second job on the same branch fails fast with LeaseHeld naming the first. Jobs on
     different branches of one repository do not conflict.
+
+    Inside a ``torchrun`` job (torch.distributed initialized, several ranks) every rank
+    makes the same calls: policies are decided on rank 0 and the preemption flag and
+    health verdict are agreed across ranks at each ``step()``, so one rank's SIGTERM
+    brings every rank to the same final save. The state is taken as replicated (DDP);
+    ``distributed`` says how the ranks share writing and reading it. Sharded state
+    (FSDP, DTensor) goes through :mod:`cloudckpt.dcp` instead.
     """
 
     def __init__(
@@ -94,10 +104,13 @@ class CheckpointManager:
         preemption: PreemptionWatcher | bool | None = None,
         exclusive: bool = True,
         lease_ttl: float = 60.0,
+        distributed: DistributedOptions | None = None,
         options: RepoOptions | None = None,
     ) -> None:
         self.repo = Repo(uri, storage_options, options=options)
         self._lease = WriterLease(self.repo.store, branch, lease_ttl) if exclusive else None
+        self.distributed = distributed or DistributedOptions()
+        self._group: Group | None = None
         self.branch = branch
         self.clock = clock
         self.health = health if health is not None else HealthCheck()
@@ -164,6 +177,8 @@ class CheckpointManager:
             raise ValueError(f"{META_KEY!r} is reserved")
         self.objects = dict(objects)
         self.extra = extra
+        if self._group is None:
+            self._group = Group.detect()
         self._hold_lease()
         for policy in self.save_policies:
             policy.start(self.step_count, self.clock())
@@ -192,7 +207,7 @@ class CheckpointManager:
         candidate: Version | None = head
         while candidate is not None:
             try:
-                return candidate, self.repo.load(candidate.id, into=self.objects)
+                return candidate, self._load(candidate.id, self.objects)
             except CorruptCheckpoint as e:
                 log.error("version %s does not verify (%s); trying its parent", candidate.id, e)
                 skipped[candidate.id] = str(e)
@@ -200,6 +215,16 @@ class CheckpointManager:
                                      "error": str(e)})  # fmt: skip
                 candidate = index.versions.get(candidate.parent) if candidate.parent else None
         raise CorruptCheckpoint(f"{self.repo.uri}: no version of {self.branch!r} verifies")
+
+    def _load(self, vid: str, into: dict[str, Any]) -> Any:
+        return replicated.load(self.repo, vid, self.group, self.distributed, into=into)
+
+    @property
+    def group(self) -> Group:
+        """The ranks this manager saves with (one, outside torch.distributed)."""
+        if self._group is None:
+            self._group = Group.detect()
+        return self._group
 
     def _apply(self, version: Version, state: Any) -> None:
         own = state.get(META_KEY, {}) if isinstance(state, dict) else {}
@@ -236,13 +261,22 @@ class CheckpointManager:
         values = {k: float(v) for k, v in (metrics or {}).items()}
         self.metrics = values
         problem = self.health.problem(values) if self.health else None
+        preempted = self.preemption is not None and self.preemption.triggered
+        now = self.clock()
+        reasons = [r for p in self.save_policies if (r := p.reason(self.step_count, values, now))]
+        if self.group.distributed:  # one collective: rank 0's policies, anyone's alarms
+            save, preempted_any, failed_any = self.group.agree(
+                [float(bool(reasons) and self.group.rank == 0), float(preempted),
+                 float(problem is not None)]
+            )  # fmt: skip
+            reasons = (reasons or ["rank 0's save policy"]) if save else []
+            problem = problem or ("the health check failed on another rank" if failed_any else None)
+            preempted = bool(preempted_any)
         if problem is not None:
             return self._roll_back(problem)
         self._mark_completed(self.step_count)
-        if self.preemption is not None and self.preemption.triggered and not self.preempted:
+        if preempted and not self.preempted:
             return StepResult(self.step_count, saved=self._final_save(), preempted=True)
-        now = self.clock()
-        reasons = [r for p in self.save_policies if (r := p.reason(self.step_count, values, now))]
         if not reasons:
             return StepResult(self.step_count)
         inflight = self._inflight
@@ -303,17 +337,23 @@ class CheckpointManager:
         return None
 
     def _hold_lease(self) -> None:
-        if self._lease is not None and not self._lease.held:
+        if self._lease is not None and self.group.rank == 0 and not self._lease.held:
             self._lease.acquire()
 
-    def _commit(self, state: Any, job: SaveJob) -> SaveReport:
+    def _check_lease(self) -> None:
         if self._lease is not None:
             self._hold_lease()
             self._lease.check()
+
+    def _commit(self, state: Any, job: SaveJob) -> SaveReport:
         with python_rng_untouched():
-            version = self.repo.commit(state, branch=self.branch, step=job.step,
-                                       metrics=job.metrics, meta=job.meta)  # fmt: skip
-            self._prune()
+            version = replicated.commit(
+                self.repo, state, self.group, self.distributed, branch=self.branch,
+                step=job.step, metrics=job.metrics, meta=job.meta,
+                before_publish=self._check_lease,
+            )  # fmt: skip
+            if self.group.rank == 0:
+                self._prune()
         seconds = time.perf_counter() - job.started
         blocked = seconds if job.blocked is None else job.blocked
         self._committed_step = max(self._committed_step or 0, job.step)
@@ -358,9 +398,10 @@ class CheckpointManager:
     # -- preemption ------------------------------------------------------------------
     def _final_save(self) -> SaveReport:
         watcher = self.preemption
-        assert watcher is not None and watcher.notice is not None
-        notice = watcher.notice
-        left = watcher.remaining()
+        notice = watcher.notice if watcher is not None else None
+        if notice is None:  # the signal reached another rank
+            notice = Notice("another rank", time.monotonic() + 30.0)
+        left = notice.deadline - time.monotonic()
         estimate = self.last_save.seconds if self.last_save else None
         if estimate is not None and estimate > left:
             log.warning(
@@ -424,7 +465,7 @@ class CheckpointManager:
         objects = dict(self.objects)
         if self.health.skip_batches:
             objects.pop("sampler", None)
-        state = self.repo.load(target.id, into=objects)
+        state = self._load(target.id, objects)
         self._apply(target, state)
         event = {"action": "rollback", "reason": problem, "at_step": bad_step,
                  "to_version": target.id, "to_step": self.step_count,
@@ -477,6 +518,13 @@ class CheckpointManager:
         except Exception as background:
             log.error("the save in flight failed too: %s", background)
         if not self.objects:
+            return
+        if self.group.distributed:
+            log.error(
+                "%s raised on rank %d; not saving (the other ranks may never reach a "
+                "collective save). The last committed step is %s.",
+                type(exc).__name__, self.group.rank, self._committed_step,
+            )  # fmt: skip
             return
         if self._tracked_versions() != self._versions_at_step:
             log.error(

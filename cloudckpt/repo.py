@@ -18,7 +18,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,8 @@ log = logging.getLogger("cloudckpt")
 
 MANIFEST_FORMAT = 1
 LATEST = "latest"
+#: Fills arrays from their manifest entries: ``[(entry, destination), ...] -> stats``.
+Fetch = Callable[[list[tuple[dict[str, Any], Any]]], TransferStats]
 
 
 @dataclass(frozen=True)
@@ -145,11 +147,40 @@ class Repo:
         """
         t0 = time.perf_counter()
         skeleton, leaves = tree.flatten(state)
-        index = self.index()
-        parent = index.branches.get(branch)
+        parent = self.index().branches.get(branch)
+        entries, stats = self.writer(parent).write(leaves)
+        return self.publish(
+            skeleton, entries, stats, branch=branch, parent=parent, step=step, metrics=metrics,
+            message=message, meta=meta, fast_forward=fast_forward, started=t0,
+        )  # fmt: skip
+
+    def writer(self, parent: str | None) -> BlobWriter:
+        """A blob writer that skips the blobs of version ``parent`` (known to be stored)."""
         known = self._known_blobs(parent) if parent else {}
-        writer = BlobWriter(self.store, self.options.transfer, known)
-        entries, stats = writer.write(leaves)
+        return BlobWriter(self.store, self.options.transfer, known)
+
+    def publish(
+        self,
+        skeleton: Any,
+        entries: list[dict[str, Any]],
+        stats: TransferStats,
+        *,
+        branch: str,
+        parent: str | None,
+        step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
+        message: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+        fast_forward: bool = False,
+        started: float | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> Version:
+        """Make uploaded blobs a version: write its manifest, then swap ``versions.json``.
+
+        The second half of :meth:`commit`, for writers that upload in several processes;
+        ``extra`` adds top-level manifest fields (e.g. a DCP layout).
+        """
+        t0 = time.perf_counter() if started is None else started
         base = Version(
             id="",
             branch=branch,
@@ -174,6 +205,7 @@ class Repo:
                 "chunk_size": self.options.transfer.chunk_size,
                 "state": skeleton,
                 "tensors": entries,
+                **dict(extra or {}),
             }
             if not self.store.put_if_absent(f"manifests/{vid}.json", json.dumps(doc).encode()):
                 raise CommitConflict(f"{self.uri}: manifest {vid} already exists; retry")
@@ -193,7 +225,7 @@ class Repo:
         log.debug(
             "committed %s on %s: %d arrays, %.1f MB logical, %.1f MB stored, %.1f MB uploaded "
             "(%d new blobs, %d reused) in %.2fs",
-            vid, branch, len(leaves), stats.logical_bytes / 1e6, stats.stored_bytes / 1e6,
+            vid, branch, len(entries), stats.logical_bytes / 1e6, stats.stored_bytes / 1e6,
             stats.transferred_bytes / 1e6, stats.transferred_blobs, stats.reused_blobs,
             stats.seconds,
         )  # fmt: skip
@@ -296,6 +328,9 @@ class Repo:
         """Sweep manifests and blobs no live version reaches (see :mod:`cloudckpt.gc`)."""
         return collect(self, grace=grace, dry_run=dry_run)
 
+    def reader(self) -> BlobReader:
+        return BlobReader(self.store, self.options.transfer)
+
     def _known_blobs(self, vid: str) -> dict[str, int]:
         try:
             doc = self._manifest(vid)
@@ -311,6 +346,7 @@ class Repo:
         *,
         keys: Iterable[str] | None = None,
         into: Any = None,
+        fetch: Fetch | None = None,
     ) -> Any:
         """Load a version's state: tensors on the CPU, exactly as committed.
 
@@ -323,6 +359,9 @@ class Repo:
         "optimizer": opt}``). Tensors are decoded straight into the existing tensors of
         matching shape and dtype, then ``load_state_dict`` is called, so no second full
         copy of the state is held.
+
+        ``fetch``: fills the allocated arrays from their manifest entries (default: every
+        chunk from the store); the multi-rank loader downloads a share and broadcasts.
         """
         version = self.resolve(ref)
         doc = self._manifest(version.id)
@@ -350,7 +389,7 @@ class Repo:
             return arrays[index]
 
         state = tree.unflatten(skeleton, array)
-        self.last_stats = BlobReader(self.store, self.options.transfer).read(targets)
+        self.last_stats = (fetch or self.reader().read)(targets)
         log.info(
             "loaded %s: %d arrays, %.1f MB in %.2fs",
             version.id, len(targets), self.last_stats.logical_bytes / 1e6,

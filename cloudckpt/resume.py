@@ -45,17 +45,32 @@ class ResumableSampler(Sampler[int]):
     The position counts indices handed out, which equals the samples consumed for a
     ``DataLoader`` with ``num_workers=0``; with worker processes, prefetched batches
     count as consumed and are skipped on resume.
+
+    With ``world_size`` ranks (data parallel), rank ``rank`` takes every
+    ``world_size``-th index of the shared permutation; the state is the same on every
+    rank, so it is saved once for the whole job.
     """
 
-    def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        data_source: Sized | int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.n = data_source if isinstance(data_source, int) else len(data_source)
         self.shuffle = shuffle
         self.seed = seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
         self.position = 0
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world_size
 
     def _order(self) -> list[int]:
         if not self.shuffle:
@@ -64,8 +79,8 @@ class ResumableSampler(Sampler[int]):
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        order = self._order()
-        while self.position < self.n:
+        order = self._order()[self.rank :: self.world_size][: len(self)]
+        while self.position < len(order):
             index = order[self.position]
             self.position += 1
             yield index

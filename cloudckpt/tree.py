@@ -159,6 +159,11 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
 _ALLOWED_FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
+def flat_skeleton(names: list[str]) -> Any:
+    """The skeleton of a flat dict mapping ``names[i]`` to leaf ``i``."""
+    return {"dict": [[name, {"tensor": i}] for i, name in enumerate(names)]}
+
+
 def unflatten(skeleton: Any, arrays: Callable[[int, str], Any]) -> Any:
     """Rebuild a state from its skeleton; ``arrays(index, path)`` supplies each leaf."""
 

@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200, help="train until this global step")
     p.add_argument("--save-every", type=int, default=25, help="save every K steps")
     p.add_argument("--keep-last", type=int, default=3, help="versions to keep (plus milestones)")
-    p.add_argument("--log", help="append one JSON line per completed step to this file")
+    # --log-file too: torchrun takes --log for an abbreviation of its own --log-dir.
+    p.add_argument("--log", "--log-file", dest="log",
+                   help="append one JSON line per completed step to this file")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=64)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -53,19 +53,48 @@ def _bytes_of(value: Any) -> Callable[[int, int], np.ndarray]:
 
 
 @dataclass
-class _Planned:
+class Planned:
     """One blob to write: byte ranges ``(leaf index, start, end)`` of one or more leaves."""
 
     pieces: list[tuple[int, int, int]]
     size: int = 0
 
 
-def _plan(leaves: list[Leaf], chunk_size: int, pack_below: int) -> list[_Planned]:
+class BlobResult(NamedTuple):
+    """A blob as stored: its hash, stored size, and whether this save uploaded it."""
+
+    digest: str
+    stored: int
+    uploaded: bool
+
+
+def assemble(
+    leaves: list[Leaf], planned: list[Planned], results: dict[int, BlobResult]
+) -> tuple[list[dict[str, Any]], TransferStats]:
+    """The manifest entries and stats of a save, from every planned blob's result."""
+    stats = TransferStats(logical_bytes=sum(leaf.nbytes for leaf in leaves))
+    entries = [_entry(leaf) for leaf in leaves]
+    for n, blob in enumerate(planned):
+        digest, stored, uploaded = results[n]
+        offset = 0
+        for i, a, b in blob.pieces:
+            entries[i]["chunks"].append([digest, b - a, stored, offset, blob.size])
+            offset += b - a
+        stats.stored_bytes += stored
+        if uploaded:
+            stats.transferred_blobs += 1
+            stats.transferred_bytes += stored
+        else:
+            stats.reused_blobs += 1
+    return entries, stats
+
+
+def _plan(leaves: list[Leaf], chunk_size: int, pack_below: int) -> list[Planned]:
     """Large leaves are cut into chunks; small ones are packed together into shared
     blobs, one pack per dtype so the dtype's codec still applies (one request instead of
     hundreds for biases, norms and step counters)."""
-    planned: list[_Planned] = []
-    packs: dict[tuple[str, str], _Planned] = {}
+    planned: list[Planned] = []
+    packs: dict[tuple[str, str], Planned] = {}
     small = min(pack_below, chunk_size)
     for i, leaf in enumerate(leaves):
         n = leaf.nbytes
@@ -74,13 +103,13 @@ def _plan(leaves: list[Leaf], chunk_size: int, pack_below: int) -> list[_Planned
         if n < small:
             pack = packs.get((leaf.kind, leaf.dtype))
             if pack is None or pack.size + n > chunk_size:
-                pack = packs[(leaf.kind, leaf.dtype)] = _Planned([])
+                pack = packs[(leaf.kind, leaf.dtype)] = Planned([])
                 planned.append(pack)
             pack.pieces.append((i, 0, n))
             pack.size += n
             continue
         for a, b in _chunk_bounds(n, leaf.itemsize, chunk_size):
-            planned.append(_Planned([(i, a, b)], b - a))
+            planned.append(Planned([(i, a, b)], b - a))
     return planned
 
 
@@ -104,17 +133,32 @@ class BlobWriter:
     def write(self, leaves: list[Leaf]) -> tuple[list[dict[str, Any]], TransferStats]:
         """Upload every leaf's bytes; returns the manifest entries and the stats."""
         t0 = time.perf_counter()
-        stats = TransferStats(logical_bytes=sum(leaf.nbytes for leaf in leaves))
+        planned = self.plan(leaves)
+        results = self.upload(leaves, planned)
+        entries, stats = assemble(leaves, planned, results)
+        stats.seconds = time.perf_counter() - t0
+        return entries, stats
+
+    def plan(self, leaves: list[Leaf]) -> list[Planned]:
+        """The blobs the leaves are cut into, the same on every call (and every rank)."""
+        return _plan(leaves, self.options.chunk_size, self.options.pack_below)
+
+    def upload(
+        self, leaves: list[Leaf], planned: list[Planned], only: Iterable[int] | None = None
+    ) -> dict[int, BlobResult]:
+        """Store the planned blobs (only those numbered in ``only``, if given: this
+        rank's share); returns blob number -> what was stored."""
+        chosen = list(range(len(planned))) if only is None else sorted(only)
         budget = ByteBudget(self.options.max_inflight_bytes)
-        progress = Progress(self.options.progress, stats.logical_bytes, "save")
-        entries = [_entry(leaf) for leaf in leaves]
-        planned = _plan(leaves, self.options.chunk_size, self.options.pack_below)
-        last_use = {i: n for n, blob in enumerate(planned) for i, _, _ in blob.pieces}
+        total = sum(planned[n].size for n in chosen)
+        progress = Progress(self.options.progress, total, "save")
+        last_use = {i: n for n in chosen for i, _, _ in planned[n].pieces}
         getters: dict[int, Callable[[int, int], np.ndarray]] = {}
-        jobs: list[tuple[_Planned, Future[tuple[str, int, bool]]]] = []
+        jobs: dict[int, Future[BlobResult]] = {}
         try:
             with ThreadPoolExecutor(self.options.workers, "cloudckpt-save") as pool:
-                for n, blob in enumerate(planned):
+                for n in chosen:
+                    blob = planned[n]
                     parts = []
                     for i, a, b in blob.pieces:
                         if i not in getters:
@@ -123,33 +167,19 @@ class BlobWriter:
                         if last_use[i] == n:  # the job keeps what it needs
                             del getters[i]
                     budget.acquire(CHARGE * blob.size)
-                    fut = pool.submit(self._save_blob, parts, blob, leaves, budget, progress)
-                    jobs.append((blob, fut))
-                for blob, fut in jobs:
-                    digest, stored, uploaded = fut.result()
-                    offset = 0
-                    for i, a, b in blob.pieces:
-                        entries[i]["chunks"].append([digest, b - a, stored, offset, blob.size])
-                        offset += b - a
-                    stats.stored_bytes += stored
-                    if uploaded:
-                        stats.transferred_blobs += 1
-                        stats.transferred_bytes += stored
-                    else:
-                        stats.reused_blobs += 1
+                    jobs[n] = pool.submit(self._save_blob, parts, blob, leaves, budget, progress)
+                return {n: fut.result() for n, fut in jobs.items()}
         finally:
             progress.close()
-        stats.seconds = time.perf_counter() - t0
-        return entries, stats
 
     def _save_blob(
         self,
         parts: list[tuple[Callable[[int, int], np.ndarray], int, int]],
-        blob: _Planned,
+        blob: Planned,
         leaves: list[Leaf],
         budget: ByteBudget,
         progress: Progress,
-    ) -> tuple[str, int, bool]:
+    ) -> BlobResult:
         try:
             if len(parts) == 1:
                 get, a, b = parts[0]
@@ -166,10 +196,10 @@ class BlobWriter:
                 if mine:
                     claim = self._claims[digest] = Future()
             if stored is not None:
-                return digest, stored, False
+                return BlobResult(digest, stored, False)
             assert claim is not None
             if not mine:
-                return digest, claim.result(), False
+                return BlobResult(digest, claim.result(), False)
             try:
                 stored, uploaded = self._upload(digest, raw, choice)
             except BaseException as e:
@@ -178,7 +208,7 @@ class BlobWriter:
             claim.set_result(stored)
             with self._lock:
                 self._known[digest] = stored
-            return digest, stored, uploaded
+            return BlobResult(digest, stored, uploaded)
         finally:
             budget.release(CHARGE * blob.size)
             progress.update(blob.size)
