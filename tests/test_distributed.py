@@ -17,6 +17,7 @@ import pytest
 from processes import reaped
 
 from cloudckpt import Repo
+from cloudckpt.distributed import shares
 
 HERE = Path(__file__).resolve().parent
 CHILD = str(HERE / "child_dist.py")
@@ -114,3 +115,12 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_final_checkpoint(
     resumed = run_job(seaweedfs, 2, DDP_TRAIN, "--uri", uri, "--log-file", str(log), *common)
     assert f"resumed at step {stopped}" in resumed
     assert read_log(log) == read_log(reference)
+
+
+def test_shares_balance_bytes_and_are_the_same_on_every_rank() -> None:
+    sizes = [64, 64, 64, 64, 8, 8, 8, 8, 1]
+    owner = shares(sizes, 4)
+    assert owner == shares(sizes, 4)
+    load = [sum(s for s, o in zip(sizes, owner, strict=True) if o == r) for r in range(4)]
+    assert max(load) - min(load) <= 9
+    assert shares(sizes, 1) == [0] * len(sizes)
