@@ -1,0 +1,3 @@
+"""Drop-in integrations: :mod:`.lightning` (PyTorch Lightning) and :mod:`.transformers`
+(the Hugging Face Trainer). Each needs its extra: ``pip install cloudckpt[lightning]``
+or ``cloudckpt[transformers]``."""

@@ -1,0 +1,177 @@
+"""PyTorch Lightning: checkpoints through cloudckpt, with ``Trainer`` unchanged.
+
+    from cloudckpt.integrations.lightning import CloudCheckpointIO, ModelCheckpoint
+
+    trainer = Trainer(default_root_dir="s3://bucket/run", logger=False,
+                      plugins=[CloudCheckpointIO()],
+                      callbacks=[ModelCheckpoint(save_last=True, every_n_epochs=1)])
+    trainer.fit(model, ckpt_path="last")   # on a new machine: resumes from the bucket
+
+Each checkpoint Lightning writes becomes a version of a repository beside the checkpoint
+files (``<checkpoint dir>/.cloudckpt``), and the ``.ckpt`` path holds a small pointer to it,
+so Lightning's own listing and ``last`` logic work. Unchanged tensors are never uploaded
+twice. Use this module's ``ModelCheckpoint``: Lightning's drops the ``s3://`` of
+``last.ckpt`` when it looks for it, so ``ckpt_path="last"`` finds nothing on a bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
+from lightning.pytorch.plugins.io import CheckpointIO
+
+from cloudckpt.errors import CheckpointNotFound, CommitConflict
+from cloudckpt.integrations import pointer
+from cloudckpt.repo import Repo, RepoOptions
+from cloudckpt.snapshot import Snapshotter
+from cloudckpt.tree import map_arrays
+
+log = logging.getLogger("cloudckpt")
+
+__all__ = ["AsyncCloudCheckpointIO", "CloudCheckpointIO", "ModelCheckpoint"]
+
+
+class CloudCheckpointIO(CheckpointIO):
+    """A Lightning ``CheckpointIO`` that stores checkpoints as cloudckpt versions.
+
+    ``repo_uri``: one repository for every checkpoint path (default: ``.cloudckpt`` in
+    each checkpoint's directory). ``storage_options`` go to fsspec (S3 endpoint, keys).
+    The checkpoint a run resumed from is never removed by it, whatever ``save_top_k``
+    decides, so a crash right after resuming cannot leave the run with nothing.
+    """
+
+    def __init__(
+        self,
+        repo_uri: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        options: RepoOptions | None = None,
+    ) -> None:
+        super().__init__()
+        self.repo_uri = repo_uri
+        self.resumed_from: str | None = None
+        self._places = pointer.Places(storage_options, options)
+
+    def repo_for(self, path: _PATH) -> Repo:
+        return self._places.repo(self.repo_uri or f"{pointer.split(str(path))[0]}/.cloudckpt")
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        path = str(path)
+        repo = self.repo_for(path)
+        old = self._places.pointer(path)
+        version = repo.commit(
+            checkpoint, step=checkpoint.get("global_step"), fast_forward=True,
+            message=pointer.split(path)[1], meta={"lightning_path": path},
+        )  # fmt: skip
+        directory, name = pointer.split(path)
+        self._places.store(directory).put(name, pointer.Pointer(repo.uri, version.id).dumps())
+        if old is not None and old.version != version.id:
+            self._forget(path, old)  # an overwritten last.ckpt
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Load the version ``path`` points to (never unpickles, whatever ``weights_only``)."""
+        directory, name = pointer.split(str(path))
+        found = pointer.read(self._places.store(directory), name)
+        state = self._places.repo(found.repo).load(found.version)
+        self.resumed_from = str(path)
+        if map_location is not None and not callable(map_location):
+            state = map_arrays(state, lambda t, _: t.to(map_location) if isinstance(
+                t, torch.Tensor) else t)  # fmt: skip
+        return state
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        path = str(path)
+        if path == self.resumed_from:
+            log.info("keeping %s: this run resumed from it", path)
+            return
+        found = self._places.pointer(path)
+        if found is None:
+            return
+        directory, name = pointer.split(path)
+        self._places.store(directory).delete([name])
+        self._forget(path, found)
+
+    def _forget(self, path: str, old: pointer.Pointer) -> None:
+        """Drop a version no pointer names any more (its data goes at the next gc)."""
+        if self.resumed_from and self._places.pointer(self.resumed_from) == old:
+            return
+        try:
+            self._places.repo(old.repo).delete([old.version])
+        except (CheckpointNotFound, CommitConflict) as e:  # the branch head stays
+            log.debug("not deleting %s (%s): %s", old.version, path, e)
+
+
+class AsyncCloudCheckpointIO(CloudCheckpointIO):
+    """Like :class:`CloudCheckpointIO`, but ``save_checkpoint`` only snapshots the state
+    into reused host buffers and uploads in the background. One save is in flight at a
+    time; a failure is raised by the next save or at teardown."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._snapshots = Snapshotter()
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: Future[None] | None = None
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        self._wait()  # the buffers are reused: the previous upload must be done
+        snapshot = self._snapshots.copy(checkpoint)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-lightning")
+        save = super().save_checkpoint
+        self._inflight = self._pool.submit(save, snapshot, path, storage_options)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        self._wait()
+        super().remove_checkpoint(path)
+
+    def _wait(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.result()
+
+    def teardown(self) -> None:
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
+class ModelCheckpoint(_ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, finding ``last.ckpt`` on object stores too.
+
+    Lightning looks for it with the filesystem of the callback's ``dirpath``, which is
+    still the local one when ``fit(ckpt_path="last")`` starts, and drops the protocol of
+    what it lists; this lists the checkpoint directory on its own filesystem.
+    """
+
+    def _find_last_checkpoints(self, trainer: Any) -> set[str]:
+        directory = str(self._ModelCheckpoint__resolve_ckpt_dir(trainer))  # type: ignore[attr-defined]
+        fs = get_filesystem(directory)
+        if isinstance(fs, LocalFileSystem):
+            return super()._find_last_checkpoints(trainer)
+        pattern = re.compile(rf"^{re.escape(self.CHECKPOINT_NAME_LAST)}(-(\d+))?$")
+        if not fs.exists(directory):
+            return set()
+        found = set()
+        for listed in fs.ls(directory, detail=False):
+            name = posixpath.basename(listed.rstrip("/"))
+            stem, ext = posixpath.splitext(name)
+            if ext == self.FILE_EXTENSION and pattern.match(stem):
+                found.add(f"{directory.rstrip('/')}/{name}")
+        return found

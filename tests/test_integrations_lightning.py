@@ -1,0 +1,67 @@
+"""Lightning through cloudckpt: a run killed mid-epoch resumes on a "new machine" (a new
+process, nothing local) from the bucket with ckpt_path="last", exactly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("lightning")
+
+import torch
+from safetensors.torch import load_file
+
+from cloudckpt import Repo
+from cloudckpt.integrations import pointer
+
+CHILD = str(Path(__file__).with_name("child_lightning.py"))
+
+
+def run(server: Any, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [sys.executable, CHILD, *args], cwd=cwd, env={**os.environ, **server.env()},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(seaweedfs: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The weights of an uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    out = run(seaweedfs, tmp, seaweedfs.fresh_uri("pl"), "4", str(tmp / "w.safetensors"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return load_file(tmp / "w.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_killed_run_resumes_from_last_on_a_new_machine(
+    seaweedfs: Any, tmp_path: Path, mode: str, reference: dict[str, Any]
+) -> None:
+    extra = ["--async"] if mode == "async" else []
+    root = seaweedfs.fresh_uri("pl")
+    killed = run(seaweedfs, tmp_path / "b", root, "4", str(tmp_path / "x"),
+                 "--kill-in-epoch", "2", *extra)  # fmt: skip
+    assert killed.returncode == -9
+    last = f"{root}/checkpoints/last.ckpt"
+    places = pointer.Places(seaweedfs.storage_options(), None)
+    assert places.pointer(last) is not None
+
+    resumed = run(seaweedfs, tmp_path / "c", root, "4", str(tmp_path / "resumed.safetensors"),
+                  "--resume", *extra)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {last}" in resumed.stdout
+    want, got = (
+        load_file(tmp_path / "reference.safetensors"),
+        load_file(tmp_path / "resumed.safetensors"),
+    )
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    repo = Repo(f"{root}/checkpoints/.cloudckpt", seaweedfs.storage_options())
+    assert repo.resolve("main").step == 20  # 4 epochs of 5 batches
+    assert repo.verify().ok
