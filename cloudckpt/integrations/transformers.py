@@ -1,0 +1,104 @@
+"""The Hugging Face ``Trainer``: every checkpoint it saves is also committed to a
+cloudckpt repository, and a run on a new machine resumes from it.
+
+    from cloudckpt.integrations.transformers import CloudCheckpointCallback
+
+    callback = CloudCheckpointCallback("s3://bucket/runs/hf")
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+    trainer.train(resume_from_checkpoint=callback.resume(trainer))  # None on a fresh run
+
+Each commit holds the model, optimizer and scheduler state, the ``TrainerState`` and
+the RNG states (unchanged tensors are not uploaded again). ``resume`` downloads the
+newest version and lays it out as ``<output_dir>/checkpoint-<step>`` the way the Trainer
+reads it, so the Trainer's own resume logic (skipping the batches already seen,
+restoring the RNG) does the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from cloudckpt.errors import CheckpointNotFound
+from cloudckpt.repo import Repo, RepoOptions
+
+log = logging.getLogger("cloudckpt")
+
+__all__ = ["CloudCheckpointCallback"]
+
+
+class CloudCheckpointCallback(TrainerCallback):
+    """Commits each Trainer save to the repository at ``uri`` (on the main process)."""
+
+    def __init__(
+        self,
+        uri: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        branch: str = "main",
+        options: RepoOptions | None = None,
+    ) -> None:
+        self.repo = Repo(uri, storage_options, options=options)
+        self.branch = branch
+
+    def on_save(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not state.is_world_process_zero or model is None:
+            return
+        snapshot = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else {},
+            "scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else {},
+            "trainer_state": json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True),
+            # The Trainer's rng_state.pth layout (CPU; this process's RNG just after it
+            # wrote its own copy).
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "cpu": torch.random.get_rng_state(),
+            },
+        }
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        version = self.repo.commit(
+            snapshot, branch=self.branch, step=state.global_step, fast_forward=True,
+            metrics={"loss": losses[-1]} if losses else None,
+            message=f"checkpoint-{state.global_step}",
+        )  # fmt: skip
+        log.info("committed checkpoint-%d as %s", state.global_step, version.id)
+
+    def resume(self, trainer: Trainer) -> str | None:
+        """Lay the newest version out as ``<output_dir>/checkpoint-<step>`` and return that
+        path for ``trainer.train(resume_from_checkpoint=...)``; None if there is none."""
+        try:
+            version = self.repo.resolve(self.branch)
+        except CheckpointNotFound:
+            return None
+        state = self.repo.load(version.id)
+        out = Path(trainer.args.output_dir) / f"checkpoint-{version.step}"
+        out.mkdir(parents=True, exist_ok=True)
+        model = trainer.model
+        model.load_state_dict(state["model"])
+        model.save_pretrained(out)  # the Trainer reads the weights from here
+        # Written here from verified, plain data; the Trainer reads them weights_only.
+        torch.save(state["optimizer"], out / "optimizer.pt")
+        torch.save(state["scheduler"], out / "scheduler.pt")
+        torch.save(state["rng"], out / "rng_state.pth")
+        (out / "trainer_state.json").write_text(state["trainer_state"])
+        log.info("resuming from %s (step %s) laid out in %s", version.id, version.step, out)
+        return str(out)
