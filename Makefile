@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint bench bench-compression lock clean
+.PHONY: test demo docs lint bench bench-compression lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/spot_resume.py
 
+# API docs from the docstrings into site/ (offline; any warning fails the build).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
 	$(BIN)/ruff check cloudckpt tests examples benchmarks
 	$(BIN)/ruff format --check cloudckpt tests examples benchmarks
@@ -36,9 +40,9 @@ lock:
 	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
 	.lockvenv/bin/pip install --quiet --upgrade pip
 	.lockvenv/bin/pip install --quiet "$(TORCH_SPEC)"
-	.lockvenv/bin/pip install --quiet "s3fs>=2025.1" -e ".[test]"
+	.lockvenv/bin/pip install --quiet "s3fs>=2025.1" -e ".[test,bench]"
 	.lockvenv/bin/pip freeze --exclude-editable | grep -v -E '^(torch|cloudckpt)[= ]' > constraints.txt
 	rm -rf .lockvenv
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site

@@ -8,6 +8,8 @@ bucket can be created, and stops its own process (by PID) on ``stop()`` or on ex
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -194,3 +197,29 @@ class MotoServer(_Server):
             start_new_session=True,
         )
         self._wait_ready(timeout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a local S3 on 127.0.0.1 until interrupted (``infra/local-s3.sh``)."""
+    p = argparse.ArgumentParser(
+        prog="python -m cloudckpt.testing.local_s3", description=main.__doc__
+    )
+    p.add_argument("--moto", action="store_true", help="moto instead of SeaweedFS")
+    p.add_argument("--dir", help="SeaweedFS data directory (default: a temporary one)")
+    p.add_argument("--bucket", default="checkpoints", help="bucket to create")
+    a = p.parse_args(argv)
+    server = MotoServer() if a.moto else SeaweedFS(a.dir)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with server:
+        server.create_bucket(a.bucket)
+        print(f"# {type(server).__name__} on {server.endpoint}; bucket s3://{a.bucket}")
+        for name, value in server.env().items():
+            print(f"export {name}={value}")
+        print("# Ctrl-C stops it", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            done.wait()
+
+
+if __name__ == "__main__":
+    main()
