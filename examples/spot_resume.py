@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -27,12 +28,13 @@ from cloudckpt import Repo
 from cloudckpt.testing.local_s3 import SeaweedFS
 
 HERE = Path(__file__).resolve().parent
-STEPS, SAVE_EVERY, KILL_AT = 200, 25, 115
 
 
-def run_training(env: dict[str, str], uri: str, log: Path, workdir: Path) -> subprocess.Popen[str]:
-    cmd = [sys.executable, str(HERE / "train_gpt.py"), "--uri", uri, "--steps", str(STEPS),
-           "--save-every", str(SAVE_EVERY), "--log", str(log)]  # fmt: skip
+def run_training(
+    args: argparse.Namespace, env: dict[str, str], uri: str, log: Path, workdir: Path
+) -> subprocess.Popen[str]:
+    cmd = [sys.executable, str(HERE / "train_gpt.py"), "--uri", uri, "--steps", str(args.steps),
+           "--save-every", str(args.save_every), "--log", str(log)]  # fmt: skip
     return subprocess.Popen(cmd, env=env, cwd=workdir, text=True)
 
 
@@ -47,7 +49,12 @@ def banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=200, help="train to this step")
+    p.add_argument("--save-every", type=int, default=25, help="a checkpoint every K steps")
+    p.add_argument("--kill-at", type=int, default=115, help="send SIGTERM after this step")
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="cloudckpt-demo-") as tmp:
         root = Path(tmp)
         banner("starting a local S3 server (SeaweedFS) on 127.0.0.1")
@@ -58,12 +65,17 @@ def main() -> int:
             log = root / "steps.jsonl"
             print(f"endpoint {s3.endpoint}, repository {uri}")
 
-            banner(f"machine 1: training to step {STEPS}, a checkpoint every {SAVE_EVERY} steps")
+            banner(f"machine 1: training to step {args.steps}, a checkpoint every "
+                   f"{args.save_every} steps")  # fmt: skip
             first = root / "machine1"
             first.mkdir()
-            proc = run_training(env, uri, log, first)
+            proc = run_training(args, env, uri, log, first)
             deadline = time.monotonic() + 300
-            while last_step(log) < KILL_AT and proc.poll() is None and time.monotonic() < deadline:
+            while (
+                last_step(log) < args.kill_at
+                and proc.poll() is None
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.02)
             if proc.poll() is not None:
                 print(f"training exited early with code {proc.returncode}")
@@ -83,7 +95,7 @@ def main() -> int:
             banner("machine 2: a fresh process in an empty directory resumes from the bucket")
             second = root / "machine2"
             second.mkdir()
-            proc = run_training(env, uri, log, second)
+            proc = run_training(args, env, uri, log, second)
             if proc.wait(timeout=600) != 0:
                 print(f"resumed training failed with code {proc.returncode}")
                 return 1
