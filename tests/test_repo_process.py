@@ -14,7 +14,7 @@ import pytest
 import torch
 from processes import reaped, sigkill_when
 
-from cloudckpt import Repo
+from cloudckpt import Repo, TransferOptions
 
 CHILD = str(Path(__file__).with_name("child_commit.py"))
 MiB = 1 << 20
@@ -63,7 +63,7 @@ def test_sigkill_mid_upload_leaves_previous_version(seaweedfs) -> None:
 @pytest.mark.timeout(300)
 def test_commit_of_1gb_state_needs_less_than_512mib_extra(seaweedfs) -> None:
     uri = seaweedfs.fresh_uri("big")
-    proc = start_child(seaweedfs, uri, megabytes=1024, chunk=64 * MiB)
+    proc = start_child(seaweedfs, uri, megabytes=1024, chunk=TransferOptions().chunk_size)
     with reaped(proc):
         ready = read_line(proc)
         done = read_line(proc, timeout=240)
