@@ -13,10 +13,8 @@ keeps its own traffic on a gloo group either way.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import random
 import sys
 
@@ -25,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from train_gpt import Windows, corpus
+from train_gpt import Windows, arguments, corpus
 
 import cloudckpt
 from cloudckpt.distributed import DistributedOptions
@@ -33,21 +31,7 @@ from cloudckpt.testing.gpt import GPT, GPTConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--uri", default=os.environ.get("CLOUDCKPT_URI"), help="checkpoint repository")
-    p.add_argument("--steps", type=int, default=200, help="train until this global step")
-    p.add_argument("--save-every", type=int, default=25, help="save every K steps")
-    p.add_argument("--keep-last", type=int, default=3, help="versions to keep (plus milestones)")
-    # --log-file too: torchrun takes --log for an abbreviation of its own --log-dir.
-    p.add_argument("--log", "--log-file", dest="log",
-                   help="append one JSON line per completed step to this file")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--n-embd", type=int, default=64)
-    p.add_argument("--batch", type=int, default=8, help="per rank")
-    p.add_argument("--async-save", action="store_true", help="upload in the background")
-    p.add_argument("--no-preemption-watcher", action="store_true",
-                   help="do not turn SIGTERM/SIGINT into a final checkpoint")  # fmt: skip
+    p = arguments(__doc__)
     p.add_argument("--write", choices=["rank0", "spread"], default="rank0")
     p.add_argument("--read", choices=["each", "rank0", "spread"], default="each")
     args = p.parse_args(argv)

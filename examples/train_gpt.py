@@ -81,8 +81,9 @@ class Windows(Dataset):
         return self.data[i * self.block : i * self.block + self.block + 1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The flags train_gpt.py and ddp_train.py share."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--uri", default=os.environ.get("CLOUDCKPT_URI"), help="checkpoint repository")
     p.add_argument("--steps", type=int, default=200, help="train until this global step")
     p.add_argument("--save-every", type=int, default=25, help="save every K steps")
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--async-save", action="store_true", help="upload in the background")
     p.add_argument("--no-preemption-watcher", action="store_true",
                    help="do not turn SIGTERM/SIGINT into a final checkpoint")  # fmt: skip
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = arguments(__doc__)
     args = p.parse_args(argv)
     if not args.uri:
         p.error("give --uri or set CLOUDCKPT_URI")

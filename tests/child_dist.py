@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from assertions import assert_state_equal
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -31,21 +32,6 @@ from cloudckpt.testing.gpt import GPT, GPTConfig
 
 # Small chunks: many blobs, so every rank gets a share to upload.
 OPTIONS = RepoOptions(transfer=TransferOptions(chunk_size=64 * 1024, pack_below=8 * 1024))
-
-
-def same(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, (where, a, b)
 
 
 def clone(x: Any) -> Any:
@@ -90,9 +76,11 @@ def replicated(uri: str) -> dict[str, Any]:
             fresh, fresh_opt, _ = ddp_trainer(seed=99)
             loaded = load(repo, version.id, group, DistributedOptions(read=read),
                           into={"model": fresh, "optimizer": fresh_opt})  # fmt: skip
-            same(state["model"], fresh.state_dict(), f"{write}/{read} model")
-            same(state["optimizer"], fresh_opt.state_dict(), f"{write}/{read} optimizer")
-            same(state["model"], loaded["model"], f"{write}/{read} returned")
+            assert_state_equal(state["model"], fresh.state_dict(), f"{write}/{read} model")
+            assert_state_equal(
+                state["optimizer"], fresh_opt.state_dict(), f"{write}/{read} optimizer"
+            )
+            assert_state_equal(state["model"], loaded["model"], f"{write}/{read} returned")
     # The last rank's uploads fail for good: nobody may publish.
     before = [v.id for v in repo.versions()]
     failing = group.rank == group.world - 1
@@ -168,8 +156,10 @@ def dcp_load(uri: str) -> dict[str, Any]:
     dcp.load(state, storage_reader=reader)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     expected = torch.load(os.environ["EXPECTED"], weights_only=True)
-    same(expected["model"], full(state["model"]), "model")
-    same(expected["optim"], {k: full(v) for k, v in state["optim"]["state"].items()}, "optim")
+    assert_state_equal(expected["model"], full(state["model"]), "model")
+    assert_state_equal(
+        expected["optim"], {k: full(v) for k, v in state["optim"]["state"].items()}, "optim"
+    )
     assert state["step"] == 3 and state["optim"]["param_groups"][0]["lr"] == 1e-3
     return {"loaded": reader.version.id if reader.version else None, "world": dist.get_world_size()}
 
