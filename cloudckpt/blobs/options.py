@@ -24,7 +24,7 @@ class TransferOptions:
     HTTP client's copy while uploading), so the default lets eight 16 MiB chunks move at
     once. Measured on a 2-core machine to a local S3 (a 1.6 GB GPT-2 + AdamW state): 16
     MiB chunks save 16-20% faster than 64 MiB ones (two in flight) with the same budget,
-    at a peak of live + ~440 MiB for a 1 GiB state. Raise it on machines with memory to
+    at a peak of live + ~425 MiB for a 1 GiB state. Raise it on machines with memory to
     spare and fast networks.
     """
 

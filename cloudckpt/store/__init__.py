@@ -6,9 +6,9 @@ Keys are ``/``-separated paths relative to the store's root URI.
 from __future__ import annotations
 
 import datetime
-import gc
 import logging
 import os
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,9 +20,6 @@ from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError
 from cloudckpt.store import multipart
 from cloudckpt.store.conditional import Conditional, for_filesystem, write_temp
 from cloudckpt.store.retry import RetryPolicy, is_retryable
-
-#: A garbage collection follows every this many bytes of S3 bodies (see _release_http_memory).
-_COLLECT_EVERY = 64 * 1024 * 1024
 
 __all__ = ["ObjectInfo", "RetryPolicy", "Store", "StoreOptions"]
 
@@ -90,7 +87,6 @@ class Store:
         # parts; blobs are read whole and in parallel with each other, so one GET each.
         self._get_kwargs = {"max_concurrency": 1} if protocol in ("s3", "s3a") else {}
         self._cond: Conditional = for_filesystem(self.fs)
-        self._uncollected = 0
 
     def __repr__(self) -> str:
         return f"Store({redact.redact(self.uri)!r})"
@@ -130,9 +126,7 @@ class Store:
 
     def get(self, key: str) -> bytes:
         """The whole object; CheckpointNotFound if it does not exist."""
-        data = self._run("get", key, lambda: self.fs.cat_file(self.path(key), **self._get_kwargs))
-        self._release_http_memory(len(data))
-        return data
+        return self._run("get", key, lambda: self.fs.cat_file(self.path(key), **self._get_kwargs))
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object."""
@@ -144,7 +138,8 @@ class Store:
         def _head() -> ObjectInfo | None:
             try:
                 return ObjectInfo.of(self.fs.info(self.path(key)))
-            except FileNotFoundError:
+            except FileNotFoundError as e:
+                _clear_frames(e)
                 return None
 
         return self._run("head", key, _head)
@@ -156,7 +151,6 @@ class Store:
             multipart.upload(
                 self.fs, path, data, self.options.part_size, lambda w, fn: self._run(w, key, fn)
             )
-            self._release_http_memory(len(data))
             return
         if isinstance(data, memoryview):
             data = data.tobytes()
@@ -164,21 +158,6 @@ class Store:
             self._run("put", key, lambda: os.replace(write_temp(path, data), path))
         else:
             self._run("put", key, lambda: self.fs.pipe_file(path, data))
-            self._release_http_memory(len(data))
-
-    def _release_http_memory(self, nbytes: int) -> None:
-        """botocore/aiohttp keep a large request or response body alive in reference
-        cycles until Python's cyclic collector runs, which it does by object count, not
-        bytes. Measured on a 1 GiB commit to SeaweedFS: peak RSS live + 515-654 MiB
-        without collecting; with a collection every 64 MiB of bodies, + ~440 MiB with 16
-        MiB chunks (+ ~310 MiB with 64 MiB chunks). A full collection costs ~0.1-0.3 s
-        with a large model in memory, hence by bytes, not per object."""
-        if not self._http:
-            return
-        self._uncollected += nbytes  # racy across threads, and that is fine: a heuristic
-        if self._uncollected >= _COLLECT_EVERY:
-            self._uncollected = 0
-            gc.collect()
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Write only if no object is at ``key``; False if another object was already there.
@@ -241,6 +220,20 @@ class Store:
         paths = [self.path(k) for k in keys]
         if paths:
             self._run("delete", paths[0], lambda: self.fs.rm(paths))
+
+
+def _clear_frames(exc: BaseException | None) -> None:
+    """Drop the locals of the frames a caught exception's traceback holds.
+
+    s3fs keeps the exception it translates in a local of its retry frame: a reference
+    cycle that, through the frames' callers, keeps the caller's buffers alive (a blob
+    about to be uploaded after a HEAD found nothing) until Python's cyclic collector runs.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _internal(key: str) -> bool:
