@@ -21,6 +21,7 @@ from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.store import StoreOptions
 from cloudckpt.store.retry import RetryPolicy
 from cloudckpt.testing.faults import KINDS, FaultPlan, FaultProxy
+from cloudckpt.tree import map_arrays
 
 #: Short timeouts and a patient retry budget: a stalled response costs one read timeout.
 CHAOS_STORE = StoreOptions(
@@ -97,22 +98,9 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _snapshot(model: nn.Module, opt: torch.optim.Optimizer, step: int) -> dict[str, Any]:
+    """A copy of the state that later training steps cannot change."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
-    return {
-        "model": {k: v.clone() for k, v in state["model"].items()},
-        "optimizer": _clone(state["optimizer"]),
-        "step": step,
-    }
-
-
-def _clone(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clone(v) for v in x]
-    return x
+    return map_arrays(state, lambda value, _: value.clone())
 
 
 def run(
