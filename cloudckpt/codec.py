@@ -81,12 +81,12 @@ class Codec:
         self.level = level
 
     # -- encode ---------------------------------------------------------------------
-    def encode(self, raw: memoryview | bytes, choice: CodecChoice) -> bytes:
+    def encode(self, raw: memoryview | bytes, choice: CodecChoice) -> memoryview:
         """Compress ``raw`` (a contiguous byte buffer) into a self-describing blob."""
         data = np.frombuffer(raw, dtype=np.uint8)
         n = data.size
         if choice.name == RAW:
-            return _HEADER.pack(MAGIC, _IDS[RAW], 1, 0, n) + bytes(raw)
+            return memoryview(_HEADER.pack(MAGIC, _IDS[RAW], 1, 0, n) + bytes(raw))
         if choice.name == ZSTD:
             planes: Iterator[np.ndarray] = iter([data])
             count = 1
@@ -95,28 +95,36 @@ class Codec:
             if n % width:
                 raise ValueError(f"chunk of {n} bytes is not a multiple of width {width}")
             planes = _split_planes(data.reshape(-1, width), choice.name == FPLANES)
-        parts: list[bytes | memoryview] = [
-            _HEADER.pack(MAGIC, _IDS[choice.name], choice.width, count, n)
-        ]
+        # A stored plane is never larger than its raw bytes, so the blob fits in a buffer
+        # of the raw size plus headers; planes are written straight into it.
+        out = np.empty(_HEADER.size + count * _PLANE.size + n, dtype=np.uint8)
+        _HEADER.pack_into(out, 0, MAGIC, _IDS[choice.name], choice.width, count, n)
+        pos = _HEADER.size
         cctx = zstandard.ZstdCompressor(level=self.level)
         for i, plane in enumerate(planes):
             ctx = cctx
             if i == 0 and choice.name == FPLANES:
                 ctx = zstandard.ZstdCompressor(compression_params=_exponent_params())
-            parts.extend(self._encode_plane(ctx, plane))
+            pos = self._encode_plane(ctx, plane, out, pos)
             del plane  # planes are made one at a time: hold one scratch plane at most
-        return b"".join(parts)
+        return memoryview(out)[:pos]
 
     @staticmethod
     def _encode_plane(
-        cctx: zstandard.ZstdCompressor, plane: np.ndarray
-    ) -> list[bytes | memoryview]:
-        buf = memoryview(np.ascontiguousarray(plane))
-        if len(buf) >= _MIN_COMPRESS and _worth_compressing(cctx, buf):
-            packed = cctx.compress(buf)
-            if len(packed) < len(buf):
-                return [_PLANE.pack(1, len(packed)), packed]
-        return [_PLANE.pack(0, len(buf)), buf]
+        cctx: zstandard.ZstdCompressor, plane: np.ndarray, out: np.ndarray, pos: int
+    ) -> int:
+        """Write one plane (its header and payload) at ``out[pos:]``; returns the end."""
+        size = plane.size
+        body = pos + _PLANE.size
+        if size >= _MIN_COMPRESS and _worth_compressing(cctx, plane):
+            packed = cctx.compress(np.ascontiguousarray(plane))
+            if len(packed) < size:
+                _PLANE.pack_into(out, pos, 1, len(packed))
+                out[body : body + len(packed)] = np.frombuffer(packed, dtype=np.uint8)
+                return body + len(packed)
+        _PLANE.pack_into(out, pos, 0, size)
+        out[body : body + size] = plane  # a strided plane is gathered here, in one copy
+        return body + size
 
     # -- decode ---------------------------------------------------------------------
     def decode(self, blob: bytes | memoryview, raw_len: int, where: str) -> np.ndarray:
@@ -161,11 +169,11 @@ class Codec:
             _join_planes(planes, out.reshape(-1, width), name == FPLANES)
 
 
-def _worth_compressing(cctx: zstandard.ZstdCompressor, buf: memoryview) -> bool:
-    if len(buf) <= 2 * _SAMPLE_BYTES:
+def _worth_compressing(cctx: zstandard.ZstdCompressor, plane: np.ndarray) -> bool:
+    if plane.size <= 2 * _SAMPLE_BYTES:
         return True
-    sample = buf[:_SAMPLE_BYTES]
-    return len(cctx.compress(sample)) < _SAMPLE_RATIO * len(sample)
+    sample = np.ascontiguousarray(plane[:_SAMPLE_BYTES])
+    return len(cctx.compress(sample)) < _SAMPLE_RATIO * sample.size
 
 
 def _exponent_params() -> zstandard.ZstdCompressionParameters:
@@ -173,22 +181,22 @@ def _exponent_params() -> zstandard.ZstdCompressionParameters:
 
 
 def _split_planes(elems: np.ndarray, float_exponent: bool) -> Iterator[np.ndarray]:
-    """Byte planes, most significant first, made one at a time (each is a fresh
-    contiguous array). ``elems`` is (n, width) little-endian."""
+    """Byte planes, most significant first, made one at a time. The exponent planes are
+    fresh arrays; the others are strided views of ``elems``, (n, width) little-endian."""
     width = elems.shape[1]
     rest = range(width - 1, -1, -1)
     if float_exponent:
-        top, nxt = elems[:, width - 1], elems[:, width - 2]
-        plane = np.left_shift(top, 1)
-        plane |= np.right_shift(nxt, 7)
-        yield plane
-        plane = np.bitwise_and(nxt, 0x7F)
-        plane |= np.bitwise_and(top, 0x80)
-        yield plane
+        # The top two bytes as one little-endian uint16: sign | 8-bit exponent | 7 bits.
+        # Working on them as one word takes half the passes of byte-wise shifts.
+        hi = elems.view(np.uint16)[:, width // 2 - 1]
+        yield np.right_shift(hi, 7).astype(np.uint8)  # the exponent (the sign shifts out)
+        plane = np.bitwise_and(hi, 0x807F)
+        plane |= plane >> 8  # the sign next to the 7 mantissa bits
+        yield plane.astype(np.uint8)
         del plane
         rest = range(width - 3, -1, -1)
     for k in rest:
-        yield np.ascontiguousarray(elems[:, k])
+        yield elems[:, k]
 
 
 def _join_planes(planes: list[np.ndarray], out: np.ndarray, float_exponent: bool) -> None:

@@ -69,7 +69,8 @@ def test_hash_is_stable_and_content_based() -> None:
 
 def _blob() -> tuple[bytes, np.ndarray]:
     raw = raw_bytes(torch.randn(4096))
-    return codec.Codec().encode(memoryview(raw), codec.choose("float32", 4, raw.nbytes)), raw
+    blob = codec.Codec().encode(memoryview(raw), codec.choose("float32", 4, raw.nbytes))
+    return bytes(blob), raw
 
 
 @pytest.mark.parametrize(
