@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -54,16 +54,37 @@ def make_root(
 
 
 class S3Requests:
-    """Records every HTTP request s3fs sends for a store (method, key), via botocore events."""
+    """Records every S3 request a store sends (method, key) and the S3 operations behind
+    them: s3fs's through botocore's events, the fast path's (obstore) at its three calls."""
+
+    _FAST: ClassVar[dict[str, tuple[str, str]]] = {
+        "get": ("GET", "GetObject"), "put": ("PUT", "PutObject"), "head": ("HEAD", "HeadObject")
+    }  # fmt: skip
 
     def __init__(self, store: Any) -> None:
         from fsspec.asyn import sync
 
         self.calls: list[tuple[str, str]] = []
+        self.operations: set[str] = set()
         fs = store.fs
         sync(fs.loop, fs.set_session)
         fs.s3.meta.events.register("before-send.s3", self._record)
+        fs.s3.meta.events.register(
+            "before-call.s3", lambda model, **_: self.operations.add(model.name)
+        )
         self._prefix = f"/{store.root}/"
+        if store._fast is not None:
+            for name, (method, operation) in self._FAST.items():
+                setattr(store._fast, name, self._recorded(getattr(store._fast, name), method,
+                                                          operation))  # fmt: skip
+
+    def _recorded(self, call: Any, method: str, operation: str) -> Any:
+        def recorded(key: str, *args: Any) -> Any:
+            self.calls.append((method, key))
+            self.operations.add(operation)
+            return call(key, *args)
+
+        return recorded
 
     def _record(self, request: Any, **_: Any) -> None:
         from urllib.parse import unquote, urlsplit

@@ -30,6 +30,8 @@ def report_line(request: pytest.FixtureRequest, line: str) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_of_fault_is_survived(seaweedfs: Any, kind: str) -> None:
     plan = FaultPlan(rate=0.25, seed=11, kinds=(kind,), stall_seconds=1.2)
+    if kind == "truncate":  # only answers with a body can be cut short: blob GETs
+        plan = FaultPlan(rate=0.5, seed=11, kinds=(kind,), only="^GET .*/blobs/")
     state = {"big": torch.randn(4 * MiB), "small": torch.arange(100)}  # 16 MiB: multipart
     with FaultProxy(seaweedfs.endpoint, plan) as proxy:
         repo = Repo(

@@ -69,15 +69,11 @@ def granted_actions() -> set[str]:
 
 def test_iam_policy_grants_exactly_what_the_store_calls(seaweedfs: Any) -> None:
     """Every kind of call cloudckpt makes -- commit with multipart, load, verify, delete,
-    gc with a stale upload to abort, a writer lease -- recorded at the botocore level."""
+    gc with a stale upload to abort, a writer lease -- recorded at each client's level."""
     options = RepoOptions(transfer=TransferOptions(chunk_size=16 << 20),
                           store=StoreOptions(part_size=5 << 20))  # fmt: skip
     repo = Repo(seaweedfs.fresh_uri("iam"), seaweedfs.storage_options(), options=options)
-    operations: set[str] = set()
-    S3Requests(repo.store)  # connect first
-    repo.store.fs.s3.meta.events.register(
-        "before-call.s3", lambda model, **_: operations.add(model.name)
-    )
+    operations = S3Requests(repo.store).operations
     first = repo.commit({"big": torch.randn(4 << 20), "small": torch.ones(3)})
     repo.commit({"big": torch.randn(4 << 20), "small": torch.zeros(3)})
     repo.load(first.id)

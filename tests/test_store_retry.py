@@ -62,43 +62,58 @@ def serve(status: int | None, stall: float = 0.0) -> AbstractContextManager[Scri
     return serving(ScriptedS3(status, stall))
 
 
-def store_for(server: ScriptedS3, attempts: int = 4, read_timeout: float = 5) -> Store:
+@pytest.fixture(params=[True, False], ids=["obstore", "s3fs"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """Each test runs through both S3 clients: blob bytes (obstore) and the rest (s3fs)."""
+    return request.param
+
+
+def store_for(
+    server: ScriptedS3, fast_path: bool, attempts: int = 4, read_timeout: float = 5
+) -> Store:
     opts = StoreOptions(
         connect_timeout=2,
         read_timeout=read_timeout,
         retry=RetryPolicy(attempts=attempts, initial_backoff=0.01, max_backoff=0.05),
+        fast_path=fast_path,
     )
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    return Store("s3://bucket/run", {"endpoint_url": endpoint, "key": "k", "secret": "s"}, opts)
+    store = Store("s3://bucket/run", {"endpoint_url": endpoint, "key": "k", "secret": "s"}, opts)
+    assert (store._fast is not None) == fast_path
+    return store
 
 
 @pytest.mark.parametrize("status", [503, 500])
-def test_throttling_and_server_errors_are_retried_up_to_the_budget(status: int) -> None:
+def test_throttling_and_server_errors_are_retried_up_to_the_budget(
+    status: int, fast_path: bool
+) -> None:
     with serve(status) as server:
-        store = store_for(server, attempts=4)
+        store = store_for(server, fast_path, attempts=4)
         with pytest.raises(StoreError, match="retry later") as info:
             store.put("obj", b"data")
         assert server.requests == 4
         assert "s3://bucket/run/obj" in str(info.value)
 
 
-def test_access_denied_is_not_retried_and_says_what_to_check() -> None:
+def test_access_denied_is_not_retried_and_says_what_to_check(fast_path: bool) -> None:
     with serve(403) as server:
         with pytest.raises(StoreError, match=r"access denied.*credentials"):
-            store_for(server).get("obj")
+            store_for(server, fast_path).get("obj")
         assert server.requests == 1
 
 
-def test_missing_object_is_not_retried() -> None:
+def test_missing_object_is_not_retried(fast_path: bool) -> None:
     with serve(404) as server:
         with pytest.raises(CheckpointNotFound, match="s3://bucket/run/obj"):
-            store_for(server).get("obj")
+            store_for(server, fast_path).get("obj")
         assert server.requests == 1
+        assert store_for(server, fast_path).stat("obj") is None
+        assert server.requests == (2 if fast_path else 3)  # s3fs lists after the HEAD
 
 
-def test_a_stalled_response_times_out_and_is_retried() -> None:
+def test_a_stalled_response_times_out_and_is_retried(fast_path: bool) -> None:
     with serve(503, stall=30.0) as server:
-        store = store_for(server, attempts=2, read_timeout=0.5)
+        store = store_for(server, fast_path, attempts=2, read_timeout=0.5)
         t0 = time.monotonic()
         with pytest.raises(StoreError):
             store.get("obj")

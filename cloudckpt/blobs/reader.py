@@ -101,7 +101,7 @@ class BlobReader:
             path0 = fetch.parts[0][0]
             where = f"{self.store.url(key)} (holding {path0!r})"
             try:
-                blob = self.store.get(key)
+                blob = self.store.get_buffer(key)
             except CheckpointNotFound:
                 raise CorruptCheckpoint(f"{where} is missing from the store") from None
             if len(blob) != fetch.stored:

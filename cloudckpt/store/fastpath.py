@@ -1,0 +1,214 @@
+"""The S3 data path through obstore: whole-object GET, PUT and HEAD of blobs.
+
+Blob bytes are most of what a checkpoint moves, and the Python HTTP stack under s3fs
+(aiobotocore, aiohttp) costs CPU that training machines and the local S3 servers of a
+test box would rather spend elsewhere. obstore (Rust's ``object_store``) moves the same
+bytes outside the GIL. Measured on the 2-core dev machine against SeaweedFS, 1.24 GB in
+16 MiB objects, client CPU-seconds: PUT 3.6 (s3fs) vs 0.4, GET 2.0 vs 0.8.
+
+Payloads are sent unsigned (``UNSIGNED-PAYLOAD``): a blob's name is the hash of its raw
+bytes and every load checks it, so a SHA-256 of every body on both ends buys nothing.
+Conditional writes, listings, deletes and multipart uploads stay on s3fs; a storage
+option this module cannot map keeps the whole store on s3fs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import urllib.parse
+from typing import Any
+
+log = logging.getLogger("cloudckpt.store")
+
+#: storage_options keys (and nested keys) that mean the same thing to obstore.
+_TOP = {"key", "secret", "token", "endpoint_url", "anon", "profile", "client_kwargs",
+        "config_kwargs", "skip_instance_cache", "use_listings_cache"}  # fmt: skip
+_CLIENT = {"endpoint_url", "region_name"}
+_CONFIG = {"connect_timeout", "read_timeout", "retries", "s3"}
+
+_STATUS = re.compile(r"status code: (\d{3})")
+
+#: obstore runs its requests on a runtime of threads, started at first use; a child
+#: forked after that inherits the runtime without its threads, and any call would hang.
+_started = False
+_inherited = False
+
+
+def _after_fork_in_child() -> None:
+    global _inherited
+    _inherited = _inherited or _started
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def usable() -> bool:
+    """False in a process forked after obstore ran in its parent (s3fs serves it)."""
+    return not _inherited
+
+
+_CODE = re.compile(r"<Code>([^<]+)</Code>")
+
+
+class S3ResponseError(OSError):
+    """An S3 error answer seen through obstore, shaped like botocore's for the retry policy."""
+
+    def __init__(self, message: str, code: str | None, status: int) -> None:
+        super().__init__(message)
+        self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+class FastPath:
+    """Blob GET/PUT/HEAD for one bucket through obstore."""
+
+    def __init__(self, store: Any, prefix: str) -> None:
+        import obstore
+
+        self._obs = obstore
+        self._store = store
+        self._prefix = prefix
+
+    @classmethod
+    def for_s3(cls, root: str, opts: dict[str, Any], connect_timeout: float,
+               read_timeout: float) -> FastPath | None:  # fmt: skip
+        """The fast path for ``root`` (``bucket/prefix``) and s3fs ``opts``, or None if
+        obstore is missing or an option has no obstore equivalent."""
+        unknown = _unmapped(opts)
+        if unknown:
+            log.debug("s3fs carries blob bytes: no obstore equivalent for %s", unknown)
+            return None
+        try:
+            from obstore.store import S3Store
+        except ImportError:
+            return None
+        bucket, _, prefix = root.partition("/")
+        client = opts.get("client_kwargs") or {}
+        endpoint = opts.get("endpoint_url") or client.get("endpoint_url")
+        if endpoint and not _plain_endpoint(endpoint):
+            log.debug("s3fs carries blob bytes: obstore takes no userinfo or path in endpoints")
+            return None
+        style = ((opts.get("config_kwargs") or {}).get("s3") or {}).get("addressing_style")
+        virtual = style == "virtual" or (not endpoint and style != "path")
+        config: dict[str, Any] = {
+            "region": client.get("region_name") or _region(),
+            "unsigned_payload": True,
+            "virtual_hosted_style_request": virtual,
+        }
+        if endpoint:
+            config["endpoint"] = endpoint
+        provider = None
+        if opts.get("anon"):
+            config["skip_signature"] = True
+        elif opts.get("key") and opts.get("secret"):
+            config["access_key_id"] = opts["key"]
+            config["secret_access_key"] = opts["secret"]
+            if opts.get("token"):
+                config["session_token"] = opts["token"]
+        else:
+            provider = _boto3_credentials(opts.get("profile"))
+            if provider is None:
+                return None
+        client_options = {
+            "allow_http": bool(endpoint and endpoint.startswith("http://")),
+            "connect_timeout": datetime.timedelta(seconds=connect_timeout),
+            "read_timeout": datetime.timedelta(seconds=read_timeout),
+            # A stalled transfer is caught by read_timeout; a whole large blob on a slow
+            # link may take long.
+            "timeout": datetime.timedelta(hours=1),
+        }
+        retry = {"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=read_timeout)}
+        try:
+            store = S3Store(bucket, config=config, client_options=client_options,
+                            retry_config=retry, credential_provider=provider)  # fmt: skip
+        except BaseException as e:  # obstore may panic on a configuration it rejects
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            log.debug("s3fs carries blob bytes: obstore refused the configuration (%s)", e)
+            return None
+        return cls(store, prefix)
+
+    def _path(self, key: str) -> str:
+        global _started
+        _started = True
+        return f"{self._prefix}/{key}" if self._prefix else key
+
+    def get(self, key: str) -> memoryview:
+        """The whole object, without a copy (a read-only buffer)."""
+        try:
+            return memoryview(self._obs.get(self._store, self._path(key)).bytes())
+        except Exception as e:
+            raise _translated(e) from None
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._obs.put(self._store, self._path(key), data, use_multipart=False)
+        except Exception as e:
+            raise _translated(e) from None
+
+    def head(self, key: str) -> tuple[int, float] | None:
+        """(size, modified) or None if absent."""
+        try:
+            meta = self._obs.head(self._store, self._path(key))
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise _translated(e) from None
+        return int(meta["size"]), meta["last_modified"].timestamp()
+
+
+def _translated(exc: Exception) -> Exception:
+    """obstore's error as one the store's retry policy and messages know."""
+    if isinstance(exc, FileNotFoundError) or not type(exc).__module__.startswith("obstore"):
+        return exc
+    message = str(exc).split("\n\nDebug source:", 1)[0]
+    name = type(exc).__name__
+    if name in ("PermissionDeniedError", "UnauthenticatedError"):
+        return PermissionError(message)
+    status = _STATUS.search(message)
+    if status:
+        code = _CODE.search(message)
+        return S3ResponseError(message, code.group(1) if code else None, int(status.group(1)))
+    if name == "GenericError":  # no answer: refused, reset, timed out, cut short
+        return ConnectionError(message)
+    return exc
+
+
+def _unmapped(opts: dict[str, Any]) -> list[str]:
+    unknown = [k for k in opts if k not in _TOP]
+    unknown += [f"client_kwargs.{k}" for k in opts.get("client_kwargs") or {} if k not in _CLIENT]
+    config = opts.get("config_kwargs") or {}
+    unknown += [f"config_kwargs.{k}" for k in config if k not in _CONFIG]
+    unknown += [f"config_kwargs.s3.{k}" for k in config.get("s3") or {} if k != "addressing_style"]
+    return unknown
+
+
+def _plain_endpoint(endpoint: str) -> bool:
+    try:
+        url = urllib.parse.urlsplit(endpoint)
+        url.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        return False
+    plain = not (url.username or url.password or url.path.strip("/") or url.query)
+    return plain and url.scheme in ("http", "https") and bool(url.hostname)
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _boto3_credentials(profile: str | None) -> Any:
+    """botocore's whole credential chain (environment, profiles, SSO, instance roles)."""
+    try:
+        import boto3
+        from obstore.auth.boto3 import Boto3CredentialProvider
+
+        session = boto3.Session(profile_name=profile)
+        if session.get_credentials() is None:
+            return None  # s3fs raises the clear "no credentials" error on first use
+        return Boto3CredentialProvider(session)
+    except Exception as e:  # an old Python or a broken profile: s3fs reports it
+        log.debug("s3fs carries blob bytes: no boto3 credentials for obstore (%s)", e)
+        return None

@@ -1,0 +1,106 @@
+"""The obstore data path for blobs: when it serves, and that its bytes are the store's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import torch
+
+from cloudckpt import Repo
+from cloudckpt.store import Store, StoreOptions
+from cloudckpt.store.fastpath import FastPath
+from cloudckpt.testing.local_s3 import ACCESS_KEY, SECRET_KEY
+
+
+def test_blob_bytes_round_trip_through_obstore_and_s3fs_sees_them(seaweedfs: Any) -> None:
+    uri = seaweedfs.fresh_uri("fast")
+    fast = Store(uri, seaweedfs.storage_options())
+    assert fast._fast is not None
+    data = bytes(range(256)) * 4096
+    fast.put("blobs/ab/x", memoryview(data))
+    view = fast.get_buffer("blobs/ab/x")
+    assert isinstance(view, memoryview) and view.readonly and view == data
+    slow = Store(uri, seaweedfs.storage_options(), StoreOptions(fast_path=False))
+    assert slow._fast is None
+    assert slow.get("blobs/ab/x") == data  # one store, whichever client wrote it
+    slow.put("blobs/cd/y", b"written by s3fs")
+    assert fast.get("blobs/cd/y") == b"written by s3fs"
+    info = fast.stat("blobs/ab/x")
+    assert info is not None and info.size == len(data) and info.modified > 0
+    assert fast.stat("blobs/none") is None
+
+
+def test_a_checkpoint_written_by_one_client_loads_through_the_other(seaweedfs: Any) -> None:
+    uri = seaweedfs.fresh_uri("fast-repo")
+    state = {"w": torch.randn(300, 300), "step": torch.tensor(7)}
+    slow = Repo(uri, seaweedfs.storage_options(), options=_no_fast_path())
+    v1 = slow.commit(state)
+    fast = Repo(uri, seaweedfs.storage_options())
+    assert torch.equal(fast.load(v1.id)["w"], state["w"])
+    state["w"] += 1
+    v2 = fast.commit(state)
+    assert torch.equal(slow.load(v2.id)["w"], state["w"])
+    assert fast.verify(v2.id).ok
+
+
+def test_credentials_from_the_aws_environment_serve_the_fast_path(
+    seaweedfs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    store = Store(seaweedfs.fresh_uri("fast-env"))  # no storage options at all
+    assert store._fast is not None
+    store.put("blobs/00/z", b"z" * 1000)
+    assert store.get("blobs/00/z") == b"z" * 1000
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"requester_pays": True},
+        {"client_kwargs": {"verify": False}},
+        {"config_kwargs": {"s3": {"use_accelerate_endpoint": True}}},
+        {"endpoint_url": "http://user:pw@127.0.0.1:9000"},
+        {"endpoint_url": "http://127.0.0.1:9000/behind/a/path"},
+    ],
+)
+def test_options_without_an_obstore_equivalent_keep_s3fs(opts: dict[str, Any]) -> None:
+    base = {"key": ACCESS_KEY, "secret": SECRET_KEY, "endpoint_url": "http://127.0.0.1:9000"}
+    assert FastPath.for_s3("bucket/run", {**base, **opts}, 1.0, 1.0) is None
+    assert FastPath.for_s3("bucket/run", base, 1.0, 1.0) is not None
+
+
+def test_a_child_forked_after_the_fast_path_ran_falls_back_to_s3fs(seaweedfs: Any) -> None:
+    """obstore's runtime threads do not survive fork(): such a child would hang."""
+    store = Store(seaweedfs.fresh_uri("fast-fork"), seaweedfs.storage_options())
+    store.put("blobs/00/parent", b"parent")  # obstore's runtime is running now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if a store made here works
+        try:
+            again = Store(store.uri, seaweedfs.storage_options())
+            again.put("blobs/00/child", again.get("blobs/00/parent") + b"+child")
+            os._exit(0)
+        finally:
+            os._exit(1)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the store")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert store.get("blobs/00/child") == b"parent+child"
+
+
+def _no_fast_path() -> Any:
+    from cloudckpt.repo import RepoOptions
+
+    return RepoOptions(store=StoreOptions(fast_path=False))
