@@ -58,7 +58,8 @@ class S3Requests:
     them: s3fs's through botocore's events, the fast path's (obstore) at its three calls."""
 
     _FAST: ClassVar[dict[str, tuple[str, str]]] = {
-        "get": ("GET", "GetObject"), "put": ("PUT", "PutObject"), "head": ("HEAD", "HeadObject")
+        "get": ("GET", "GetObject"), "get_versioned": ("GET", "GetObject"),
+        "put": ("PUT", "PutObject"), "head": ("HEAD", "HeadObject"),
     }  # fmt: skip
 
     def __init__(self, store: Any) -> None:

@@ -203,6 +203,9 @@ class Store:
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         """The object and its ETag, or None if absent (for compare-and-swap)."""
+        fast = self._fast_path()
+        if fast is not None:
+            return self._run("get", key, lambda: fast.get_versioned(key))
         return self._run("get", key, lambda: self._cond.read(self.path(key)))
 
     def put_if_match(self, key: str, data: bytes, etag: str | None) -> str:

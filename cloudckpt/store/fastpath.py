@@ -1,4 +1,5 @@
-"""The S3 data path through obstore: whole-object GET, PUT and HEAD of blobs.
+"""The S3 data path through obstore: whole-object GET, PUT and HEAD of blobs, and the
+ETag-carrying read that a compare-and-swap starts from.
 
 Blob bytes are most of what a checkpoint moves, and the Python HTTP stack under s3fs
 (aiobotocore, aiohttp) costs CPU that training machines and the local S3 servers of a
@@ -8,8 +9,9 @@ bytes outside the GIL. Measured on the 2-core dev machine against SeaweedFS, 1.2
 
 Payloads are sent unsigned (``UNSIGNED-PAYLOAD``): a blob's name is the hash of its raw
 bytes and every load checks it, so a SHA-256 of every body on both ends buys nothing.
-Conditional writes, listings, deletes and multipart uploads stay on s3fs; a storage
-option this module cannot map keeps the whole store on s3fs.
+Conditional writes, listings, deletes and multipart uploads stay on s3fs (so a restore
+never starts botocore at all); a storage option this module cannot map keeps the whole
+store on s3fs.
 """
 
 from __future__ import annotations
@@ -139,6 +141,16 @@ class FastPath:
         """The whole object, without a copy (a read-only buffer)."""
         try:
             return memoryview(self._obs.get(self._store, self._path(key)).bytes())
+        except Exception as e:
+            raise _translated(e) from None
+
+    def get_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """The object and its ETag (as S3 sends it, quotes included), or None if absent."""
+        try:
+            found = self._obs.get(self._store, self._path(key))
+            return bytes(found.bytes()), found.meta["e_tag"]
+        except FileNotFoundError:
+            return None
         except Exception as e:
             raise _translated(e) from None
 
