@@ -21,6 +21,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from processes import wait_forked
 
 import cloudckpt.store.multipart as multipart
 from cloudckpt import Repo, RepoOptions, TransferOptions
@@ -108,15 +109,7 @@ def main() -> None:
         if scenario.get("after_seconds") is not None:
             time.sleep(scenario["after_seconds"])
             os.kill(pid, signal.SIGKILL)
-        for _ in range(600):  # bounded: 60 s
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)
-        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        code, _ = wait_forked(pid, timeout=60)
         out = {"returncode": code, "seconds": time.monotonic() - started}
         print(json.dumps(out), flush=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -28,3 +29,17 @@ def sigkill_when(proc: subprocess.Popen, ready: Callable[[], bool], timeout: flo
     assert proc.poll() is None, "the child finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+
+
+def wait_forked(pid: int, timeout: float = 60) -> tuple[int, bool]:
+    """Wait for a forked child, SIGKILLing it after ``timeout`` seconds; returns its
+    return code (minus the signal number if killed) and whether it finished in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), True
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), False

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import time
 from typing import Any
 
 import pytest
 import torch
+from processes import wait_forked
 
 from cloudckpt import Repo
 from cloudckpt.store import Store, StoreOptions
@@ -86,17 +85,9 @@ def test_a_child_forked_after_the_fast_path_ran_falls_back_to_s3fs(seaweedfs: An
             os._exit(0)
         finally:
             os._exit(1)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung on the store")
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    code, in_time = wait_forked(pid, timeout=60)
+    assert in_time, "the forked child hung on the store"
+    assert code == 0
     assert store.get("blobs/00/child") == b"parent+child"
 
 
