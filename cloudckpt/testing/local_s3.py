@@ -81,6 +81,11 @@ class _Server:
             "AWS_EC2_METADATA_DISABLED": "true",
         }
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (to measure what it costs)."""
+        return self._proc.pid if self._proc is not None else None
+
     def client(self) -> Any:
         import boto3
 

@@ -1,0 +1,34 @@
+"""The benchmark harness runs end to end on its small preset and writes its report.
+
+Only that the harness works is asserted here; the numbers are measured, not tested.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_compare_writes_a_report_with_every_contender_and_the_floor(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--preset", "small",
+         "--repeats", "1", "--only", "torch.save + boto3", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = (tmp_path / "RESULTS.md").read_text()
+    for row in ("| cloudckpt |", "| cloudckpt async |", "| torch.save + boto3 |",
+                "| ceiling: memory copy |"):  # fmt: skip
+        assert row in report
+    assert "error:" not in report
+    assert "## What bounds save and restore on this machine" in report
+    assert "| cloudckpt save |" in report and "| torch.save + boto3 restore |" in report
+    ratios = json.loads((tmp_path / "results.json").read_text())["ratios"]
+    assert 0 < ratios["stored"] < 1  # compressed below raw
+    assert (tmp_path / "results.png").stat().st_size > 1000
