@@ -156,7 +156,6 @@ class Store:
 
     def stat(self, key: str) -> ObjectInfo | None:
         """Size and modification time, or None if the object does not exist (one HEAD)."""
-
         fast = self._fast_path()
         if fast is not None:
             found = self._run("head", key, lambda: fast.head(key))

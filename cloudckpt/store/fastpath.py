@@ -32,6 +32,7 @@ _CLIENT = {"endpoint_url", "region_name"}
 _CONFIG = {"connect_timeout", "read_timeout", "retries", "s3"}
 
 _STATUS = re.compile(r"status code: (\d{3})")
+_CODE = re.compile(r"<Code>([^<]+)</Code>")
 
 #: obstore runs its requests on a runtime of threads, started at first use; a child
 #: forked after that inherits the runtime without its threads, and any call would hang.
@@ -52,9 +53,6 @@ def usable() -> bool:
     return not _inherited
 
 
-_CODE = re.compile(r"<Code>([^<]+)</Code>")
-
-
 class S3ResponseError(OSError):
     """An S3 error answer seen through obstore, shaped like botocore's for the retry policy."""
 
@@ -64,7 +62,7 @@ class S3ResponseError(OSError):
 
 
 class FastPath:
-    """Blob GET/PUT/HEAD for one bucket through obstore."""
+    """GET, PUT, HEAD and the ETag-carrying GET for one bucket prefix, through obstore."""
 
     def __init__(self, store: Any, prefix: str) -> None:
         import obstore
@@ -134,7 +132,7 @@ class FastPath:
 
     def _path(self, key: str) -> str:
         global _started
-        _started = True
+        _started = True  # every call passes here first: the runtime is (about to be) up
         return f"{self._prefix}/{key}" if self._prefix else key
 
     def get(self, key: str) -> memoryview:
