@@ -114,3 +114,13 @@ def test_local_s3_script_serves_until_stopped(tmp_path: Path) -> None:
         assert json.loads(json.dumps([v.id for v in repo.versions()]))
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_seaweedfs_ports_and_their_grpc_twins_are_all_distinct() -> None:
+    """weed listens on each port and port + 10000; one port equal to another's twin
+    kills it at start (seen once in CI: the S3 gRPC twin was the filer's port)."""
+    from cloudckpt.testing.local_s3 import _weed_ports
+
+    for _ in range(200):
+        ports = _weed_ports()
+        assert len({*ports, *(p + 10000 for p in ports)}) == 8

@@ -154,6 +154,16 @@ class _Server:
         self.stop()
 
 
+def _weed_ports(count: int = 4) -> list[int]:
+    """``count`` free ports whose gRPC twins (port + 10000) are free too, and none of
+    the eight equal to another: weed dies if its S3 gRPC twin is, say, the filer's port."""
+    for _ in range(100):
+        ports = [free_port(20000, 45000, twins=(10000,)) for _ in range(count)]
+        if len({*ports, *(p + 10000 for p in ports)}) == 2 * count:
+            return ports
+    raise RuntimeError(f"no {count} distinct free port pairs on {HOST}")
+
+
 class SeaweedFS(_Server):
     """``weed server`` with its S3 gateway on a free loopback port."""
 
@@ -164,9 +174,7 @@ class SeaweedFS(_Server):
         data = Path(directory or self._tmp.name)  # type: ignore[union-attr]
         data.mkdir(parents=True, exist_ok=True)
         # weed also listens on port + 10000 (gRPC) for each of its ports.
-        ports = [free_port(20000, 45000, twins=(10000,)) for _ in range(4)]
-        while len(set(ports)) < 4:
-            ports = [free_port(20000, 45000, twins=(10000,)) for _ in range(4)]
+        ports = _weed_ports()
         s3, master, volume, filer = ports
         self.endpoint = f"http://{HOST}:{s3}"
         cmd = [
