@@ -138,17 +138,16 @@ class Store:
 
     def get(self, key: str) -> bytes:
         """The whole object; CheckpointNotFound if it does not exist."""
-        if self._fast_path() is not None:
-            return bytes(self.get_buffer(key))
-        return self._run("get", key, lambda: self.fs.cat_file(self.path(key), **self._get_kwargs))
+        found = self.get_buffer(key)
+        return found if isinstance(found, bytes) else bytes(found)
 
     def get_buffer(self, key: str) -> bytes | memoryview:
         """The whole object as a read-only buffer, without a copy where the transport
         allows (blobs on S3)."""
         fast = self._fast_path()
-        if fast is None:
-            return self.get(key)
-        return self._run("get", key, lambda: fast.get(key))
+        if fast is not None:
+            return self._run("get", key, lambda: fast.get(key))
+        return self._run("get", key, lambda: self.fs.cat_file(self.path(key), **self._get_kwargs))
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object."""
@@ -182,12 +181,11 @@ class Store:
         if fast is not None:
             self._run("put", key, lambda: fast.put(key, data))
             return
-        if isinstance(data, memoryview):
-            data = data.tobytes()
-        if self._local:
+        if self._local:  # a file takes any buffer: no copy
             self._run("put", key, lambda: os.replace(write_temp(path, data), path))
-        else:
-            self._run("put", key, lambda: self.fs.pipe_file(path, data))
+            return
+        body = data.tobytes() if isinstance(data, memoryview) else data
+        self._run("put", key, lambda: self.fs.pipe_file(path, body))
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         """Write only if no object is at ``key``; False if another object was already there.

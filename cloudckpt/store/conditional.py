@@ -132,7 +132,7 @@ class LocalConditional:
         return local_etag(data)
 
 
-def write_temp(path: str, data: bytes) -> str:
+def write_temp(path: str, data: bytes | bytearray | memoryview) -> str:
     """Write ``data`` durably to a temporary file beside ``path``; return its name."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
