@@ -130,42 +130,43 @@ class FastPath:
             return None
         return cls(store, prefix)
 
-    def _path(self, key: str) -> str:
+    def _call(self, operation: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+        """``operation(store, path, ...)`` with obstore's errors translated."""
         global _started
-        _started = True  # every call passes here first: the runtime is (about to be) up
-        return f"{self._prefix}/{key}" if self._prefix else key
+        _started = True  # obstore's runtime is (about to be) up in this process
+        path = f"{self._prefix}/{key}" if self._prefix else key
+        try:
+            return operation(self._store, path, *args, **kwargs)
+        except Exception as e:
+            raise _translated(e) from None
+
+    def _read(self, store: Any, path: str) -> tuple[Any, str]:
+        # The body streams in .bytes(): it must run inside _call, where a cut-short
+        # answer is translated into a retryable error.
+        found = self._obs.get(store, path)
+        return found.bytes(), found.meta["e_tag"]
 
     def get(self, key: str) -> memoryview:
         """The whole object, without a copy (a read-only buffer)."""
-        try:
-            return memoryview(self._obs.get(self._store, self._path(key)).bytes())
-        except Exception as e:
-            raise _translated(e) from None
+        return memoryview(self._call(self._read, key)[0])
 
     def get_versioned(self, key: str) -> tuple[bytes, str] | None:
         """The object and its ETag (as S3 sends it, quotes included), or None if absent."""
         try:
-            found = self._obs.get(self._store, self._path(key))
-            return bytes(found.bytes()), found.meta["e_tag"]
+            body, etag = self._call(self._read, key)
         except FileNotFoundError:
             return None
-        except Exception as e:
-            raise _translated(e) from None
+        return bytes(body), etag
 
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._obs.put(self._store, self._path(key), data, use_multipart=False)
-        except Exception as e:
-            raise _translated(e) from None
+        self._call(self._obs.put, key, data, use_multipart=False)
 
     def head(self, key: str) -> tuple[int, float] | None:
         """(size, modified) or None if absent."""
         try:
-            meta = self._obs.head(self._store, self._path(key))
+            meta = self._call(self._obs.head, key)
         except FileNotFoundError:
             return None
-        except Exception as e:
-            raise _translated(e) from None
         return int(meta["size"]), meta["last_modified"].timestamp()
 
 
