@@ -354,13 +354,11 @@ def incremental(model: GPT, bucket_uri: str, client: Any, saves: int = 3) -> dic
         model(idx[:, :-1], idx[:, 1:]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        before = {k: v.clone() for k, v in state_of(model, opt)["model"].items()} if i else None
         version = repo.commit(state_of(model, opt), step=i)
         changed = sum(t.nbytes for p in trainable for t in [p, *opt.state[p].values()]
                       if isinstance(t, torch.Tensor))  # fmt: skip
         rows.append({"save": i + 1, "uploaded": version.uploaded_bytes,
                      "logical": version.logical_bytes, "changed": changed})  # fmt: skip
-        del before
     for module in frozen:
         module.requires_grad_(True)
     delete_prefix(client, repo.uri)
