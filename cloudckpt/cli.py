@@ -130,7 +130,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     v = repo.resolve(args.ref)
     doc = repo.manifest(v)
     tensors = []
-    for e in doc["tensors"]:
+    for e in doc.tensors:
         chunks = list(iter_chunks(e))
         raw = sum(c.size for c in chunks)
         stored = sum(c.stored * c.size / max(c.blob_size, 1) for c in chunks)

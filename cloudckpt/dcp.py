@@ -15,6 +15,7 @@ pickles, and are handed back to the planner without unpickling anything download
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Mapping
@@ -46,6 +47,7 @@ from torch.futures import Future
 
 from cloudckpt import loading, tree
 from cloudckpt.blobs import TransferStats, iter_chunks
+from cloudckpt.commit import Start, Transaction
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedState
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.versions import Version
@@ -76,10 +78,11 @@ class CloudStorageWriter(StorageWriter):
         self.branch, self.step, self.metrics = branch, step, dict(metrics or {})
         self.message, self.meta = message, dict(meta or {})
         self.version: Version | None = None
-        self._parent: str | None = None
+        self._txn: Transaction | None = None
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         self.version = None
+        self._txn = None
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -88,14 +91,24 @@ class CloudStorageWriter(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        # The parent is fixed before any rank uploads, so every rank skips its blobs.
-        self._parent = self.repo.index().branches.get(self.branch)
-        return [
-            SavePlan(p.items, storage_data=self._parent, planner_data=p.planner_data) for p in plans
-        ]
+        # The coordinator begins the commit before any rank uploads: every rank skips the
+        # parent's blobs, and the publish knows when the uploads started.
+        self._txn = self._transaction().begin()
+        start = self._txn.start.to_json()  # type: ignore[union-attr]
+        return [dataclasses.replace(p, storage_data=start) for p in plans]
+
+    def _transaction(self) -> Transaction:
+        return self.repo.transaction(
+            branch=self.branch, step=self.step, metrics=self.metrics, message=self.message,
+            meta={"dcp": True, **self.meta},
+        )  # fmt: skip
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        parent = plan.storage_data if isinstance(plan.storage_data, str) else None
+        txn = self._txn
+        if txn is None:  # a rank other than the coordinator: the start came with the plan
+            txn = self._transaction()
+            txn.start = Start.from_json(plan.storage_data)
+            txn.begin()
         leaves: list[tree.Leaf] = []
         results: list[WriteResult] = []
         tensor_items = []
@@ -110,7 +123,7 @@ class CloudStorageWriter(StorageWriter):
             tree.torch_dtype(dtype)  # refuse what cannot be stored, before uploading
             leaves.append(tree.Leaf(_key(item.index), "torch", dtype, tuple(tensor.shape), tensor))
             tensor_items.append(item)
-        entries, stats = self.repo.writer(parent).write(leaves)
+        entries, stats = txn.writer().write(leaves)
         for i, (item, entry) in enumerate(zip(tensor_items, entries, strict=True)):
             extra = {"uploaded": stats.transferred_bytes} if i == 0 else {}
             results.append(WriteResult(item.index, leaves[i].nbytes, {"entry": entry, **extra}))
@@ -147,11 +160,10 @@ class CloudStorageWriter(StorageWriter):
             "planner_data": _jsonable(metadata.planner_data),
             "items": items,
         }
-        self.version = self.repo.publish(
-            tree.flat_skeleton(names), entries, stats, branch=self.branch, parent=self._parent,
-            step=self.step, metrics=self.metrics, message=self.message,
-            meta={"dcp": True, **self.meta}, extra={"dcp": layout},
-        )  # fmt: skip
+        assert self._txn is not None, "finish runs on the coordinator, after prepare_global_plan"
+        self.version = self._txn.publish(
+            tree.flat_skeleton(names), entries, stats, extra={"dcp": layout}
+        )
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.repo.uri)
@@ -185,7 +197,7 @@ class CloudStorageReader(StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         self.version = self.repo.resolve(self.ref)
         doc = self.repo.manifest(self.version)
-        layout = doc.get("dcp")
+        layout = doc.extra.get("dcp")
         where = self.repo.store.url(f"manifests/{self.version.id}.json")
         if not isinstance(layout, dict):
             raise CheckpointNotFound(
@@ -193,7 +205,7 @@ class CloudStorageReader(StorageReader):
                 "Repo.load or CheckpointManager.restore"
             )
         try:
-            self._entries = doc["tensors"]
+            self._entries = doc.tensors
             state_md = {fqn: _parse_md(md) for fqn, md in layout["state_dict_metadata"].items()}
             self._where = {}
             for row in layout["items"]:

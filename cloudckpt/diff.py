@@ -43,8 +43,8 @@ def diff_versions(repo: Repo, a: str, b: str, norms: bool = True) -> Diff:
     """Compare versions ``a`` and ``b`` by their chunk hashes (no download), then, with
     ``norms``, fetch only the changed floating-point tensors for the norm of the change."""
     va, vb = repo.resolve(a), repo.resolve(b)
-    ea = {e["path"]: e for e in repo.manifest(va)["tensors"]}
-    eb = {e["path"]: e for e in repo.manifest(vb)["tensors"]}
+    ea = {e["path"]: e for e in repo.manifest(va).tensors}
+    eb = {e["path"]: e for e in repo.manifest(vb).tensors}
     out = Diff(
         va.id, vb.id, added=sorted(eb.keys() - ea.keys()), removed=sorted(ea.keys() - eb.keys())
     )

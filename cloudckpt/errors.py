@@ -33,3 +33,13 @@ class PreconditionFailed(StoreError):
 
 class LeaseHeld(CloudCkptError):
     """Another job holds the writer lease of the branch (the message names it)."""
+
+
+class FencedOut(LeaseHeld):
+    """A commit was refused because its writer lease passed to another job meanwhile
+    (the branch's fencing token moved past the one the commit carried)."""
+
+
+class SweepExpired(CloudCkptError):
+    """A garbage collection stopped before deleting: its sweep was not renewed in time
+    (the process was frozen or cut off), so commits may already rely on what it marked."""

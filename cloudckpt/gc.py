@@ -1,30 +1,46 @@
-"""Garbage collection: mark everything live versions reach, sweep the rest when old.
+"""Garbage collection: sweep the manifests and blobs no live version reaches.
 
-Live: every version in ``versions.json``, every version deleted less than ``grace``
-seconds ago (a reader may be loading it), and every manifest younger than ``grace`` (a
-commit may be about to publish it). Only objects older than ``grace`` are swept, so a
-blob a running commit uploaded or decided to reuse is never taken from under it.
+A collection lists the store, then *registers its sweep* in ``versions.json`` -- one
+compare-and-swap that bumps the gc epoch and names the sweep -- and reads the live set
+from that very swap. A commit that started before the bump, or while any sweep runs,
+cannot publish until the sweeps have ended and it has checked that its blobs are still
+stored (``cloudckpt.commit``); so what a collection deletes is never in a version it did
+not see. That holds for every ``grace``, 0 included: the grace only spares data of
+versions deleted less than ``grace`` ago (a reader may be loading one) and young
+objects of commits still running (so that they need not upload them again).
+
+The sweep is renewed every ``sweep_ttl``/3 seconds; before every delete request the
+collection checks that its last renewal is recent, by its own monotonic clock, so one
+that was frozen (SIGSTOP, a paused VM) past its ttl -- when commits may already treat it
+as dead -- stops instead of deleting by a stale listing. Ages are measured by the
+store's clock: object times against the time ``versions.json`` was written by the
+registering swap.
+
+Any number of collections may run at once; deleting what another already deleted is
+not an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from cloudckpt import versions
-from cloudckpt.blobs import iter_chunks
-from cloudckpt.blobs.layout import MIN_GC_GRACE
-from cloudckpt.errors import CorruptCheckpoint
-
-if TYPE_CHECKING:
-    from cloudckpt.repo import Repo
+from cloudckpt import manifest, versions
+from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, SweepExpired
+from cloudckpt.store import ObjectInfo, Store
+from cloudckpt.versions import Index, Sweep
 
 log = logging.getLogger("cloudckpt")
 
-#: The default grace period: long enough for commits, reads and clock skew.
-DEFAULT_GRACE = 2 * MIN_GC_GRACE
+#: The default grace period: a reader of a deleted version has this long to finish.
+DEFAULT_GRACE = 2 * 3600.0
+#: A sweep not renewed for this long is dead to commits waiting for it.
+SWEEP_TTL = 60.0
 
 
 @dataclass
@@ -35,55 +51,192 @@ class GCReport:
     blobs: list[str] = field(default_factory=list)
     freed_bytes: int = 0
     kept_blobs: int = 0
-    #: Incomplete multipart uploads aborted (left by writers that died mid-upload).
+    #: Incomplete multipart uploads aborted and temporary files removed (left by writers
+    #: that died mid-upload).
     aborted_uploads: int = 0
+    #: Deleted versions whose data this collection removed (their grace had passed).
+    expired: list[str] = field(default_factory=list)
     dry_run: bool = False
 
 
-def collect(repo: Repo, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GCReport:
-    """Remove manifests and blobs that no live version reaches and that are older than
-    ``grace`` seconds. A grace below ``MIN_GC_GRACE`` is for single-writer use (tests):
-    it may sweep a blob a concurrent commit has just decided to reuse."""
-    if grace < MIN_GC_GRACE:
-        log.warning("gc with grace %.0fs < %.0fs: safe only with no concurrent writer", grace,
-                    MIN_GC_GRACE)  # fmt: skip
-    store = repo.store
-    now = time.time()
-    index = repo.index()
-    live = set(index.versions) | {v for v, t in index.deleted.items() if now - t < grace}
+def collect(
+    store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False, sweep_ttl: float = SWEEP_TTL
+) -> GCReport:
+    """Remove the manifests and blobs that no live version reaches and that are older
+    than ``grace`` seconds; safe with commits, other collections, repair and retention
+    running at once, for any ``grace`` >= 0."""
+    if grace < 0:
+        raise ValueError(f"grace must be >= 0 seconds, not {grace}")
+    listed = _Listing(
+        store.list_info(manifest.PREFIX),
+        store.list_info(manifest.MARKERS),
+        store.list_info("blobs"),
+    )
     report = GCReport(dry_run=dry_run)
+    if dry_run:
+        index = versions.read(store)[0]
+        _decide(store, index, listed, _store_now(store), grace, report)
+        return report
+    with _SweepLease(store, sweep_ttl) as sweep:
+        now = _store_now(store)
+        markers = _decide(store, sweep.index, listed, now, grace, report)
+        # Markers first (repair must not bring back a version being swept), then blobs
+        # (a manifest without its blobs is never live), then the manifests.
+        store.delete(markers, guard=sweep.guard)
+        store.delete(report.blobs, guard=sweep.guard)
+        store.delete(report.manifests, guard=sweep.guard)
+        sweep.guard()
+        report.aborted_uploads = store.abort_stale_uploads(now - grace)
+        sweep.finish(now, report.expired)
+    log.info(
+        "gc %s: %d manifests, %d blobs, %.1f MB %s; %d blobs kept",
+        store.uri, len(report.manifests), len(report.blobs), report.freed_bytes / 1e6,
+        "would be freed" if dry_run else "freed", report.kept_blobs,
+    )  # fmt: skip
+    return report
+
+
+@dataclass(frozen=True)
+class _Listing:
+    manifests: dict[str, ObjectInfo]
+    markers: dict[str, ObjectInfo]
+    blobs: dict[str, ObjectInfo]
+
+
+def _store_now(store: Store) -> float:
+    info = store.stat(versions.KEY)
+    return info.modified if info is not None else store.now()
+
+
+def _decide(
+    store: Store, index: Index, listed: _Listing, now: float, grace: float, report: GCReport
+) -> list[str]:
+    """Fill ``report`` with what to sweep; returns the published markers to remove."""
+    # A deletion not stamped yet happened before this collection registered its sweep:
+    # ``now`` is its latest possible time.
+    live = set(index.versions) | {v for v, t in index.deleted.items() if now - (t or now) < grace}
+    report.expired = sorted(set(index.deleted) - live)
+    young = {
+        manifest.vid_of(k) for k, info in listed.manifests.items() if now - info.modified < grace
+    }
     marked: set[str] = set()
-    for key, info in store.list_info("manifests").items():
-        vid = key.rsplit("/", 1)[-1].removesuffix(".json")
-        if vid in live or now - info.modified < grace:
-            try:
-                doc = repo._manifest(vid)
-            except CorruptCheckpoint as e:
-                if vid in index.versions:
-                    raise  # never sweep what a damaged live manifest might still need
-                log.warning("gc: skipping unreadable manifest %s: %s", key, e)
-                continue
-            marked.update(c.digest for entry in doc["tensors"] for c in iter_chunks(entry))
-        else:
-            report.manifests.append(key)
-    for key, info in store.list_info("blobs").items():
+    for vid in sorted(live | young):
+        try:
+            marked |= manifest.read(store, vid).digests()
+        except CorruptCheckpoint as e:
+            if vid in index.versions and store.stat(manifest.key(vid)) is not None:
+                raise  # never sweep what a damaged live manifest might still need
+            log.warning("gc: skipping unreadable manifest of %s: %s", vid, e)
+    report.manifests = [k for k in listed.manifests if manifest.vid_of(k) not in live | young]
+    swept = {manifest.vid_of(k) for k in report.manifests}
+    for key, info in listed.blobs.items():
         if key.rsplit("/", 1)[-1] in marked or now - info.modified < grace:
             report.kept_blobs += 1
             continue
         report.blobs.append(key)
         report.freed_bytes += info.size
-    if not dry_run:
-        # Blobs first: a manifest left without its blobs is never live, while a blob
-        # left without its manifest is swept next time.
-        store.delete(report.blobs)
-        store.delete(report.manifests)
-        report.aborted_uploads = store.abort_stale_uploads(now - grace)
-        expired = [v for v, t in index.deleted.items() if now - t >= grace]
-        if expired:
-            versions.update(store, lambda ix: [ix.deleted.pop(v, None) for v in expired])
-    log.info(
-        "gc %s: %d manifests, %d blobs, %.1f MB %s; %d blobs kept",
-        repo.uri, len(report.manifests), len(report.blobs), report.freed_bytes / 1e6,
-        "would be freed" if dry_run else "freed", report.kept_blobs,
-    )  # fmt: skip
-    return report
+    return [
+        k
+        for k, info in listed.markers.items()
+        if manifest.vid_of(k) in swept
+        or (manifest.vid_of(k) not in live and now - info.modified >= grace)
+    ]
+
+
+class _SweepLease:
+    """This collection's entry in ``versions.json``'s running sweeps, renewed from a
+    thread; ``guard()`` raises SweepExpired once it may have lapsed."""
+
+    def __init__(self, store: Store, ttl: float) -> None:
+        if ttl <= 0:
+            raise ValueError("sweep_ttl must be positive")
+        self.store, self.ttl = store, ttl
+        self.token = secrets.token_hex(8)
+        self.index = Index()
+        self._seq = 0
+        self._renewed = 0.0  # monotonic time the last successful renewal was sent
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stamp: list[str] = []
+
+    def __enter__(self) -> _SweepLease:
+        sent = time.monotonic()
+
+        def register(ix: Index) -> None:
+            ix.gc_epoch += 1
+            ix.sweeps[self.token] = Sweep(0, self.ttl)
+
+        self.index = versions.update(self.store, register)
+        self._renewed = sent
+        self._stamp = [v for v, t in self.index.deleted.items() if t is None]
+        self._thread = threading.Thread(target=_renew_sweep, args=(weakref.ref(self), self._stop),
+                                        name="cloudckpt-gc", daemon=True)  # fmt: skip
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self.token:  # not finished: withdraw the sweep
+            with contextlib.suppress(CloudCkptError):
+                versions.update(self.store, self._withdraw)
+
+    def guard(self) -> None:
+        if self._lost is None and time.monotonic() - self._renewed > self.ttl * 2 / 3:
+            self._lost = (
+                f"this garbage collection's sweep was not renewed for {self.ttl * 2 / 3:.0f}s "
+                "(frozen or cut off from the store); it stopped before deleting more"
+            )
+        if self._lost is not None:
+            raise SweepExpired(f"{self.store.uri}: {self._lost}")
+
+    def renew(self) -> None:
+        sent = time.monotonic()
+
+        def bump(ix: Index) -> None:
+            sweep = ix.sweeps.get(self.token)
+            if sweep is None:
+                raise SweepExpired("the sweep was removed by a commit that found it dead")
+            ix.sweeps[self.token] = Sweep(sweep.seq + 1, sweep.ttl)
+
+        try:
+            versions.update(self.store, bump)
+        except SweepExpired as e:
+            self._lost = str(e)
+            return
+        self._renewed = sent
+
+    def finish(self, now: float, expired: list[str]) -> None:
+        """End the sweep: forget the deletions whose data it removed, and stamp with
+        ``now`` those it found unstamped."""
+        self._stop.set()
+
+        def end(ix: Index) -> None:
+            if self.token not in ix.sweeps:
+                raise SweepExpired("the sweep was removed by a commit that found it dead")
+            del ix.sweeps[self.token]
+            for vid in expired:
+                ix.deleted.pop(vid, None)
+            for vid in self._stamp:
+                if ix.deleted.get(vid, 0) is None:
+                    ix.deleted[vid] = now
+
+        versions.update(self.store, end)
+        self.token = ""
+
+    def _withdraw(self, ix: Index) -> bool:
+        return ix.sweeps.pop(self.token, None) is not None
+
+
+def _renew_sweep(ref: weakref.ref[_SweepLease], stop: threading.Event) -> None:
+    while (sweep := ref()) is not None and sweep._lost is None:
+        interval, sweep = sweep.ttl / 3, None
+        if stop.wait(interval) or (sweep := ref()) is None:
+            return
+        try:
+            sweep.renew()
+        except CloudCkptError as e:  # the guard stops the deletes if this goes on
+            log.warning("gc could not renew its sweep: %s", e)
+        sweep = None

@@ -1,19 +1,19 @@
-"""Checking a version end to end, and rebuilding ``versions.json`` from the manifests."""
+"""Checking a version end to end, and restoring published versions ``versions.json`` lost."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
+import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from cloudckpt import loading, versions
-from cloudckpt.blobs import BlobReader
-from cloudckpt.errors import CorruptCheckpoint
+from cloudckpt import loading, manifest, versions
+from cloudckpt.blobs import BlobReader, TransferOptions
+from cloudckpt.commit import present_blobs, wait_for_sweeps
+from cloudckpt.errors import CommitConflict, CorruptCheckpoint, PreconditionFailed
+from cloudckpt.lease import lease_fence
+from cloudckpt.store import Store
 from cloudckpt.versions import Index, Version
-
-if TYPE_CHECKING:
-    from cloudckpt.repo import Repo
 
 log = logging.getLogger("cloudckpt")
 
@@ -32,53 +32,124 @@ class VerifyReport:
         return not self.problems
 
 
-def verify(repo: Repo, ref: str = "main") -> VerifyReport:
+def verify(store: Store, transfer: TransferOptions, version: Version) -> VerifyReport:
     """Check that a version loads: its manifest parses and is consistent, and each blob
     exists, has the stored size, decompresses and matches its hash. Reports every bad
     object instead of stopping at the first."""
-    version = repo.resolve(ref)
     report = VerifyReport(version.id)
     try:
-        doc = repo.manifest(version)
-        for entry in doc["tensors"]:
+        doc = manifest.read(store, version.id)
+        for entry in doc.tensors:
             loading.check_entry(entry)
     except CorruptCheckpoint as e:
-        report.problems[f"manifests/{version.id}.json"] = str(e)
+        report.problems[manifest.key(version.id)] = str(e)
         return report
-    stats, problems = BlobReader(repo.store, repo.options.transfer).verify(doc["tensors"])
+    stats, problems = BlobReader(store, transfer).verify(doc.tensors)
     report.blobs, report.bytes = stats.transferred_blobs, stats.logical_bytes
     report.problems.update(problems)
     return report
 
 
-def repair(repo: Repo) -> Index:
-    """Rebuild ``versions.json`` from the immutable manifests.
+def repair(store: Store, attempts: int = 16) -> Index:
+    """Bring back into ``versions.json`` the published versions it lost.
 
-    Every manifest that parses becomes a version; each branch's head is its newest
-    version. Tags survive if the old ``versions.json`` still parses; versions deleted but
-    not yet garbage-collected come back (delete them again).
+    A version is brought back when its manifest parses, its ``published/`` marker says
+    its commit was acknowledged (manifests of format 1 predate markers and count as
+    published), all its blobs are stored, and it is neither in the index nor deleted.
+    With a readable index nothing in it is dropped or changed, and a branch head only
+    moves to a descendant of itself. With an unreadable one the index is rebuilt: each
+    branch's head is its newest version, tags are lost, and every branch's fencing token
+    is raised past any seen (current writers must take their lease again).
+
+    Like a commit, the swap waits for running garbage collections and is refused if one
+    started meanwhile, so a version being swept is never brought back.
     """
-    rebuilt = Index()
-    for key in repo.store.list_keys("manifests"):
+    for _ in range(attempts):
         try:
-            doc = json.loads(repo.store.get(key))
-            row = Version.from_dict(doc)
-        except (ValueError, TypeError, CorruptCheckpoint) as e:
+            epoch: int | None = wait_for_sweeps(store)
+        except CorruptCheckpoint:  # no collection can start on it either
+            epoch = None
+        found_rows = _published(store)
+        found = store.read_versioned(versions.KEY)
+        try:
+            current = versions.Index.parse(found[0], store.url(versions.KEY)) if found else Index()
+        except CorruptCheckpoint:
+            current = None
+        if current is not None and (current.sweeps or current.gc_epoch != epoch):
+            continue
+        if current is None:
+            log.warning("repair: %s does not parse; rebuilding it (tags are lost)", versions.KEY)
+            new = _rebuilt(store, found_rows)
+        else:
+            new = _merged(store, current, found_rows)
+            if new is None:
+                log.info("repair: %s lacks no published version", store.url(versions.KEY))
+                return current
+        try:
+            store.put_if_match(versions.KEY, new.dumps(), found[1] if found else None)
+        except PreconditionFailed:
+            continue
+        log.info("repaired %s: %d versions, %d branches", store.uri, len(new.versions),
+                 len(new.branches))  # fmt: skip
+        return new
+    raise CommitConflict(f"{store.url(versions.KEY)} kept changing while repair ran; retry")
+
+
+def _published(store: Store) -> dict[str, Version]:
+    """The rows of every manifest whose commit was acknowledged."""
+    markers = {manifest.vid_of(k) for k in store.list_keys(manifest.MARKERS)}
+    rows: dict[str, Version] = {}
+    for key in store.list_keys(manifest.PREFIX):
+        vid = manifest.vid_of(key)
+        try:
+            doc = manifest.read(store, vid)
+        except CorruptCheckpoint as e:
             log.warning("repair: skipping %s: %s", key, e)
             continue
-        if row.id and key == f"manifests/{row.id}.json":
-            rebuilt.versions[row.id] = row
-    for row in sorted(rebuilt.versions.values(), key=lambda v: (v.created, v.id)):
-        rebuilt.branches[row.branch] = row.id
-    try:
-        old = versions.read(repo.store)[0]
-        rebuilt.tags = {t: v for t, v in old.tags.items() if v in rebuilt.versions}
-    except CorruptCheckpoint:
-        log.warning("repair: the old %s does not parse; tags are lost", versions.KEY)
+        if vid in markers or doc.format == 1:
+            rows[vid] = doc.version
+    return rows
 
-    # Compare-and-swap against whatever is there, parseable or not.
-    found = repo.store.read_versioned(versions.KEY)
-    repo.store.put_if_match(versions.KEY, rebuilt.dumps(), found[1] if found else None)
-    log.info("repaired %s: %d versions, %d branches", repo.uri, len(rebuilt.versions),
-             len(rebuilt.branches))  # fmt: skip
-    return rebuilt
+
+def _complete(store: Store, rows: list[Version]) -> list[Version]:
+    """The rows whose blobs are all stored."""
+    needed = {r.id: manifest.read(store, r.id).digests() for r in rows}
+    present = present_blobs(store, set().union(*needed.values())) if needed else set()
+    for r in rows:
+        if not needed[r.id] <= present:
+            log.warning("repair: not restoring %s: %d of its blobs are gone", r.id,
+                        len(needed[r.id] - present))  # fmt: skip
+    return [r for r in rows if needed[r.id] <= present]
+
+
+def _merged(store: Store, current: Index, rows: dict[str, Version]) -> Index | None:
+    lost = [
+        r for vid, r in rows.items() if vid not in current.versions and vid not in current.deleted
+    ]
+    lost = _complete(store, lost)
+    if not lost:
+        return None
+    new = dataclasses.replace(current, versions=dict(current.versions))
+    for row in lost:
+        new.versions[row.id] = row
+    new.versions = dict(sorted(new.versions.items(), key=lambda kv: (kv[1].created, kv[0])))
+    new.branches = dict(current.branches)
+    for row in sorted(lost, key=lambda v: (v.created, v.id)):
+        head = new.branches.get(row.branch)
+        if head is None or versions.descends(new, row.id, head):
+            new.branches[row.branch] = row.id
+    log.info("repair: restoring %d published versions: %s", len(lost),
+             ", ".join(r.id for r in lost))  # fmt: skip
+    return new
+
+
+def _rebuilt(store: Store, rows: dict[str, Version]) -> Index:
+    new = Index(gc_epoch=secrets.randbits(48))
+    for row in sorted(_complete(store, list(rows.values())), key=lambda v: (v.created, v.id)):
+        new.versions[row.id] = row
+        new.branches[row.branch] = row.id
+    for branch in new.branches:
+        seen = [r.fence or 0 for r in new.versions.values() if r.branch == branch]
+        seen.append(lease_fence(store, branch))
+        new.fences[branch] = max(seen) + 1
+    return new

@@ -4,14 +4,20 @@ The lease is an object (``leases/<branch>.json``) naming its holder -- host, pid
 time -- created if absent and renewed by compare-and-swap from a background thread. A
 second job on the same branch fails fast with :class:`LeaseHeld`, naming the first. A
 lease is free again when its holder releases it (``close()``), when it was not renewed
-for ``ttl`` seconds (a machine that vanished), or at once when its holder was a process
-of this host that no longer exists (a local kill). Jobs on different branches hold
-different leases and run side by side.
+for the holder's own ``ttl`` by the store's clock (a machine that vanished), or at once
+when its holder was a process of this machine -- same boot, same pid namespace, same
+process start time -- that no longer exists (a local kill). Jobs on different branches
+hold different leases and run side by side.
+
+The lease alone cannot stop a job that was frozen and wakes up after losing it; the
+fencing token can: each new holder raises the branch's token in ``versions.json``, and
+a commit carrying an older one is refused (docs/protocol.md, I3).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -23,6 +29,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass
 
+from cloudckpt import versions
 from cloudckpt.errors import CheckpointNotFound, LeaseHeld, PreconditionFailed, StoreError
 from cloudckpt.store import Store
 
@@ -31,27 +38,46 @@ log = logging.getLogger("cloudckpt")
 
 @dataclass(frozen=True)
 class Holder:
+    """Who holds a lease. ``boot``, ``pidns`` and ``start`` (the process's start time in
+    clock ticks since boot) identify the process beyond its pid: two containers share a
+    host name but not a pid namespace, and a pid is reused after its process died."""
+
     host: str
     pid: int
     started: float
-    renewed: float
     token: str
+    ttl: float
+    boot: str = ""
+    pidns: str = ""
+    start: str = ""
+    fence: int = 0
 
     def describe(self) -> str:
         since = _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc)
         return f"pid {self.pid} on host {self.host!r}, started {since:%Y-%m-%d %H:%M:%S} UTC"
 
+    def same_machine(self, other: Holder) -> bool:
+        """Whether both run on one booted machine in one pid namespace (known for sure)."""
+        ids = (self.host, self.boot, self.pidns)
+        return all(ids) and ids == (other.host, other.boot, other.pidns)
+
 
 class WriterLease:
-    """The exclusive right of this process to commit to ``branch`` of the repo at ``store``."""
+    """The exclusive right of this process to commit to ``branch`` of the repo at ``store``.
+
+    Taking it raises the branch's fencing token in ``versions.json``; commits carry
+    :attr:`fence`, and a commit whose token is no longer the branch's is refused
+    (FencedOut), however long its job was frozen.
+    """
 
     def __init__(self, store: Store, branch: str, ttl: float = 60.0) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
         self.store, self.branch, self.ttl = store, branch, ttl
         self.key = f"leases/{branch}.json"
-        now = time.time()
-        self.me = Holder(socket.gethostname(), os.getpid(), now, now, secrets.token_hex(8))
+        pid = os.getpid()
+        self.me = Holder(socket.gethostname(), pid, time.time(), secrets.token_hex(8), ttl,
+                         _boot_id(), _pid_namespace(), _start_ticks(pid))  # fmt: skip
         self._etag: str | None = None
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -61,12 +87,20 @@ class WriterLease:
     def held(self) -> bool:
         return self._etag is not None and self._lost is None
 
-    def acquire(self) -> WriterLease:
-        """Take the lease, or raise LeaseHeld naming its live holder."""
+    @property
+    def fence(self) -> int:
+        """This holder's fencing token (0 before :meth:`acquire`)."""
+        return self.me.fence
+
+    def acquire(self, force: bool = False) -> WriterLease:
+        """Take the lease, or raise LeaseHeld naming its live holder.
+
+        ``force`` takes it from a live holder too (an operator's decision: that job's
+        next commit is refused, fenced out)."""
         for _ in range(16):  # lost races with other acquirers
             found = self.store.read_versioned(self.key)
             if found is None:
-                if self.store.put_if_absent(self.key, self._doc(time.time())):
+                if self.store.put_if_absent(self.key, self._doc()):
                     self._etag = self.store.read_versioned(self.key)[1]  # type: ignore[index]
                     break
                 continue
@@ -74,33 +108,41 @@ class WriterLease:
             if holder is not None and holder.token == self.me.token:
                 self._etag = found[1]
                 break
-            if holder is not None and not self._stale(holder):
-                age = time.time() - holder.renewed
+            why = self._free(holder)
+            if why is None and not force:
+                assert holder is not None
+                age = self._age()
                 raise LeaseHeld(
                     f"{self.store.url(self.key)}: branch {self.branch!r} is being written by "
                     f"{holder.describe()} (renewed {age:.0f}s ago). Use another branch, stop "
-                    f"that job, or wait {max(self.ttl - age, 0):.0f}s for its lease to expire "
-                    "if it is gone."
+                    f"that job, or wait {max(holder.ttl - age, 0):.0f}s for its lease to "
+                    "expire if it is gone."
                 )
-            if holder is None:
-                why = "unreadable"
-            elif holder.pid == self.me.pid and holder.host == self.me.host:
-                why = "from an earlier manager in this process"
-            else:
-                why = f"stale: {holder.describe()}"
             try:
-                self._etag = self.store.put_if_match(self.key, self._doc(time.time()), found[1])
-                log.warning("took over the writer lease of %s (%s)", self.branch, why)
+                self._etag = self.store.put_if_match(self.key, self._doc(), found[1])
+                log.warning("took over the writer lease of %s (%s)", self.branch, why or "forced")
                 break
             except PreconditionFailed:
                 continue
         else:
             raise LeaseHeld(f"{self.store.url(self.key)}: too many jobs racing for the lease")
+        self._raise_fence()
         # The thread holds the lease weakly: a lease dropped without release() stops it.
         self._thread = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop),
                                         name="cloudckpt-lease", daemon=True)  # fmt: skip
         self._thread.start()
         return self
+
+    def _raise_fence(self) -> None:
+        def bump(ix: versions.Index) -> None:
+            fence = ix.fences.get(self.branch, 0) + 1
+            ix.fences[self.branch] = fence
+            self.me = dataclasses.replace(self.me, fence=fence)
+
+        versions.update(self.store, bump)
+        self.renew()  # record the token in the lease object too (repair reads it)
+        if self._lost:
+            raise LeaseHeld(self._lost)
 
     def check(self) -> None:
         """Raise LeaseHeld if another job took the lease from this one (one GET)."""
@@ -109,7 +151,7 @@ class WriterLease:
             holder = _parse(found[0]) if found else None
             if holder is not None and holder.token == self.me.token:
                 self._etag = found[1]  # type: ignore[index]
-            elif found is None and self.store.put_if_absent(self.key, self._doc(time.time())):
+            elif found is None and self.store.put_if_absent(self.key, self._doc()):
                 self._etag = self.store.read_versioned(self.key)[1]  # type: ignore[index]
             else:
                 self._lose(holder)
@@ -118,7 +160,7 @@ class WriterLease:
 
     def renew(self) -> None:
         try:
-            self._etag = self.store.put_if_match(self.key, self._doc(time.time()), self._etag)
+            self._etag = self.store.put_if_match(self.key, self._doc(), self._etag)
         except PreconditionFailed:
             found = self.store.read_versioned(self.key)
             holder = _parse(found[0]) if found else None
@@ -154,18 +196,38 @@ class WriterLease:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
-    def _stale(self, holder: Holder) -> bool:
-        """Expired, or held by a process of this host that is gone -- or by this very
-        process (a second manager here takes over; the first can no longer save)."""
-        if time.time() - holder.renewed > self.ttl:
-            return True
-        if holder.host != self.me.host:
-            return False
-        return holder.pid == self.me.pid or not _alive(holder.pid)
+    def _free(self, holder: Holder | None) -> str | None:
+        """Why the lease may be taken from ``holder``, or None while it is live: its own
+        ttl passed by the store's clock since it was last written, or it is a process of
+        this machine (same boot and pid namespace) that is gone -- or this very process
+        (a second manager here takes over; the first can no longer save)."""
+        if holder is None:
+            return "unreadable"
+        if self._age() > holder.ttl:
+            return f"expired: {holder.describe()}"
+        if holder.same_machine(self.me):
+            if holder.pid == self.me.pid and holder.start == self.me.start:
+                return "from an earlier manager in this process"
+            if not _alive(holder.pid, holder.start):
+                return f"its process is gone: {holder.describe()}"
+        return None
 
-    def _doc(self, now: float) -> bytes:
-        holder = Holder(self.me.host, self.me.pid, self.me.started, now, self.me.token)
-        return json.dumps({**asdict(holder), "ttl": self.ttl, "branch": self.branch}).encode()
+    def _age(self) -> float:
+        """Seconds since the lease object was last written, by the store's clock."""
+        info = self.store.stat(self.key)
+        return 0.0 if info is None else max(0.0, self.store.now() - info.modified)
+
+    def _doc(self) -> bytes:
+        return json.dumps(
+            {**asdict(self.me), "renewed": time.time(), "branch": self.branch}
+        ).encode()
+
+
+def lease_fence(store: Store, branch: str) -> int:
+    """The fencing token recorded in ``branch``'s lease object (0 if none)."""
+    found = store.read_versioned(f"leases/{branch}.json")
+    holder = _parse(found[0]) if found else None
+    return holder.fence if holder is not None else 0
 
 
 def _heartbeat(ref: weakref.ref[WriterLease], stop: threading.Event) -> None:
@@ -183,17 +245,49 @@ def _heartbeat(ref: weakref.ref[WriterLease], stop: threading.Event) -> None:
 def _parse(data: bytes) -> Holder | None:
     try:
         doc = json.loads(data)
-        return Holder(str(doc["host"]), int(doc["pid"]), float(doc["started"]),
-                      float(doc["renewed"]), str(doc["token"]))  # fmt: skip
-    except (ValueError, KeyError, TypeError):
+        return Holder(
+            str(doc["host"]), int(doc["pid"]), float(doc["started"]), str(doc["token"]),
+            float(doc.get("ttl", 60.0)), str(doc.get("boot", "")), str(doc.get("pidns", "")),
+            str(doc.get("start", "")), int(doc.get("fence", 0)),
+        )  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def _alive(pid: int) -> bool:
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _boot_id() -> str:
+    return _read("/proc/sys/kernel/random/boot_id")
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> str:
+    """The process's start time in clock ticks after boot (field 22 of its stat)."""
+    stat = _read(f"/proc/{pid}/stat")
+    fields = stat[stat.rfind(")") + 2 :].split() if stat else []
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _alive(pid: int, start: str) -> bool:
+    """Whether process ``pid`` of this pid namespace runs and is the one that started at
+    ``start`` (not a later process given the same pid)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = _start_ticks(pid)
+    return not (start and now and now != start)

@@ -23,7 +23,7 @@ from cloudckpt import tree
 from cloudckpt.distributed import replicated
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
-from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint
 from cloudckpt.gc import DEFAULT_GRACE
 from cloudckpt.health import HealthCheck
 from cloudckpt.lease import WriterLease
@@ -347,9 +347,13 @@ class CheckpointManager:
 
     def _commit(self, state: Any, job: SaveJob) -> SaveReport:
         with python_rng_untouched():
+            fence = None
+            if self._lease is not None and self.group.rank == 0:
+                self._hold_lease()
+                fence = self._lease.fence
             version = replicated.commit(
                 self.repo, state, self.group, self.distributed, branch=self.branch,
-                step=job.step, metrics=job.metrics, meta=job.meta,
+                step=job.step, metrics=job.metrics, meta=job.meta, fence=fence,
                 before_publish=self._check_lease,
             )  # fmt: skip
             if self.group.rank == 0:
@@ -447,7 +451,10 @@ class CheckpointManager:
         self.repo.delete(doomed)
         self._prunings += 1
         if self.gc_every and self._prunings % self.gc_every == 0:
-            self.repo.gc(grace=self.gc_grace)
+            try:
+                self.repo.gc(grace=self.gc_grace)
+            except CloudCkptError as e:  # the commit landed; the next collection catches up
+                log.warning("garbage collection after step %d failed: %s", self.step_count, e)
 
     # -- health ----------------------------------------------------------------------
     def _roll_back(self, problem: str) -> StepResult:

@@ -12,28 +12,26 @@ A commit uploads missing blobs, writes the manifest (create-if-absent), then swa
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
-import json
 import logging
-import secrets
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudckpt import exchange, integrity, loading, tree, versions
-from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats, iter_chunks
+from cloudckpt import exchange, integrity, loading, manifest, tree, versions
+from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats
+from cloudckpt.commit import CommitRequest, Transaction, new_version_id
 from cloudckpt.diff import Diff, diff_versions
 from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
 from cloudckpt.gc import DEFAULT_GRACE, GCReport, collect
 from cloudckpt.integrity import VerifyReport
+from cloudckpt.manifest import Manifest
 from cloudckpt.store import Store, StoreOptions
 from cloudckpt.versions import Index, Version
 
+__all__ = ["LATEST", "Repo", "RepoOptions", "new_version_id"]
+
 log = logging.getLogger("cloudckpt")
 
-MANIFEST_FORMAT = 1
 LATEST = "latest"
 #: Fills arrays from their manifest entries: ``[(entry, destination), ...] -> stats``.
 Fetch = Callable[[list[tuple[dict[str, Any], Any]]], TransferStats]
@@ -45,12 +43,6 @@ class RepoOptions:
 
     transfer: TransferOptions = field(default_factory=TransferOptions)
     store: StoreOptions = field(default_factory=StoreOptions)
-
-
-def new_version_id() -> str:
-    """Sortable by creation time, unique across writers."""
-    now = _dt.datetime.now(_dt.timezone.utc)
-    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{secrets.token_hex(4)}"
 
 
 class Repo:
@@ -102,27 +94,11 @@ class Repo:
             )
         return found
 
-    def manifest(self, ref: str | Version = "main") -> dict[str, Any]:
+    def manifest(self, ref: str | Version = "main") -> Manifest:
         """The parsed manifest of a version (a ref, or a Version already resolved)."""
-        return self._manifest(ref.id if isinstance(ref, Version) else self.resolve(ref).id)
-
-    def _manifest(self, vid: str) -> dict[str, Any]:
-        key = f"manifests/{vid}.json"
-        where = self.store.url(key)
-        try:
-            doc = json.loads(self.store.get(key))
-        except CheckpointNotFound:
-            raise CorruptCheckpoint(f"{where} is missing: the repository is damaged") from None
-        except ValueError as e:
-            raise CorruptCheckpoint(f"{where} is not valid JSON ({e})") from None
-        if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-            raise CorruptCheckpoint(
-                f"{where}: manifest format {doc.get('format') if isinstance(doc, dict) else '?'}"
-                f" is not supported (this cloudckpt reads {MANIFEST_FORMAT})"
-            )
-        if not isinstance(doc.get("tensors"), list) or "state" not in doc:
-            raise CorruptCheckpoint(f"{where}: manifest lacks its state or tensors")
-        return doc
+        return manifest.read(
+            self.store, ref.id if isinstance(ref, Version) else self.resolve(ref).id
+        )
 
     # -- commit ----------------------------------------------------------------------
     def commit(
@@ -135,101 +111,58 @@ class Repo:
         message: str | None = None,
         meta: Mapping[str, Any] | None = None,
         fast_forward: bool = False,
+        fence: int | None = None,
     ) -> Version:
         """Store ``state`` as a new version at the head of ``branch``.
 
         ``meta`` is recorded with the version (JSON-serializable: why it was saved,
-        recovery actions, timings).
+        recovery actions, timings). ``fence`` is the writer lease's fencing token
+        (:attr:`cloudckpt.lease.WriterLease.fence`).
 
         Raises UnsupportedState (before any upload) if the state holds an object that
-        cannot be stored without pickle, and CommitConflict if another writer moved the
-        branch meanwhile -- unless ``fast_forward``, which commits on top of the new head.
+        cannot be stored without pickle; CommitConflict if another writer moved the
+        branch meanwhile -- unless ``fast_forward``, which commits on top of the new
+        head; FencedOut if the writer lease passed to another job meanwhile.
         """
-        t0 = time.perf_counter()
         skeleton, leaves = tree.flatten(state)
-        parent = self.index().branches.get(branch)
-        entries, stats = self.writer(parent).write(leaves)
-        return self.publish(
-            skeleton, entries, stats, branch=branch, parent=parent, step=step, metrics=metrics,
-            message=message, meta=meta, fast_forward=fast_forward, started=t0,
+        txn = self.transaction(
+            branch=branch, step=step, metrics=metrics, message=message, meta=meta,
+            fast_forward=fast_forward, fence=fence,
+        ).begin()  # fmt: skip
+        entries, stats = txn.writer().write(leaves)
+
+        def restore(missing: set[str]) -> None:
+            known = {d: n for d, n in txn.known.items() if d not in missing}
+            BlobWriter(self.store, self.options.transfer, known).write(leaves)
+
+        version = txn.publish(skeleton, entries, stats, restore=restore)
+        self.last_stats = stats
+        log.debug(
+            "committed %s on %s: %d arrays, %.1f MB logical, %.1f MB stored, %.1f MB uploaded "
+            "(%d new blobs, %d reused) in %.2fs",
+            version.id, branch, len(entries), stats.logical_bytes / 1e6,
+            stats.stored_bytes / 1e6, stats.transferred_bytes / 1e6, stats.transferred_blobs,
+            stats.reused_blobs, stats.seconds,
         )  # fmt: skip
+        return version
 
-    def writer(self, parent: str | None) -> BlobWriter:
-        """A blob writer that skips the blobs of version ``parent`` (known to be stored)."""
-        known = self._known_blobs(parent) if parent else {}
-        return BlobWriter(self.store, self.options.transfer, known)
-
-    def publish(
+    def transaction(
         self,
-        skeleton: Any,
-        entries: list[dict[str, Any]],
-        stats: TransferStats,
         *,
-        branch: str,
-        parent: str | None,
+        branch: str = "main",
         step: int | None = None,
         metrics: Mapping[str, float] | None = None,
         message: str | None = None,
         meta: Mapping[str, Any] | None = None,
         fast_forward: bool = False,
-        started: float | None = None,
-        extra: Mapping[str, Any] | None = None,
-    ) -> Version:
-        """Make uploaded blobs a version: write its manifest, then swap ``versions.json``.
-
-        The second half of :meth:`commit`, for writers that upload in several processes;
-        ``extra`` adds top-level manifest fields (e.g. a DCP layout).
-        """
-        t0 = time.perf_counter() if started is None else started
-        base = Version(
-            id="",
-            branch=branch,
-            parent=parent,
-            step=step,
-            metrics={k: float(v) for k, v in (metrics or {}).items()},
-            message=message,
-            meta=json.loads(json.dumps(dict(meta or {}))),
-            logical_bytes=stats.logical_bytes,
-            stored_bytes=stats.stored_bytes,
-            uploaded_bytes=stats.transferred_bytes,
+        fence: int | None = None,
+    ) -> Transaction:
+        """A commit transaction on this repository (``begin()`` it, upload through its
+        ``writer()``, then ``publish``): for writers that upload in several processes."""
+        request = CommitRequest(
+            branch, step, dict(metrics or {}), message, dict(meta or {}), fast_forward, fence
         )
-        while True:
-            vid = new_version_id()
-            stats.seconds = time.perf_counter() - t0
-            row = dataclasses.replace(
-                base, id=vid, parent=parent, created=time.time(), seconds=stats.seconds
-            )
-            doc = {
-                "format": MANIFEST_FORMAT,
-                **dataclasses.asdict(row),
-                "chunk_size": self.options.transfer.chunk_size,
-                "state": skeleton,
-                "tensors": entries,
-                **dict(extra or {}),
-            }
-            if not self.store.put_if_absent(f"manifests/{vid}.json", json.dumps(doc).encode()):
-                raise CommitConflict(f"{self.uri}: manifest {vid} already exists; retry")
-            try:
-                versions.update(self.store, lambda ix, row=row: _add_version(ix, row))
-                break
-            except _BranchMoved as moved:
-                if not fast_forward:
-                    raise CommitConflict(
-                        f"{self.uri}: branch {branch!r} moved from {parent} to {moved.head} "
-                        "while this commit was uploading; commit again (its blobs are reused),"
-                        " pass fast_forward=True, or use another branch"
-                    ) from None
-                log.info("branch %s moved to %s; committing on top of it", branch, moved.head)
-                parent = moved.head
-        self.last_stats = stats
-        log.debug(
-            "committed %s on %s: %d arrays, %.1f MB logical, %.1f MB stored, %.1f MB uploaded "
-            "(%d new blobs, %d reused) in %.2fs",
-            vid, branch, len(entries), stats.logical_bytes / 1e6, stats.stored_bytes / 1e6,
-            stats.transferred_bytes / 1e6, stats.transferred_blobs, stats.reused_blobs,
-            stats.seconds,
-        )  # fmt: skip
-        return row
+        return Transaction(self.store, self.options.transfer, request)
 
     # -- branches, tags, history --------------------------------------------------------
     def branch(self, name: str, from_ref: str = "main") -> Version:
@@ -286,11 +219,12 @@ class Repo:
     # -- integrity ---------------------------------------------------------------------
     def verify(self, ref: str = "main") -> VerifyReport:
         """Download, decompress and hash every chunk of a version; report each bad one."""
-        return integrity.verify(self, ref)
+        return integrity.verify(self.store, self.options.transfer, self.resolve(ref))
 
     def repair(self) -> Index:
-        """Rebuild ``versions.json`` from the immutable manifests."""
-        return integrity.repair(self)
+        """Bring back the published versions ``versions.json`` lost (see
+        :func:`cloudckpt.integrity.repair`); safe while others commit."""
+        return integrity.repair(self.store)
 
     # -- single files --------------------------------------------------------------------
     def export(self, ref: str, destination: str, **kwargs: Any) -> dict[str, str]:
@@ -310,7 +244,6 @@ class Repo:
 
         def drop(ix: Index) -> None:
             pinned = {*ix.branches.values(), *ix.tags.values()}
-            now = time.time()
             for vid in ids:
                 if vid in pinned:
                     raise CommitConflict(
@@ -318,26 +251,19 @@ class Repo:
                         "delete the branch/tag first"
                     )
                 if ix.versions.pop(vid, None) is not None:
-                    ix.deleted[vid] = now
+                    ix.deleted[vid] = None  # stamped by the store's clock at the next gc
 
         versions.update(self.store, drop)
         log.info("deleted %d versions from %s", len(ids), self.uri)
         return ids
 
     def gc(self, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GCReport:
-        """Sweep manifests and blobs no live version reaches (see :mod:`cloudckpt.gc`)."""
-        return collect(self, grace=grace, dry_run=dry_run)
+        """Sweep manifests and blobs no live version reaches (see :mod:`cloudckpt.gc`);
+        safe with commits, repair and other collections running at once, for any grace."""
+        return collect(self.store, grace=grace, dry_run=dry_run)
 
     def reader(self) -> BlobReader:
         return BlobReader(self.store, self.options.transfer)
-
-    def _known_blobs(self, vid: str) -> dict[str, int]:
-        try:
-            doc = self._manifest(vid)
-            return {c.digest: c.stored for entry in doc["tensors"] for c in iter_chunks(entry)}
-        except CorruptCheckpoint as e:  # a damaged parent must not block new commits
-            log.warning("cannot reuse blobs of parent %s: %s", vid, e)
-            return {}
 
     # -- load ------------------------------------------------------------------------
     def load(
@@ -364,8 +290,8 @@ class Repo:
         chunk from the store); the multi-rank loader downloads a share and broadcasts.
         """
         version = self.resolve(ref)
-        doc = self._manifest(version.id)
-        skeleton = doc["state"]
+        doc = self.manifest(version)
+        skeleton = doc.state
         if keys is not None:
             patterns = list(keys)
             skeleton = tree.select(skeleton, lambda p: loading.matches(p, patterns))
@@ -374,7 +300,7 @@ class Repo:
                     f"{self.uri}: nothing in version {version.id} matches keys {patterns}"
                 )
         destinations = loading.destinations(into)
-        entries = doc["tensors"]
+        entries = doc.tensors
         arrays: dict[int, Any] = {}
         targets: list[tuple[dict[str, Any], Any]] = []
 
@@ -402,20 +328,3 @@ class Repo:
 def _check_name(name: str, kind: str, index: Index) -> None:
     if not name or name == LATEST or name in index.versions or any(c in name for c in " \t\n"):
         raise ValueError(f"{name!r} cannot name a {kind}: it is empty, reserved or a version id")
-
-
-class _BranchMoved(CommitConflict):
-    def __init__(self, head: str | None) -> None:
-        super().__init__(f"branch head moved to {head}")
-        self.head = head
-
-
-def _add_version(index: Index, row: Version) -> bool:
-    if row.id in index.versions:
-        return False  # an earlier attempt of this swap took effect
-    head = index.branches.get(row.branch)
-    if head != row.parent:
-        raise _BranchMoved(head)
-    index.versions[row.id] = row
-    index.branches[row.branch] = row.id
-    return True

@@ -1,7 +1,9 @@
 """The versions manifest (``versions.json``): branches, tags and one row per version.
 
 It is the only mutable object of a repository and changes only by compare-and-swap on
-its ETag, so two writers never lose each other's update.
+its ETag, so two writers never lose each other's update. Besides the rows it holds what
+the protocol's safety rests on (see docs/protocol.md): each branch's fencing token and
+the garbage collector's epoch and running sweeps.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from cloudckpt.errors import CommitConflict, CorruptCheckpoint, PreconditionFail
 from cloudckpt.store import Store
 
 KEY = "versions.json"
-FORMAT = 1
+#: Written by this release; format 1 (no fences, no gc state) is still read and upgraded
+#: on the next write. An older cloudckpt refuses format 2 instead of dropping its fields.
+FORMAT = 2
+READS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class Version:
     uploaded_bytes: int = 0
     seconds: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The writer lease's fencing token the commit carried (None: committed without one).
+    fence: int | None = None
 
     @classmethod
     def from_dict(cls, row: dict[str, Any]) -> Version:
@@ -46,6 +53,15 @@ class Version:
             raise CorruptCheckpoint(f"{KEY}: malformed version row ({e})") from None
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """A garbage collection in its sweep phase: renewed (``seq`` bumped) every ``ttl``/3
+    seconds while it runs; one whose ``seq`` stood still for ``ttl`` is dead."""
+
+    seq: int = 0
+    ttl: float = 60.0
+
+
 @dataclass
 class Index:
     """The parsed versions manifest."""
@@ -53,9 +69,17 @@ class Index:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     versions: dict[str, Version] = field(default_factory=dict)
-    #: Deleted version id -> when it was deleted. Its data stays until garbage
-    #: collection, and for the grace period after deletion (readers mid-load).
-    deleted: dict[str, float] = field(default_factory=dict)
+    #: Deleted version id -> when it was deleted, by the store's clock (None until the
+    #: next garbage collection stamps it). Its data stays for ``grace`` after that stamp
+    #: (readers mid-load).
+    deleted: dict[str, float | None] = field(default_factory=dict)
+    #: Branch -> fencing token of its writer lease; bumped by each new lease holder.
+    fences: dict[str, int] = field(default_factory=dict)
+    #: Bumped by every garbage collection as it starts its sweep: a commit that saw
+    #: another epoch at its start checks its blobs before it publishes.
+    gc_epoch: int = 0
+    #: Garbage collections sweeping now, by token.
+    sweeps: dict[str, Sweep] = field(default_factory=dict)
 
     def dumps(self) -> bytes:
         doc = {
@@ -64,6 +88,11 @@ class Index:
             "tags": self.tags,
             "versions": [asdict(v) for v in self.versions.values()],
             "deleted": self.deleted,
+            "fences": self.fences,
+            "gc": {
+                "epoch": self.gc_epoch,
+                "sweeps": {k: asdict(s) for k, s in self.sweeps.items()},
+            },
         }
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
@@ -71,15 +100,30 @@ class Index:
     def parse(cls, data: bytes, where: str) -> Index:
         try:
             doc = json.loads(data)
-            if doc.get("format") != FORMAT:
+            if doc.get("format") not in READS:
                 raise CorruptCheckpoint(
                     f"{where}: format {doc.get('format')!r} is not supported by this cloudckpt "
-                    f"(it reads format {FORMAT}); upgrade cloudckpt"
+                    f"(it reads formats {', '.join(map(str, READS))}); upgrade cloudckpt"
                 )
             rows = [Version.from_dict(r) for r in doc["versions"]]
             rows.sort(key=lambda v: (v.created, v.id))
-            deleted = {str(k): float(v) for k, v in doc.get("deleted", {}).items()}
-            return cls(dict(doc["branches"]), dict(doc["tags"]), {v.id: v for v in rows}, deleted)
+            deleted = {
+                str(k): None if v is None else float(v) for k, v in doc.get("deleted", {}).items()
+            }
+            gc = doc.get("gc", {})
+            sweeps = {
+                str(k): Sweep(int(v["seq"]), float(v["ttl"]))
+                for k, v in gc.get("sweeps", {}).items()
+            }
+            return cls(
+                {str(k): str(v) for k, v in doc["branches"].items()},
+                {str(k): str(v) for k, v in doc["tags"].items()},
+                {v.id: v for v in rows},
+                deleted,
+                {str(k): int(v) for k, v in doc.get("fences", {}).items()},
+                int(gc.get("epoch", 0)),
+                sweeps,
+            )
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CorruptCheckpoint(
                 f"{where} is not a valid versions manifest ({e}); `repair` rebuilds it from "
@@ -118,3 +162,16 @@ def update(store: Store, change: Callable[[Index], bool | None], attempts: int =
         f"{store.url(KEY)} kept changing under {attempts} attempts to update it: too many "
         "writers on this repository at once; retry"
     )
+
+
+def descends(index: Index, vid: str, ancestor: str) -> bool:
+    """Whether ``ancestor`` is ``vid`` itself or reached from it by parent links."""
+    seen: set[str] = set()
+    current: str | None = vid
+    while current is not None and current not in seen:
+        if current == ancestor:
+            return True
+        seen.add(current)
+        row = index.versions.get(current)
+        current = row.parent if row is not None else None
+    return False

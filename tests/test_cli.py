@@ -70,7 +70,7 @@ def test_diff_branch_tag_and_export(repo, capsys, tmp_path) -> None:
 
 def test_verify_exit_code_distinguishes_corrupt_and_not_found(repo, capsys) -> None:
     assert run(capsys, "verify", repo.uri, "main")[0] == 0
-    digest = repo.manifest("main")["tensors"][0]["chunks"][0][0]
+    digest = repo.manifest("main").tensors[0]["chunks"][0][0]
     repo.store.delete([blob_key(digest)])
     code, out, _ = run(capsys, "verify", repo.uri, "main")
     assert code == 4 and "missing" in out

@@ -95,7 +95,7 @@ def assert_consistent_after_gc(repo: Repo, server: Any) -> None:
     referenced = {
         blob_key(chunk.digest)
         for vid in live
-        for entry in repo.manifest(repo.resolve(vid))["tensors"]
+        for entry in repo.manifest(repo.resolve(vid)).tensors
         for chunk in iter_chunks(entry)
     }
     assert set(repo.store.list_keys("blobs")) == referenced, report

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from cloudckpt import CommitConflict, Repo, RepoOptions, TransferOptions
 from cloudckpt.blobs import blob_key
 from cloudckpt.errors import CheckpointNotFound, UnsupportedState
-from cloudckpt.gc import MIN_GC_GRACE
 from cloudckpt.testing.gpt import GPTConfig, train_state
 
 
@@ -76,7 +75,7 @@ def test_diff_reports_added_removed_changed_bytes_and_norm(repo) -> None:
 def test_verify_reports_each_bad_blob(repo) -> None:
     repo.commit(weights(1))
     assert repo.verify().ok
-    chunks = [c[0] for e in repo.manifest()["tensors"] for c in e["chunks"]]
+    chunks = [c[0] for e in repo.manifest().tensors for c in e["chunks"]]
     blob = repo.store.get(blob_key(chunks[0]))
     repo.store.put(blob_key(chunks[0]), blob[:-1] + bytes([blob[-1] ^ 0xFF]))
     repo.store.delete([blob_key(chunks[1])])
@@ -104,13 +103,11 @@ def test_repair_rebuilds_versions_json_from_manifests(repo) -> None:
 def test_gc_frees_exactly_the_blobs_no_other_version_uses(repo) -> None:
     a = weights(1)
     v1 = repo.commit(a)
-    shared = {
-        c[0] for e in repo.manifest()["tensors"] if e["path"] == "model.a" for c in e["chunks"]
-    }
+    shared = {c[0] for e in repo.manifest().tensors if e["path"] == "model.a" for c in e["chunks"]}
     a["model"]["b"] = torch.randn(64) + 10
     repo.commit(a)
-    only_v1 = {c[0] for e in repo.manifest(v1.id)["tensors"] for c in e["chunks"]} - shared
-    only_v1 -= {c[0] for e in repo.manifest()["tensors"] for c in e["chunks"]}
+    only_v1 = {c[0] for e in repo.manifest(v1.id).tensors for c in e["chunks"]} - shared
+    only_v1 -= {c[0] for e in repo.manifest().tensors for c in e["chunks"]}
     repo.delete([v1.id])
     before = repo.store.list_keys()
     dry = repo.gc(grace=0, dry_run=True)
@@ -139,9 +136,9 @@ def test_gc_running_during_commits_never_damages_them(repo) -> None:
     t = threading.Thread(target=commit_loop)
     t.start()
     while not done.wait(0.05):
-        repo.gc(grace=MIN_GC_GRACE)
+        repo.gc(grace=0)
     t.join()
-    repo.gc(grace=MIN_GC_GRACE)
+    repo.gc(grace=0)
     for v in repo.versions():
         assert repo.verify(v.id).ok
 

@@ -45,4 +45,4 @@ def test_killed_trainer_resumes_on_a_new_machine(seaweedfs: Any, tmp_path: Path)
     want, got = load_file(tmp_path / "ref"), load_file(tmp_path / "resumed")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert [v.step for v in repo.versions()] == [5, 10, 15, 20, 24]
-    assert repo.manifest(repo.resolve("main"))["state"] is not None
+    assert repo.manifest(repo.resolve("main")).state is not None

@@ -106,7 +106,7 @@ def test_keep_last_k_prunes_the_index_then_gc_frees_unshared_blobs(s3) -> None:
     repo = mgr.repo
     assert steps_of(repo) == [4, 5]
     live_blobs = {
-        blob_key(c[0]) for v in repo.versions() for e in repo.manifest(v.id)["tensors"]
+        blob_key(c[0]) for v in repo.versions() for e in repo.manifest(v.id).tensors
         for c in e["chunks"]
     }  # fmt: skip
     assert set(repo.store.list_keys("blobs")) == live_blobs
@@ -183,8 +183,8 @@ def test_restore_falls_back_to_the_newest_version_that_verifies(s3) -> None:
     mgr.step(2, metrics={"loss": t.train()})
     repo = mgr.repo
     newest = repo.manifest()
-    parent_blobs = {c[0] for e in repo.manifest(newest["parent"])["tensors"] for c in e["chunks"]}
-    only_newest = [c[0] for e in newest["tensors"] for c in e["chunks"] if c[0] not in parent_blobs]
+    parent_blobs = {c[0] for e in repo.manifest(newest.version.parent).tensors for c in e["chunks"]}
+    only_newest = [c[0] for e in newest.tensors for c in e["chunks"] if c[0] not in parent_blobs]
     repo.store.delete([blob_key(only_newest[0])])
 
     fresh = Trainer(seed=3)

@@ -74,7 +74,7 @@ def test_gpt_with_adamw_round_trips_and_tied_weights_are_stored_once(backend) ->
     repo.commit(state, step=state["step"])
     loaded = repo.load()
     assert_state_equal(state, loaded)
-    tensors = repo.manifest()["tensors"]
+    tensors = repo.manifest().tensors
     paths = [t["path"] for t in tensors]
     assert "model.wte.weight" in paths and "model.lm_head.weight" not in paths
     assert loaded["model"]["wte.weight"] is loaded["model"]["lm_head.weight"]
@@ -114,8 +114,10 @@ def test_second_commit_of_same_state_uploads_no_blob(s3_backend) -> None:
     assert requests.count("PUT", "blobs/") == 0
     assert requests.count("HEAD", "blobs/") == 0  # known from the parent's manifest
     assert v2.uploaded_bytes == 0 and v2.stored_bytes > 0
-    # Only the manifest and versions.json were written.
-    assert sorted(set(requests.keys("PUT"))) == sorted({f"manifests/{v2.id}.json", "versions.json"})
+    # Only the manifest, versions.json and the published marker were written.
+    assert sorted(set(requests.keys("PUT"))) == sorted(
+        {f"manifests/{v2.id}.json", "versions.json", f"published/{v2.id}"}
+    )
 
 
 def test_changed_tensor_uploads_only_its_chunks(s3_backend) -> None:
@@ -138,7 +140,7 @@ def test_partial_load_fetches_only_the_selected_chunks(s3_backend) -> None:
     repo.commit(state)
     manifest = repo.manifest()
     model_blobs = {
-        c[0] for t in manifest["tensors"] if t["path"].startswith("model.") for c in t["chunks"]
+        c[0] for t in manifest.tensors if t["path"].startswith("model.") for c in t["chunks"]
     }
     reader = Repo(uri, opts)
     requests = S3Requests(reader.store)

@@ -15,14 +15,6 @@ from cloudckpt.errors import CorruptCheckpoint
 CHARGE = 2
 
 
-#: Seconds during which an existing blob that no known-live version references may be
-#: reused instead of written again. Garbage collection must spare anything younger
-#: than twice this (``MIN_GC_GRACE``), so a commit that reuses such a blob has at least
-#: this long to make it live.
-REUSE_WINDOW = 30 * 60.0
-MIN_GC_GRACE = 2 * REUSE_WINDOW
-
-
 def blob_key(digest: str) -> str:
     return f"blobs/{digest[:2]}/{digest}"
 

@@ -20,13 +20,7 @@ import numpy as np
 import torch
 
 from cloudckpt import codec
-from cloudckpt.blobs.layout import (
-    CHARGE,
-    REUSE_WINDOW,
-    ByteBudget,
-    Progress,
-    blob_key,
-)
+from cloudckpt.blobs.layout import CHARGE, ByteBudget, Progress, blob_key
 from cloudckpt.blobs.options import TransferOptions, TransferStats
 from cloudckpt.store import Store
 from cloudckpt.tree import Leaf
@@ -216,10 +210,9 @@ class BlobWriter:
     def _upload(self, digest: str, raw: np.ndarray, choice: codec.CodecChoice) -> tuple[int, bool]:
         key = blob_key(digest)
         existing = self.store.stat(key)
-        # A blob no live version is known to use may be an orphan that garbage collection
-        # is about to sweep; reuse it only while it is young (gc spares young objects),
-        # else write it again, which makes it young.
-        if existing is not None and time.time() - existing.modified < REUSE_WINDOW:
+        # Even an orphan that garbage collection is about to sweep may be reused: the
+        # commit checks its blobs before publishing if a collection ran (cloudckpt.commit).
+        if existing is not None:
             return existing.size, False
         blob = self.codec.encode(memoryview(raw), choice)
         self.store.put(key, blob)

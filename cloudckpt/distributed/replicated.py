@@ -7,7 +7,6 @@ Both calls are collective: every rank calls them, in the same order.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +17,7 @@ import torch
 from cloudckpt import errors, tree
 from cloudckpt.blobs import TransferStats
 from cloudckpt.blobs.writer import BlobResult, assemble
+from cloudckpt.commit import Start
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.repo import Repo
 from cloudckpt.versions import Version
@@ -67,6 +67,7 @@ def commit(
     message: str | None = None,
     meta: Mapping[str, Any] | None = None,
     fast_forward: bool = False,
+    fence: int | None = None,
     before_publish: Callable[[], None] | None = None,
 ) -> Version:
     """Commit ``state``, the same on every rank, as one version. If any rank fails, no
@@ -74,7 +75,7 @@ def commit(
     the version is published (e.g. a lease check)."""
     options = options or DistributedOptions()
     kwargs: dict[str, Any] = dict(branch=branch, step=step, metrics=metrics, message=message,
-                                  fast_forward=fast_forward)  # fmt: skip
+                                  fast_forward=fast_forward, fence=fence)  # fmt: skip
     meta = dict(meta or {})
 
     def on_rank0() -> Version:
@@ -100,11 +101,20 @@ def _spread(
     kwargs: dict[str, Any],
     before_publish: Callable[[], None] | None,
 ) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    txn = repo.transaction(**kwargs)
+    # Rank 0 begins the transaction; every rank uploads against the parent it read, and
+    # its publish knows when the uploads started (a garbage collection since then makes
+    # it check the blobs first).
+    begun = _attempt(lambda: txn.begin().start) if group.rank == 0 else {}
+    begun = group.broadcast_json(begun, src=0)
+    if "error" in begun:
+        return begun
     try:
         skeleton, leaves = tree.flatten(state)
-        parent = repo.index().branches.get(kwargs["branch"])
-        writer = repo.writer(parent)
+        if group.rank != 0:
+            txn.start = Start.from_json(begun["version"])
+            txn.begin()
+        writer = txn.writer()
         planned = writer.plan(leaves)
         owner = shares([b.size for b in planned], group.world)
         results = writer.upload(
@@ -127,13 +137,14 @@ def _spread(
         if before_publish is not None:
             before_publish()
         entries, stats = assemble(leaves, planned, merged)
-        return repo.publish(skeleton, entries, stats, parent=parent, meta=meta, started=t0,
-                            **kwargs)  # fmt: skip
+        txn.request = dataclasses.replace(txn.request, meta=meta)
+        return txn.publish(skeleton, entries, stats)
 
     return _attempt(publish)
 
 
-def _attempt(fn: Callable[[], Version]) -> dict[str, Any]:
+def _attempt(fn: Callable[[], Any]) -> dict[str, Any]:
+    """``{"version": the result as JSON}``, or ``{"error": ..., "type": ...}``."""
     try:
         return {"version": dataclasses.asdict(fn())}
     except Exception as e:  # reported to every rank

@@ -5,18 +5,22 @@ Keys are ``/``-separated paths relative to the store's root URI.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import email.utils
 import logging
 import os
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fsspec
+from fsspec.asyn import sync
 
 from cloudckpt import redact
-from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError, StoreError
 from cloudckpt.store import fastpath, multipart
 from cloudckpt.store.conditional import Conditional, for_filesystem, write_temp
 from cloudckpt.store.fastpath import FastPath
@@ -26,6 +30,7 @@ __all__ = ["ObjectInfo", "RetryPolicy", "Store", "StoreOptions"]
 
 log = logging.getLogger("cloudckpt.store")
 T = TypeVar("T")
+_DELETE_BATCH = 500
 
 
 @dataclass(frozen=True)
@@ -113,8 +118,8 @@ class Store:
     def _run(self, what: str, key: str, fn: Callable[[], T]) -> T:
         try:
             return self.options.retry.call(fn, f"{what} {self.url(key)}")
-        except (CheckpointNotFound, PreconditionFailed):
-            raise
+        except CloudCkptError:
+            raise  # ours already (not found, lost race, a guard that stopped the call)
         except FileNotFoundError as e:
             raise CheckpointNotFound(f"{self.url(key)} does not exist") from e
         except PermissionError as e:
@@ -235,8 +240,11 @@ class Store:
         }
 
     def abort_stale_uploads(self, older_than: float) -> int:
-        """Abort incomplete multipart uploads under the root started before ``older_than``
-        (seconds since the epoch): what a killed writer left. Returns how many."""
+        """Abort the writes killed writers left behind, started before ``older_than``
+        (seconds since the epoch, by the store's clock): incomplete multipart uploads on
+        S3, temporary files on ``file://``. Returns how many."""
+        if self._local:
+            return self._remove_stale_temporaries(older_than)
         if not self._http:
             return 0
         stale = self._run("list-uploads", "", lambda: multipart.stale_uploads(
@@ -247,10 +255,53 @@ class Store:
                 self.fs, p, u))  # fmt: skip
         return len(stale)
 
-    def delete(self, keys: Iterable[str]) -> None:
-        paths = [self.path(k) for k in keys]
-        if paths:
-            self._run("delete", paths[0], lambda: self.fs.rm(paths))
+    def _remove_stale_temporaries(self, older_than: float) -> int:
+        removed = 0
+        for directory, _, names in os.walk(self.root):
+            for name in names:
+                path = os.path.join(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if name.startswith(".tmp-") and os.stat(path).st_mtime < older_than:
+                        os.remove(path)
+                        removed += 1
+        return removed
+
+    def delete(self, keys: Iterable[str], guard: Callable[[], None] | None = None) -> None:
+        """Remove objects; one already gone is not an error (another process deleted it).
+
+        ``guard`` runs before every attempt of every request and may raise to stop
+        (a garbage collection whose sweep may have expired must not delete)."""
+        keys = list(keys)
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start : start + _DELETE_BATCH]
+            paths = [self.path(k) for k in batch]
+
+            def _rm(paths: list[str] = paths) -> None:
+                if guard is not None:
+                    guard()
+                if self._http:
+                    self.fs.rm(paths)  # DeleteObjects: absent keys are not errors
+                    return
+                for path in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.fs.rm_file(path)
+
+            self._run("delete", batch[0], _rm)
+
+    def now(self) -> float:
+        """The store's current time (seconds since the epoch): the ``Date`` of a HEAD on
+        S3; this machine's clock for local files and memory. Ages of objects are judged
+        against it, never against the local clock."""
+        if not self._http:
+            return time.time()
+        bucket = self.root.split("/", 1)[0]
+
+        def _head() -> float:
+            resp = sync(self.fs.loop, self.fs._call_s3, "head_bucket", Bucket=bucket)
+            date = resp["ResponseMetadata"]["HTTPHeaders"]["date"]
+            return email.utils.parsedate_to_datetime(date).timestamp()
+
+        return self._run("head", "", _head)
 
 
 def _clear_frames(exc: BaseException | None) -> None:

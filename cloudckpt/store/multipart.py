@@ -72,7 +72,8 @@ def abort(fs: Any, path: str, upload_id: str) -> None:
 
 
 def stale_uploads(fs: Any, root: str, older_than: float) -> list[tuple[str, str]]:
-    """(path, upload id) of incomplete uploads under ``root`` started before ``older_than``."""
+    """(path, upload id) of incomplete uploads under ``root`` started before ``older_than``
+    (compared in whole seconds: the store's other timestamps have that resolution)."""
     bucket, prefix, _ = fs.split_path(root)
     found: list[tuple[str, str]] = []
     marker: dict[str, str] = {}
@@ -81,7 +82,7 @@ def stale_uploads(fs: Any, root: str, older_than: float) -> list[tuple[str, str]
                     Prefix=prefix.rstrip("/") + "/", **marker)  # fmt: skip
         for up in page.get("Uploads", []):
             started = up.get("Initiated")
-            if isinstance(started, datetime.datetime) and started.timestamp() < older_than:
+            if isinstance(started, datetime.datetime) and int(started.timestamp()) <= older_than:
                 found.append((f"{bucket}/{up['Key']}", up["UploadId"]))
         if not page.get("IsTruncated"):
             break

@@ -93,9 +93,9 @@ def error_code(exc: BaseException) -> tuple[str | None, int | None]:
 
 def is_retryable(exc: BaseException) -> bool:
     """True for failures that may succeed if the same call is made again."""
-    from cloudckpt.errors import PreconditionFailed
+    from cloudckpt.errors import CloudCkptError
 
-    if isinstance(exc, (PreconditionFailed, FileNotFoundError, FileExistsError, PermissionError)):
+    if isinstance(exc, (CloudCkptError, FileNotFoundError, FileExistsError, PermissionError)):
         return False
     code, status = error_code(exc)
     if code is not None or status is not None:
