@@ -37,6 +37,12 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[st
     return make_root(request, request.param, tmp_path)
 
 
+@pytest.fixture(params=["file", "seaweedfs"])
+def root(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """(uri, storage_options) of an empty repository on local files and on SeaweedFS."""
+    return make_root(request, request.param, tmp_path)
+
+
 @pytest.fixture(params=["moto", "seaweedfs"])
 def s3_backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
     return make_root(request, request.param, tmp_path)

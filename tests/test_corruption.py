@@ -15,14 +15,6 @@ from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.store import Store
 
 
-@pytest.fixture(params=["file", "seaweedfs"])
-def root(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
-    if request.param == "file":
-        return f"file://{tmp_path}/repo", {}
-    server = request.getfixturevalue("seaweedfs")
-    return server.fresh_uri("corrupt"), server.storage_options()
-
-
 def model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 4))
@@ -54,8 +46,8 @@ def two_versions(root: tuple[str, dict[str, Any]]) -> tuple[Repo, dict[str, Any]
 def own_blob(repo: Repo) -> str:
     """A blob the head uses and its parent does not."""
     head = repo.resolve("main")
-    parent = {c.digest for e in repo.manifest(head.parent)["tensors"] for c in iter_chunks(e)}
-    mine = [c.digest for e in repo.manifest(head)["tensors"] for c in iter_chunks(e)]
+    parent = {c.digest for e in repo.manifest(head.parent).tensors for c in iter_chunks(e)}
+    mine = [c.digest for e in repo.manifest(head).tensors for c in iter_chunks(e)]
     return blob_key(next(d for d in mine if d not in parent))
 
 
