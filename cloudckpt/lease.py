@@ -35,6 +35,10 @@ from cloudckpt.store import Store
 
 log = logging.getLogger("cloudckpt")
 
+#: S3 gives object times and its Date header in whole seconds: an age measured from
+#: them may be short by up to this much.
+_CLOCK_RESOLUTION = 1.0
+
 
 @dataclass(frozen=True)
 class Holder:
@@ -203,7 +207,7 @@ class WriterLease:
         (a second manager here takes over; the first can no longer save)."""
         if holder is None:
             return "unreadable"
-        if self._age() > holder.ttl:
+        if self._age() > holder.ttl + _CLOCK_RESOLUTION:
             return f"expired: {holder.describe()}"
         if holder.same_machine(self.me):
             if holder.pid == self.me.pid and holder.start == self.me.start:

@@ -97,7 +97,7 @@ def test_renewal_keeps_a_lease_and_an_unrenewed_one_expires(seaweedfs: Any) -> N
         elsewhere().acquire()
     mine._stop.set()  # the holder's machine vanishes: no more renewals
     mine._thread.join(5)  # type: ignore[union-attr]
-    time.sleep(1.0)
+    time.sleep(2.5)  # the ttl, and the store clock's one-second resolution
     taken = elsewhere().acquire()
     with pytest.raises(LeaseHeld, match="lost its writer lease"):
         mine.check()
@@ -122,3 +122,52 @@ def test_not_exclusive_takes_no_lease(seaweedfs: Any) -> None:
         mgr.restore(model=nn.Linear(4, 4))
         mgr.step(1)
         assert Store(uri, opts).list_keys("leases") == []
+
+
+def planted(store: Store, **holder: Any) -> None:
+    """Write a lease as another job would have, renewed just now, with ``holder`` fields."""
+    me = WriterLease(store, "main").me
+    doc = {**dataclasses.asdict(me), "token": "someone-else", "renewed": time.time(), **holder}
+    store.put("leases/main.json", json.dumps(doc).encode())
+
+
+def test_a_live_holder_in_another_pid_namespace_is_not_taken_over(seaweedfs: Any) -> None:
+    """Issue item 6a: two containers share a host name, not a pid namespace; the holder
+    is pid 1 there (or any pid that does not exist here)."""
+    store = Store(seaweedfs.fresh_uri("lease"), seaweedfs.storage_options())
+    for pid in (1, 2**22 - 1):
+        planted(store, pid=pid, pidns="4026532999", ttl=60.0)
+        with pytest.raises(LeaseHeld, match="is being written by"):
+            WriterLease(store, "main", ttl=60).acquire()
+
+
+def test_staleness_is_judged_by_the_holders_ttl(seaweedfs: Any) -> None:
+    """Issue item 6b: a job with ttl=1 took over a live ttl=30 lease after 1 s."""
+    store = Store(seaweedfs.fresh_uri("lease"), seaweedfs.storage_options())
+    planted(store, host="another-machine", ttl=30.0)
+    time.sleep(2.5)
+    with pytest.raises(LeaseHeld, match=r"wait 2[0-9]s"):
+        WriterLease(store, "main", ttl=1).acquire()
+
+
+def test_a_reused_pid_does_not_keep_a_dead_holders_lease(seaweedfs: Any) -> None:
+    """The holder's pid now names another process (our parent): its start time differs."""
+    store = Store(seaweedfs.fresh_uri("lease"), seaweedfs.storage_options())
+    planted(store, pid=os.getppid(), start="1", ttl=60.0)
+    lease = WriterLease(store, "main", ttl=60).acquire()
+    assert lease.held and lease.fence == 1
+    lease.release()
+
+
+def test_each_holder_raises_the_fencing_token(seaweedfs: Any) -> None:
+    store = Store(seaweedfs.fresh_uri("lease"), seaweedfs.storage_options())
+    fences = []
+    for _ in range(3):
+        with WriterLease(store, "main", ttl=60) as lease:
+            fences.append(lease.fence)
+    forced = WriterLease(store, "main", ttl=60).acquire()
+    taker = WriterLease(store, "main", ttl=60).acquire(force=True)
+    assert fences == [1, 2, 3] and (forced.fence, taker.fence) == (4, 5)
+    with pytest.raises(LeaseHeld, match="lost its writer lease"):
+        forced.check()
+    taker.release()
