@@ -144,13 +144,14 @@ def cmd_show(args: argparse.Namespace) -> int:
                 "chunks": len(chunks),
             }
         )
-    data = {"version": dataclasses.asdict(v), "tensors": tensors}
+    data = {"version": dataclasses.asdict(v), "format": doc.format, "tensors": tensors}
 
     def text() -> str:
         ratio = v.stored_bytes / v.logical_bytes if v.logical_bytes else 1.0
         lines = [
             f"version  {v.id}{_decorations(repo.index(), v.id)}",
-            f"branch   {v.branch}   parent {v.parent or '-'}",
+            f"branch   {v.branch}   parent {v.parent or '-'}   format {doc.format}"
+            + (f"   fence {v.fence}" if v.fence is not None else ""),
             f"step     {v.step}   metrics {_metrics(v) or '-'}",
             f"created  {_when(v.created)} UTC   took {v.seconds:.2f}s",
             f"size     {_mb(v.logical_bytes)} logical, {_mb(v.stored_bytes)} stored "
