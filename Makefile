@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo docs lint bench bench-compression lock clean
+.PHONY: test demo docs lint bench bench-compression bench-concurrency lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +53,9 @@ lock:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site
+
+# Committers, gc, repair and retention in many processes through injected S3 faults, then
+# a history check (~6 min; CONCURRENCY_ARGS="--seconds 60" for a look).
+CONCURRENCY_ARGS ?= --seconds 300
+bench-concurrency: $(STAMP)
+	$(BIN)/python benchmarks/concurrency.py $(CONCURRENCY_ARGS)

@@ -258,7 +258,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         args,
         {"versions": len(index.versions), "branches": index.branches},
         lambda: (
-            f"rebuilt versions.json: {len(index.versions)} versions, branches "
+            f"repaired versions.json: {len(index.versions)} versions, branches "
             f"{', '.join(f'{b}={h}' for b, h in index.branches.items())}"
         ),
     )
@@ -400,13 +400,14 @@ def parser() -> argparse.ArgumentParser:
         "--grace",
         type=float,
         default=7200.0,
-        help="spare objects younger than this many seconds (default 7200)",
+        help="keep the data of versions deleted less than this many seconds ago, and "
+        "objects as young (default 7200; any value is safe for commits running meanwhile)",
     )
     p.add_argument("--yes", action="store_true", help="really delete")
     add(
         "repair",
         cmd_repair,
-        "rebuild versions.json from the manifests",
+        "bring back published versions versions.json lost (rebuild it if unreadable)",
         "cloudckpt repair s3://bucket/runs/gpt",
     )
     p = add(

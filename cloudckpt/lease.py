@@ -100,7 +100,10 @@ class WriterLease:
         """Take the lease, or raise LeaseHeld naming its live holder.
 
         ``force`` takes it from a live holder too (an operator's decision: that job's
-        next commit is refused, fenced out)."""
+        next commit is refused, fenced out). A lease that was lost stays lost: a job
+        that lost its branch to another must not take it back unawares."""
+        if self._lost:
+            raise LeaseHeld(self._lost)
         for _ in range(16):  # lost races with other acquirers
             found = self.store.read_versioned(self.key)
             if found is None:
