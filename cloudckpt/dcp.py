@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from cloudckpt import loading, tree
+from cloudckpt import loading, manifest, tree
 from cloudckpt.blobs import TransferStats, iter_chunks
 from cloudckpt.commit import Start, Transaction
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedState
@@ -198,7 +198,7 @@ class CloudStorageReader(StorageReader):
         self.version = self.repo.resolve(self.ref)
         doc = self.repo.manifest(self.version)
         layout = doc.extra.get("dcp")
-        where = self.repo.store.url(f"manifests/{self.version.id}.json")
+        where = self.repo.store.url(manifest.key(self.version.id))
         if not isinstance(layout, dict):
             raise CheckpointNotFound(
                 f"{where} was not saved with torch.distributed.checkpoint; load it with "

@@ -1,13 +1,17 @@
 """The checkpoint repository at a URI: commit a state, load it back.
 
-Layout under the root URI (format 1)::
+Layout under the root URI (format 2)::
 
-    versions.json              branches, tags, one row per version (compare-and-swap)
+    versions.json              branches, tags, one row per version, fencing tokens, gc
+                               epoch and sweeps (compare-and-swap)
     manifests/<version>.json   immutable: the state's skeleton and each array's chunks
     blobs/<hh>/<hash>          immutable compressed chunks, named by their content hash
+    published/<version>        the commit was acknowledged (read by repair)
+    leases/<branch>.json       the branch's writer lease
 
 A commit uploads missing blobs, writes the manifest (create-if-absent), then swaps
-``versions.json``; the version exists only once that swap succeeds.
+``versions.json``; the version exists only once that swap succeeds
+(:mod:`cloudckpt.commit`; docs/protocol.md has the whole protocol).
 """
 
 from __future__ import annotations
