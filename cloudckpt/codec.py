@@ -33,6 +33,17 @@ _HEADER = struct.Struct("<4sBBHQ")  # magic, codec id, width, plane count, raw l
 _PLANE = struct.Struct("<BQ")  # 0 raw / 1 zstd, stored length
 
 RAW, ZSTD, PLANES, FPLANES = "raw", "zstd", "planes", "fplanes"
+#: The most planes a blob has (one per byte of the widest element).
+_MAX_PLANES = 8
+
+
+def max_stored(raw_len: int) -> int:
+    """The largest blob any encoding of ``raw_len`` bytes makes: a stored plane is never
+    larger than its raw bytes. Blobs are named by their raw bytes, so the same name may
+    hold another encoding (another dtype's codec, another level) of the same bytes."""
+    return _HEADER.size + _MAX_PLANES * _PLANE.size + raw_len
+
+
 _IDS = {RAW: 0, ZSTD: 1, PLANES: 2, FPLANES: 3}
 _NAMES = {v: k for k, v in _IDS.items()}
 

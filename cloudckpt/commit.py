@@ -32,7 +32,7 @@ from typing import Any
 from cloudckpt import manifest, versions
 from cloudckpt.blobs import BlobWriter, TransferOptions, TransferStats
 from cloudckpt.blobs.layout import blob_key
-from cloudckpt.errors import CommitConflict, CorruptCheckpoint, FencedOut, StoreError
+from cloudckpt.errors import CloudCkptError, CommitConflict, CorruptCheckpoint, FencedOut
 from cloudckpt.manifest import Manifest
 from cloudckpt.store import Store
 from cloudckpt.versions import Index, Version
@@ -207,8 +207,9 @@ class Transaction:
         if fence is not None and index.fences.get(branch, 0) != fence:
             raise FencedOut(
                 f"{self.store.url(versions.KEY)}: this job's writer lease on branch {branch!r} "
-                f"was taken over (fencing token {fence}, now {index.fences.get(branch, 0)}); "
-                "the commit was not published. Stop this job: another one writes the branch."
+                f"was taken over (fencing token {fence}, now {index.fences.get(branch, 0)}: "
+                "another job took the lease, or `repair` rebuilt the index); the commit was "
+                "not published. Stop this job, or restart it to take the lease again."
             )
 
     def _add(self, index: Index, row: Version, epoch: int, checked: bool) -> bool:
@@ -247,7 +248,7 @@ class Transaction:
         marker = json.dumps({"branch": row.branch, "fence": row.fence}).encode()
         try:
             self.store.put(manifest.marker_key(row.id), marker)
-        except StoreError as e:  # published all the same; only repair reads markers
+        except CloudCkptError as e:  # published all the same; only repair reads markers
             log.warning("version %s is published but its marker could not be written: %s",
                         row.id, e)  # fmt: skip
         log.debug("published %s on %s (parent %s, fence %s)", row.id, row.branch, row.parent,

@@ -43,3 +43,8 @@ class FencedOut(LeaseHeld):
 class SweepExpired(CloudCkptError):
     """A garbage collection stopped before deleting: its sweep was not renewed in time
     (the process was frozen or cut off), so commits may already rely on what it marked."""
+
+
+class UnsupportedFormat(CorruptCheckpoint):
+    """A stored object was written in a format this cloudckpt does not read (a newer
+    release wrote it): upgrade cloudckpt; nothing is repaired over it."""

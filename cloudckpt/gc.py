@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
 import threading
 import time
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from cloudckpt import manifest, versions
 from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, SweepExpired
 from cloudckpt.store import ObjectInfo, Store
-from cloudckpt.versions import Index, Sweep
+from cloudckpt.versions import MAX_SWEEP_TTL, Index, Sweep
 
 log = logging.getLogger("cloudckpt")
 
@@ -41,6 +42,9 @@ log = logging.getLogger("cloudckpt")
 DEFAULT_GRACE = 2 * 3600.0
 #: A sweep not renewed for this long is dead to commits waiting for it.
 SWEEP_TTL = 60.0
+#: Incomplete multipart uploads and temporary files are another writer's work in
+#: progress until they are this old, whatever the grace (a commit may still be writing).
+ABANDONED_AFTER = 3600.0
 
 
 @dataclass
@@ -60,13 +64,20 @@ class GCReport:
 
 
 def collect(
-    store: Store, grace: float = DEFAULT_GRACE, dry_run: bool = False, sweep_ttl: float = SWEEP_TTL
+    store: Store,
+    grace: float = DEFAULT_GRACE,
+    dry_run: bool = False,
+    sweep_ttl: float = SWEEP_TTL,
+    abandoned_after: float = ABANDONED_AFTER,
 ) -> GCReport:
     """Remove the manifests and blobs that no live version reaches and that are older
     than ``grace`` seconds; safe with commits, other collections, repair and retention
-    running at once, for any ``grace`` >= 0."""
-    if grace < 0:
+    running at once, for any ``grace`` >= 0. Incomplete uploads and temporary files
+    older than ``abandoned_after`` (and than ``grace``) are removed too."""
+    if not 0 <= grace < math.inf or not 0 <= abandoned_after < math.inf:
         raise ValueError(f"grace must be >= 0 seconds, not {grace}")
+    if not 0 < sweep_ttl <= MAX_SWEEP_TTL:
+        raise ValueError(f"sweep_ttl must be in (0, {MAX_SWEEP_TTL:.0f}] seconds, not {sweep_ttl}")
     listed = _Listing(
         store.list_info(manifest.PREFIX),
         store.list_info(manifest.MARKERS),
@@ -86,7 +97,7 @@ def collect(
         store.delete(report.blobs, guard=sweep.guard)
         store.delete(report.manifests, guard=sweep.guard)
         sweep.guard()
-        report.aborted_uploads = store.abort_stale_uploads(now - grace)
+        report.aborted_uploads = store.abort_stale_uploads(now - max(grace, abandoned_after))
         sweep.finish(now, report.expired)
     log.info(
         "gc %s: %d manifests, %d blobs, %.1f MB %s; %d blobs kept",
@@ -115,7 +126,11 @@ def _decide(
     # A deletion not stamped yet happened before this collection registered its sweep:
     # ``now`` is its latest possible time.
     live = set(index.versions) | {v for v, t in index.deleted.items() if now - (t or now) < grace}
-    report.expired = sorted(set(index.deleted) - live)
+    # Forgotten only once their manifest is swept here: one deleted after the listing
+    # keeps its tombstone (else repair would find its manifest and bring it back).
+    report.expired = sorted(
+        v for v in set(index.deleted) - live if manifest.key(v) in listed.manifests
+    )
     young = {
         manifest.vid_of(k) for k, info in listed.manifests.items() if now - info.modified < grace
     }
@@ -213,15 +228,18 @@ class _SweepLease:
         ``now`` those it found unstamped."""
         self._stop.set()
 
-        def end(ix: Index) -> None:
+        def end(ix: Index) -> bool:
             if self.token not in ix.sweeps:
-                raise SweepExpired("the sweep was removed by a commit that found it dead")
-            del ix.sweeps[self.token]
+                # A retry after a lost response, or a commit took it for dead: either way
+                # the sweep is over (its deletes are done); what is left waits for the next.
+                return False
             for vid in expired:
                 ix.deleted.pop(vid, None)
+            del ix.sweeps[self.token]
             for vid in self._stamp:
                 if ix.deleted.get(vid, 0) is None:
                     ix.deleted[vid] = now
+            return True
 
         versions.update(self.store, end)
         self.token = ""

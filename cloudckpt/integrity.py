@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 from cloudckpt import loading, manifest, versions
 from cloudckpt.blobs import BlobReader, TransferOptions
 from cloudckpt.commit import present_blobs, wait_for_sweeps
-from cloudckpt.errors import CommitConflict, CorruptCheckpoint, PreconditionFailed
+from cloudckpt.errors import (
+    CommitConflict,
+    CorruptCheckpoint,
+    PreconditionFailed,
+    UnsupportedFormat,
+)
 from cloudckpt.lease import lease_fence
 from cloudckpt.store import Store
-from cloudckpt.versions import Index, Version
+from cloudckpt.versions import MAX_SWEEP_TTL, Index, Sweep, Version
 
 log = logging.getLogger("cloudckpt")
 
@@ -58,8 +63,10 @@ def repair(store: Store, attempts: int = 16) -> Index:
     published), all its blobs are stored, and it is neither in the index nor deleted.
     With a readable index nothing in it is dropped or changed, and a branch head only
     moves to a descendant of itself. With an unreadable one the index is rebuilt: each
-    branch's head is its newest version, tags are lost, and every branch's fencing token
-    is raised past any seen (current writers must take their lease again).
+    branch's head is its newest version (the longest lineage), tags are lost, every
+    branch's fencing token is raised past any seen (current writers must take their lease
+    again), and commits wait up to five minutes for any collection that was sweeping when
+    the index was lost to stop.
 
     Like a commit, the swap waits for running garbage collections and is refused if one
     started meanwhile, so a version being swept is never brought back.
@@ -67,12 +74,16 @@ def repair(store: Store, attempts: int = 16) -> Index:
     for _ in range(attempts):
         try:
             epoch: int | None = wait_for_sweeps(store)
+        except UnsupportedFormat:
+            raise
         except CorruptCheckpoint:  # no collection can start on it either
             epoch = None
         found_rows = _published(store)
         found = store.read_versioned(versions.KEY)
         try:
             current = versions.Index.parse(found[0], store.url(versions.KEY)) if found else Index()
+        except UnsupportedFormat:
+            raise  # a newer release's index is not damage: never rebuild over it
         except CorruptCheckpoint:
             current = None
         if current is not None and (current.sweeps or current.gc_epoch != epoch):
@@ -122,6 +133,23 @@ def _complete(store: Store, rows: list[Version]) -> list[Version]:
     return [r for r in rows if needed[r.id] <= present]
 
 
+def _newest_leaf(index: Index, branch: str) -> str:
+    """The head to give ``branch`` when the index is rebuilt: a version of it no other
+    version of it descends from, the one with the longest lineage (clocks of different
+    writers may disagree; parent links do not), then the newest."""
+    rows = [r for r in index.versions.values() if r.branch == branch]
+    parents = {r.parent for r in rows}
+    leaves = [r for r in rows if r.id not in parents] or rows
+
+    def depth(row: Version) -> int:
+        n, current = 0, row
+        while current.parent in index.versions and n <= len(index.versions):
+            n, current = n + 1, index.versions[current.parent]
+        return n
+
+    return max(leaves, key=lambda r: (depth(r), r.created, r.id)).id
+
+
 def _merged(store: Store, current: Index, rows: dict[str, Version]) -> Index | None:
     lost = [
         r for vid, r in rows.items() if vid not in current.versions and vid not in current.deleted
@@ -144,10 +172,17 @@ def _merged(store: Store, current: Index, rows: dict[str, Version]) -> Index | N
 
 
 def _rebuilt(store: Store, rows: dict[str, Version]) -> Index:
-    new = Index(gc_epoch=secrets.randbits(48))
+    # A collection may have been sweeping when the index was lost: its entry is gone with
+    # it, so a stand-in makes commits wait (and then check their blobs) until any such
+    # collection has stopped deleting: unrenewed, it stops within its ttl.
+    new = Index(
+        gc_epoch=secrets.randbits(48),
+        sweeps={f"lost-by-repair-{secrets.token_hex(4)}": Sweep(0, MAX_SWEEP_TTL)},
+    )
     for row in sorted(_complete(store, list(rows.values())), key=lambda v: (v.created, v.id)):
         new.versions[row.id] = row
-        new.branches[row.branch] = row.id
+    for branch in {r.branch for r in new.versions.values()}:
+        new.branches[branch] = _newest_leaf(new, branch)
     for branch in new.branches:
         seen = [r.fence or 0 for r in new.versions.values() if r.branch == branch]
         seen.append(lease_fence(store, branch))

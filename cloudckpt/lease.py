@@ -30,7 +30,7 @@ import weakref
 from dataclasses import asdict, dataclass
 
 from cloudckpt import versions
-from cloudckpt.errors import CheckpointNotFound, LeaseHeld, PreconditionFailed, StoreError
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError, LeaseHeld, PreconditionFailed
 from cloudckpt.store import Store
 
 log = logging.getLogger("cloudckpt")
@@ -55,6 +55,8 @@ class Holder:
     pidns: str = ""
     start: str = ""
     fence: int = 0
+    #: Given up by its holder: free for the next job.
+    released: bool = False
 
     def describe(self) -> str:
         since = _dt.datetime.fromtimestamp(self.started, _dt.timezone.utc)
@@ -141,7 +143,15 @@ class WriterLease:
         return self
 
     def _raise_fence(self) -> None:
+        # Only while the lease is still ours, read after the index the swap is based on:
+        # a holder that stalled between taking the lease and this swap must not raise the
+        # token past the job that took the lease from it meanwhile.
         def bump(ix: versions.Index) -> None:
+            found = self.store.read_versioned(self.key)
+            holder = _parse(found[0]) if found else None
+            if holder is None or holder.token != self.me.token:
+                self._lose(holder)
+                raise LeaseHeld(self._lost or "")
             fence = ix.fences.get(self.branch, 0) + 1
             ix.fences[self.branch] = fence
             self.me = dataclasses.replace(self.me, fence=fence)
@@ -168,7 +178,7 @@ class WriterLease:
     def renew(self) -> None:
         try:
             self._etag = self.store.put_if_match(self.key, self._doc(), self._etag)
-        except PreconditionFailed:
+        except (PreconditionFailed, CheckpointNotFound):
             found = self.store.read_versioned(self.key)
             holder = _parse(found[0]) if found else None
             if holder is not None and holder.token == self.me.token:
@@ -191,10 +201,10 @@ class WriterLease:
             self._thread.join(30)
             self._thread = None
         if self.held:
-            found = self.store.read_versioned(self.key)
-            if found and (h := _parse(found[0])) is not None and h.token == self.me.token:
-                with contextlib.suppress(CheckpointNotFound):
-                    self.store.delete([self.key])
+            # Marked released by compare-and-swap, not deleted: a delete cannot be made
+            # conditional, and one that ran late would remove the next holder's lease.
+            with contextlib.suppress(PreconditionFailed, CheckpointNotFound):
+                self.store.put_if_match(self.key, self._doc(released=True), self._etag)
         self._etag = None
 
     def __enter__(self) -> WriterLease:
@@ -210,6 +220,8 @@ class WriterLease:
         (a second manager here takes over; the first can no longer save)."""
         if holder is None:
             return "unreadable"
+        if holder.released:
+            return "released"
         if self._age() > holder.ttl + _CLOCK_RESOLUTION:
             return f"expired: {holder.describe()}"
         if holder.same_machine(self.me):
@@ -224,10 +236,9 @@ class WriterLease:
         info = self.store.stat(self.key)
         return 0.0 if info is None else max(0.0, self.store.now() - info.modified)
 
-    def _doc(self) -> bytes:
-        return json.dumps(
-            {**asdict(self.me), "renewed": time.time(), "branch": self.branch}
-        ).encode()
+    def _doc(self, released: bool = False) -> bytes:
+        me = dataclasses.replace(self.me, released=released)
+        return json.dumps({**asdict(me), "renewed": time.time(), "branch": self.branch}).encode()
 
 
 def lease_fence(store: Store, branch: str) -> int:
@@ -244,7 +255,7 @@ def _heartbeat(ref: weakref.ref[WriterLease], stop: threading.Event) -> None:
             return
         try:
             lease.renew()
-        except StoreError as e:  # keep trying: the lease lasts ttl
+        except CloudCkptError as e:  # keep trying: the lease lasts ttl
             log.warning("could not renew the writer lease of %s: %s", lease.branch, e)
         lease = None
 
@@ -255,7 +266,7 @@ def _parse(data: bytes) -> Holder | None:
         return Holder(
             str(doc["host"]), int(doc["pid"]), float(doc["started"]), str(doc["token"]),
             float(doc.get("ttl", 60.0)), str(doc.get("boot", "")), str(doc.get("pidns", "")),
-            str(doc.get("start", "")), int(doc.get("fence", 0)),
+            str(doc.get("start", "")), int(doc.get("fence", 0)), bool(doc.get("released")),
         )  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -357,7 +357,11 @@ class CheckpointManager:
                 before_publish=self._check_lease,
             )  # fmt: skip
             if self.group.rank == 0:
-                self._prune()
+                try:
+                    self._prune()
+                except CloudCkptError as e:  # the commit landed; the next pruning catches up
+                    log.warning("retention after step %d failed (the save landed): %s",
+                                job.step, e)  # fmt: skip
         seconds = time.perf_counter() - job.started
         blocked = seconds if job.blocked is None else job.blocked
         self._committed_step = max(self._committed_step or 0, job.step)
@@ -451,10 +455,7 @@ class CheckpointManager:
         self.repo.delete(doomed)
         self._prunings += 1
         if self.gc_every and self._prunings % self.gc_every == 0:
-            try:
-                self.repo.gc(grace=self.gc_grace)
-            except CloudCkptError as e:  # the commit landed; the next collection catches up
-                log.warning("garbage collection after step %d failed: %s", self.step_count, e)
+            self.repo.gc(grace=self.gc_grace)
 
     # -- health ----------------------------------------------------------------------
     def _roll_back(self, problem: str) -> StepResult:

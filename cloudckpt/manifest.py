@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudckpt.blobs.layout import iter_chunks
-from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
+from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
 from cloudckpt.store import Store
 from cloudckpt.versions import Version
 
@@ -83,9 +83,11 @@ class Manifest:
             doc = json.loads(bytes(data))
         except (ValueError, RecursionError) as e:
             raise CorruptCheckpoint(f"{where} is not valid JSON ({e})") from None
-        if not isinstance(doc, dict) or doc.get("format") not in READS:
-            found = doc.get("format") if isinstance(doc, dict) else "?"
-            raise CorruptCheckpoint(
+        if not isinstance(doc, dict):
+            raise CorruptCheckpoint(f"{where}: a manifest must be a JSON object")
+        if doc.get("format") not in READS:
+            found = doc.get("format")
+            raise UnsupportedFormat(
                 f"{where}: manifest format {found!r} is not supported (this cloudckpt reads "
                 f"{', '.join(map(str, READS))}); upgrade cloudckpt"
             )
@@ -100,7 +102,12 @@ class Manifest:
         except (CorruptCheckpoint, TypeError, ValueError) as e:
             raise CorruptCheckpoint(f"{where}: malformed version row ({e})") from None
         extra = {k: v for k, v in doc.items() if k not in row_fields and k not in _OWN}
-        return cls(version, doc["state"], doc["tensors"], chunk_size, extra, doc["format"])
+        found = cls(version, doc["state"], doc["tensors"], chunk_size, extra, doc["format"])
+        try:
+            found.digests()  # every chunk reference checked once, here
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"{where}: {e}") from None
+        return found
 
 
 def read(store: Store, vid: str) -> Manifest:

@@ -26,7 +26,7 @@ from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferSta
 from cloudckpt.commit import CommitRequest, Transaction, new_version_id
 from cloudckpt.diff import Diff, diff_versions
 from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
-from cloudckpt.gc import DEFAULT_GRACE, GCReport, collect
+from cloudckpt.gc import ABANDONED_AFTER, DEFAULT_GRACE, GCReport, collect
 from cloudckpt.integrity import VerifyReport
 from cloudckpt.manifest import Manifest
 from cloudckpt.store import Store, StoreOptions
@@ -261,10 +261,16 @@ class Repo:
         log.info("deleted %d versions from %s", len(ids), self.uri)
         return ids
 
-    def gc(self, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GCReport:
+    def gc(
+        self,
+        grace: float = DEFAULT_GRACE,
+        dry_run: bool = False,
+        abandoned_after: float = ABANDONED_AFTER,
+    ) -> GCReport:
         """Sweep manifests and blobs no live version reaches (see :mod:`cloudckpt.gc`);
-        safe with commits, repair and other collections running at once, for any grace."""
-        return collect(self.store, grace=grace, dry_run=dry_run)
+        safe with commits, repair and other collections running at once, for any grace.
+        Incomplete uploads and temporary files go once older than ``abandoned_after``."""
+        return collect(self.store, grace, dry_run, abandoned_after=abandoned_after)
 
     def reader(self) -> BlobReader:
         return BlobReader(self.store, self.options.transfer)

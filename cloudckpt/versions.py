@@ -15,7 +15,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cloudckpt.errors import CommitConflict, CorruptCheckpoint, PreconditionFailed
+from cloudckpt.errors import (
+    CommitConflict,
+    CorruptCheckpoint,
+    PreconditionFailed,
+    UnsupportedFormat,
+)
 from cloudckpt.store import Store
 
 KEY = "versions.json"
@@ -51,6 +56,11 @@ class Version:
             return cls(**{k: v for k, v in row.items() if k in known})
         except TypeError as e:
             raise CorruptCheckpoint(f"{KEY}: malformed version row ({e})") from None
+
+
+#: The longest ttl a garbage collection's sweep may have: commits wait up to this long
+#: for a sweep that died.
+MAX_SWEEP_TTL = 300.0
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ class Index:
         try:
             doc = json.loads(data)
             if doc.get("format") not in READS:
-                raise CorruptCheckpoint(
+                raise UnsupportedFormat(
                     f"{where}: format {doc.get('format')!r} is not supported by this cloudckpt "
                     f"(it reads formats {', '.join(map(str, READS))}); upgrade cloudckpt"
                 )
@@ -115,6 +125,8 @@ class Index:
                 str(k): Sweep(int(v["seq"]), float(v["ttl"]))
                 for k, v in gc.get("sweeps", {}).items()
             }
+            if not all(0 < s.ttl <= MAX_SWEEP_TTL for s in sweeps.values()):
+                raise ValueError(f"a sweep's ttl is not in (0, {MAX_SWEEP_TTL:.0f}] seconds")
             return cls(
                 {str(k): str(v) for k, v in doc["branches"].items()},
                 {str(k): str(v) for k, v in doc["tags"].items()},
@@ -124,7 +136,7 @@ class Index:
                 int(gc.get("epoch", 0)),
                 sweeps,
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CorruptCheckpoint(
                 f"{where} is not a valid versions manifest ({e}); `repair` rebuilds it from "
                 "the manifests"

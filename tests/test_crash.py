@@ -90,7 +90,7 @@ def assert_consistent_after_gc(repo: Repo, server: Any) -> None:
     """Every visible version verifies; gc leaves exactly what live versions reference."""
     for version in repo.versions():
         assert repo.verify(version.id).ok, version.id
-    report = repo.gc(grace=0)
+    report = repo.gc(grace=0, abandoned_after=0)  # the killed writer's uploads too
     live = {v.id for v in repo.versions()}
     referenced = {
         blob_key(chunk.digest)

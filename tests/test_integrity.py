@@ -3,6 +3,7 @@ on local files and on SeaweedFS."""
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 from test_commit import before_first, repo_at, state
 
 from cloudckpt import manifest, versions
-from cloudckpt.errors import CommitConflict, FencedOut
+from cloudckpt.errors import CommitConflict, FencedOut, UnsupportedFormat
 from cloudckpt.lease import WriterLease
 
 
@@ -128,3 +129,49 @@ def test_a_rebuilt_index_fences_out_every_earlier_lease(root) -> None:
     with pytest.raises(FencedOut):
         repo.commit(state(2), fence=lease.fence)
     lease.release()
+
+
+def test_a_rebuilt_index_makes_commits_wait_for_a_sweep_it_could_not_see(root) -> None:
+    """A collection may be deleting while the index is rebuilt; its entry is lost with the
+    index, so the rebuilt one holds a stand-in that running commits must wait out and
+    that stops the collection's renewal."""
+    repo = repo_at(root)
+    repo.commit(state(1))
+    repo.store.put(versions.KEY, b"{garbled")
+    rebuilt = repo.repair()
+    assert len(rebuilt.sweeps) == 1
+    assert not repo.transaction().begin().start.clean  # type: ignore[union-attr]
+
+
+def test_repair_refuses_to_rebuild_an_index_of_a_newer_format(root) -> None:
+    repo = repo_at(root)
+    repo.commit(state(1))
+    newer = json.dumps({"format": 3, "something": "new"}).encode()
+    repo.store.put(versions.KEY, newer)
+    with pytest.raises(UnsupportedFormat, match="upgrade cloudckpt"):
+        repo.repair()
+    assert repo.store.get(versions.KEY) == newer
+
+
+def test_a_rebuilt_head_follows_parent_links_not_the_writers_clocks(root) -> None:
+    repo = repo_at(root)
+    first = repo.commit(state(1))
+    repo.commit(state(2))
+    last = repo.commit(state(3))
+    doc = json.loads(repo.store.get(manifest.key(first.id)))  # its writer's clock was ahead
+    doc["created"] = first.created + 600
+    repo.store.put(manifest.key(first.id), json.dumps(doc).encode())
+    repo.store.put(versions.KEY, b"{garbled")
+    assert repo.repair().branches["main"] == last.id
+
+
+def test_a_malformed_manifest_is_skipped_by_repair(root) -> None:
+    repo = repo_at(root)
+    kept = repo.commit(state(1))
+    bad = "20261201T000000000Z-deadbeef"
+    repo.store.put(manifest.key(bad), json.dumps({
+        "format": 2, "id": bad, "branch": "main", "state": {},
+        "tensors": [{"path": "x", "chunks": 5}]}).encode())  # fmt: skip
+    repo.store.put(manifest.marker_key(bad), b"{}")
+    repo.store.put(versions.KEY, b"{garbled")
+    assert set(repo.repair().versions) == {kept.id}

@@ -102,7 +102,8 @@ def test_renewal_keeps_a_lease_and_an_unrenewed_one_expires(seaweedfs: Any) -> N
     with pytest.raises(LeaseHeld, match="lost its writer lease"):
         mine.check()
     taken.release()
-    assert store.stat("leases/main.json") is None
+    assert json.loads(store.get("leases/main.json"))["released"] is True
+    WriterLease(store, "main", ttl=60).acquire().release()  # free at once
 
 
 def test_a_manager_that_lost_its_lease_cannot_save(seaweedfs: Any) -> None:
@@ -171,3 +172,64 @@ def test_each_holder_raises_the_fencing_token(seaweedfs: Any) -> None:
     with pytest.raises(LeaseHeld, match="lost its writer lease"):
         forced.check()
     taker.release()
+
+
+def test_a_holder_that_stalled_before_raising_the_fence_cannot_fence_its_successor(
+    seaweedfs: Any,
+) -> None:
+    """A took the lease object, then stalled past its ttl before raising the branch's
+    token; B took over and raised it. A's late raise must fail, not fence B out."""
+    from cloudckpt import Repo
+
+    uri, opts = seaweedfs.fresh_uri("lease"), seaweedfs.storage_options()
+    a = WriterLease(Store(uri, opts), "main", ttl=1)
+    a.me = dataclasses.replace(a.me, host="machine-a")
+    taken: list[WriterLease] = []
+    original = a._raise_fence
+
+    def stall_then_raise_fence() -> None:  # A stalls between its two swaps
+        time.sleep(2.5)
+        taken.append(WriterLease(Store(uri, opts), "main", ttl=60).acquire())
+        original()  # A's late raise of the token
+
+    a._raise_fence = stall_then_raise_fence  # type: ignore[method-assign]
+    with pytest.raises(LeaseHeld, match="lost its writer lease"):
+        a.acquire()
+    b = taken[0]
+    Repo(uri, opts).commit({"w": nn.Linear(2, 2).weight.detach()}, fence=b.fence)
+    b.release()
+
+
+def test_a_late_release_does_not_free_the_next_holders_lease(seaweedfs: Any) -> None:
+    store = Store(seaweedfs.fresh_uri("lease"), seaweedfs.storage_options())
+    a = WriterLease(store, "main", ttl=60).acquire()
+    b = WriterLease(store, "main", ttl=60).acquire(force=True)
+    a.release()  # A wakes up and releases what is no longer its lease
+    assert json.loads(store.get("leases/main.json"))["token"] == b.me.token
+    with pytest.raises(LeaseHeld, match="is being written by"):
+        other = WriterLease(store, "main", ttl=60)
+        other.me = dataclasses.replace(other.me, host="machine-c")
+        other.acquire()
+    b.release()
+
+
+def test_a_vanished_lease_object_is_a_lost_lease_not_a_dead_heartbeat(seaweedfs: Any) -> None:
+    store = Store(seaweedfs.fresh_uri("lease"), seaweedfs.storage_options())
+    lease = WriterLease(store, "main", ttl=60).acquire()
+    store.delete(["leases/main.json"])
+    lease.renew()  # no exception: the heartbeat thread must not die of it
+    assert not lease.held
+    with pytest.raises(LeaseHeld, match="lost its writer lease"):
+        lease.check()
+
+
+def test_a_local_clock_far_ahead_does_not_expire_a_live_lease(tmp_path, monkeypatch) -> None:
+    """On a file system shared between machines, ages come from the file system's clock
+    (a file written now), not from this machine's."""
+    store = Store(f"file://{tmp_path}/repo")
+    planted(store, host="another-machine", ttl=60.0)
+    ahead = time.time() + 600
+    monkeypatch.setattr("cloudckpt.store.time.time", lambda: ahead)
+    monkeypatch.setattr("cloudckpt.lease.time.time", lambda: ahead)
+    with pytest.raises(LeaseHeld, match="is being written by"):
+        WriterLease(store, "main", ttl=60).acquire()

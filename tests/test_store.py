@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
-from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError
+from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError, SweepExpired
 from cloudckpt.store import RetryPolicy, Store, StoreOptions
 
 
@@ -103,3 +104,40 @@ def test_large_objects_go_up_in_multipart(seaweedfs) -> None:
     assert requests.count("PUT", "huge") >= 2  # its parts
     assert store.stat("huge").size == len(data)
     assert store.get_range("huge", len(data) - 5, len(data)) == data[-5:]
+
+
+def test_a_guarded_delete_checks_before_every_object(tmp_path) -> None:
+    """A garbage collection frozen mid-batch must not go on unlinking when it resumes."""
+    store = Store(f"file://{tmp_path}/s")
+    keys = [f"blobs/aa/{n}" for n in range(3)]
+    for key in keys:
+        store.put(key, b"x")
+    calls = []
+
+    def guard() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise SweepExpired("stopped")
+
+    with pytest.raises(SweepExpired):
+        store.delete(keys, guard=guard)
+    assert store.list_keys("blobs") == keys[1:]  # one deleted, then the guard stopped it
+    store.delete([*keys, "blobs/aa/never-was"])  # what is gone already is no error
+    assert store.list_keys("blobs") == []
+
+
+def test_a_frozen_lock_holder_makes_local_swaps_fail_clearly_not_hang(tmp_path) -> None:
+    import fcntl
+
+    from cloudckpt.store.conditional import LocalConditional, LockTimeout
+
+    path = str(tmp_path / "versions.json")
+    cond = LocalConditional(lock_timeout=0.3)
+    etag = cond.replace(path, b"1", None)
+    with open(path + ".lock", "a+b") as held:  # another open file: as another process
+        fcntl.flock(held, fcntl.LOCK_EX)
+        start = time.monotonic()
+        with pytest.raises(LockTimeout, match="held for over 0s"):
+            cond.replace(path, b"2", etag)
+        assert time.monotonic() - start < 5
+    assert cond.replace(path, b"2", etag)

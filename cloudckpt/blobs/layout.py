@@ -73,7 +73,10 @@ def iter_chunks(entry: dict[str, Any]) -> Iterator[ChunkRef]:
     """The chunks of a manifest entry, validated (a hostile manifest cannot name a key
     outside ``blobs/`` nor a range outside its blob)."""
     offset = 0
-    for chunk in entry.get("chunks", ()):
+    chunks = entry.get("chunks", []) if isinstance(entry, dict) else None
+    if not isinstance(chunks, list):
+        raise CorruptCheckpoint(f"manifest entry: malformed chunk list {chunks!r:.100}")
+    for chunk in chunks:
         try:
             digest, size, stored, blob_offset, blob_size = chunk
             ok = (

@@ -10,6 +10,7 @@ import datetime
 import email.utils
 import logging
 import os
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -255,6 +256,15 @@ class Store:
                 self.fs, p, u))  # fmt: skip
         return len(stale)
 
+    def _file_clock(self) -> float:
+        os.makedirs(self.root, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=self.root, prefix=".tmp-clock-")
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+
     def _remove_stale_temporaries(self, older_than: float) -> int:
         removed = 0
         for directory, _, names in os.walk(self.root):
@@ -280,9 +290,11 @@ class Store:
                 if guard is not None:
                     guard()
                 if self._http:
-                    self.fs.rm(paths)  # DeleteObjects: absent keys are not errors
+                    self.fs.rm(paths)  # one DeleteObjects; absent keys are not errors
                     return
-                for path in paths:
+                for path in paths:  # one request each: guard each
+                    if guard is not None:
+                        guard()
                     with contextlib.suppress(FileNotFoundError):
                         self.fs.rm_file(path)
 
@@ -290,8 +302,11 @@ class Store:
 
     def now(self) -> float:
         """The store's current time (seconds since the epoch): the ``Date`` of a HEAD on
-        S3; this machine's clock for local files and memory. Ages of objects are judged
-        against it, never against the local clock."""
+        S3; for local files the modification time of a file written now (on a network
+        file system, the server's clock); this process's clock for memory. Ages of
+        objects are judged against it, never against the local clock."""
+        if self._local:
+            return self._run("stat", "", self._file_clock)
         if not self._http:
             return time.time()
         bucket = self.root.split("/", 1)[0]

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import warnings
 from typing import Any, Protocol
 
@@ -23,10 +24,14 @@ import fsspec
 import xxhash
 from fsspec.asyn import sync
 
-from cloudckpt.errors import PreconditionFailed
+from cloudckpt.errors import PreconditionFailed, StoreError
 from cloudckpt.store.retry import error_code
 
 log = logging.getLogger("cloudckpt.store")
+
+
+class LockTimeout(StoreError):
+    """A local compare-and-swap waited too long for the lock of another process."""
 
 
 def local_etag(data: bytes) -> str:
@@ -98,7 +103,15 @@ def _lost_race(exc: BaseException) -> bool:
 
 
 class LocalConditional:
-    """Atomic create by hard link; compare-and-swap under an exclusive ``flock``."""
+    """Atomic create by hard link; compare-and-swap under an exclusive ``flock``.
+
+    The lock is waited for at most ``lock_timeout`` seconds: a process frozen while it
+    holds it (SIGSTOP) must not hang every other writer. It is never broken -- the frozen
+    holder may still complete its swap -- so the waiter fails with a clear error.
+    """
+
+    def __init__(self, lock_timeout: float = 60.0) -> None:
+        self.lock_timeout = lock_timeout
 
     def read(self, path: str) -> tuple[bytes, str] | None:
         try:
@@ -121,7 +134,7 @@ class LocalConditional:
     def replace(self, path: str, data: bytes, etag: str | None) -> str:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path + ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._lock(lock, path)
             try:
                 current = self.read(path)
                 if (current[1] if current else None) != etag:
@@ -130,6 +143,23 @@ class LocalConditional:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         return local_etag(data)
+
+    def _lock(self, lock: Any, path: str) -> None:
+        deadline = time.monotonic() + self.lock_timeout
+        delay = 0.001
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LockTimeout(
+                        f"{path}.lock has been held for over {self.lock_timeout:.0f}s by "
+                        "another process (stopped or hung?); find it with `fuser`, resume or "
+                        "end it, then retry"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
 
 
 def write_temp(path: str, data: bytes | bytearray | memoryview) -> str:
