@@ -89,7 +89,11 @@ def repair(store: Store, attempts: int = 16) -> Index:
         if current is not None and (current.sweeps or current.gc_epoch != epoch):
             continue
         if current is None:
-            log.warning("repair: %s does not parse; rebuilding it (tags are lost)", versions.KEY)
+            log.warning(
+                "repair: %s does not parse; rebuilding it (tags are lost; commits wait up to "
+                "%.0fs for any garbage collection that was sweeping to stop)",
+                versions.KEY, MAX_SWEEP_TTL,
+            )  # fmt: skip
             new = _rebuilt(store, found_rows)
         else:
             new = _merged(store, current, found_rows)
