@@ -1,5 +1,5 @@
 """Seeded random schedules of concurrent actors, with the protocol's invariants checked
-after every step (the explorer and the invariants: tests/schedules.py).
+after every step (the explorer and the invariants: tests/explorer/).
 
     python benchmarks/schedules.py [--schedules 10000] [--seed 0] [--out FILE.md]
     python benchmarks/schedules.py --replay SEED      # one schedule, step by step
@@ -30,11 +30,14 @@ SEEDS_SHOWN = 200
 
 
 def driver() -> ModuleType:
-    """tests/schedules.py, imported by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("schedules", ROOT / "tests" / "schedules.py")
+    """The package tests/explorer/, imported by path (tests/ is not a package)."""
+    where = ROOT / "tests" / "explorer"
+    spec = importlib.util.spec_from_file_location(
+        "explorer", where / "__init__.py", submodule_search_locations=[str(where)]
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["schedules"] = module  # dataclasses resolve annotations through it
+    sys.modules["explorer"] = module  # its submodules and dataclasses resolve through it
     spec.loader.exec_module(module)
     return module
 

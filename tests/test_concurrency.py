@@ -55,9 +55,12 @@ def test_a_minute_of_concurrent_commits_gc_repair_and_retention_violates_nothing
 def test_the_checker_flags_each_invariant(tmp_path: Path, monkeypatch: Any) -> None:
     """A made-up history breaking I1-I6 once each (I3 twice: fence order and takeover)."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import concurrency as cc
+    from concurrency_checker import analyze
+    from concurrency_history import Chaos
+    from concurrency_observer import Observer
+    from concurrency_worker import state_digest
 
-    sha = cc.state_digest({})
+    sha = state_digest({})
 
     @dataclass
     class Row:
@@ -109,7 +112,7 @@ def test_the_checker_flags_each_invariant(tmp_path: Path, monkeypatch: Any) -> N
     v0 = Row("v0", "main", None, {"writer": "setup", "seq": 0})
     a1, b1 = row("a1", "v0", "A", 1, "ta"), row("b1", "a1", "B", 1, "tb")
     a2, a3 = row("a2", "b1", "A", 2, "ta"), row("a3", "v0", "A", 3, "ta")
-    obs = cc.Observer(("memory://unused", {}), tmp_path)
+    obs = Observer(("memory://unused", {}), tmp_path)
     for t, head, rows in [
         (3, "a1", [v0, a1]),
         (6.6, "b1", [v0, a1, b1]),
@@ -118,6 +121,6 @@ def test_the_checker_flags_each_invariant(tmp_path: Path, monkeypatch: Any) -> N
     ]:
         obs.record(Index({"main": head}, rows), t, t)
     final = Index({"main": "a3"}, [v0, a1, b1, a2, a3])
-    report = cc.analyze(events, obs, final, FakeRepo(), cc.Chaos())  # type: ignore[arg-type]
+    report = analyze(events, obs, final, FakeRepo(), Chaos())  # type: ignore[arg-type]
     flagged = sorted(v["invariant"] for v in report["violations"])
     assert flagged == ["I1", "I2", "I3", "I3", "I4", "I5", "I6"], report["violations"]

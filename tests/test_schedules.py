@@ -1,5 +1,5 @@
 """Concurrent actors interleaved one store call at a time: the protocol's invariants hold
-after every step of every schedule explored (see tests/schedules.py for the explorer and
+after every step of every schedule explored (see tests/explorer/ for the explorer and
 the invariants I1-I5; benchmarks/schedules.py runs 10,000 random schedules).
 
 The exhaustive explorations are capped so that this file runs in well under a minute;
@@ -13,9 +13,9 @@ import threading
 import time
 from typing import Any
 
+import explorer as s
 import pytest
-import schedules as s
-from schedules import Kill, Scenario, committer, gc_actor, lease_holder, repair_actor
+from explorer import Kill, Scenario, committer, gc_actor, lease_holder, repair_actor
 
 from cloudckpt import versions
 from cloudckpt.repo import Repo
