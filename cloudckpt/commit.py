@@ -122,10 +122,6 @@ class Transaction:
                 log.warning("cannot reuse blobs of parent %s: %s", parent, e)
         return self
 
-    @property
-    def parent(self) -> str | None:
-        return self._started().parent
-
     def writer(self) -> BlobWriter:
         """A blob writer that skips the parent's blobs (known to be stored)."""
         return BlobWriter(self.store, self.transfer, self.known)

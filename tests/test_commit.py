@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,22 @@ def before_first(
         return result
 
     setattr(obj, name, wrapped)
+
+
+def while_running(
+    target: Callable[[], None], done: threading.Event, action: Callable[[], None]
+) -> None:
+    """Run ``target`` in a thread and ``action`` over and over until it sets ``done``
+    (at most 200 times, two minutes)."""
+    thread = threading.Thread(target=target)
+    thread.start()
+    deadline = time.monotonic() + 120
+    for _ in range(200):
+        if done.is_set() or time.monotonic() > deadline:
+            break
+        action()
+    thread.join(120)
+    assert not thread.is_alive()
 
 
 def orphan(root: tuple[str, dict[str, Any]]) -> tuple[Repo, torch.Tensor]:

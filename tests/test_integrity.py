@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import pytest
-from test_commit import before_first, repo_at, state
+from test_commit import before_first, repo_at, state, while_running
 
 from cloudckpt import manifest, versions
 from cloudckpt.errors import CommitConflict, FencedOut, UnsupportedFormat
@@ -45,15 +45,13 @@ def test_repair_in_a_loop_beside_a_committer_drops_nothing(root) -> None:
         finally:
             done.set()
 
-    thread = threading.Thread(target=commits)
-    thread.start()
     fixer = repo_at(root)
-    for _ in range(100):
-        if done.is_set():
-            break
+
+    def repair() -> None:
         fixer.repair()
         heads.append(fixer.index().branches.get("main", ""))
-    thread.join(120)
+
+    while_running(commits, done, repair)
     index = repo.index()
     assert set(acked) <= set(index.versions) and index.branches["main"] == acked[-1]
     order = {vid: n for n, vid in enumerate(acked)}
