@@ -39,10 +39,14 @@ from cloudckpt.versions import Index, Version
 
 log = logging.getLogger("cloudckpt")
 
-#: Publishing tries at most this many times when garbage collections keep starting.
+#: Publishing tries at most this many times when garbage collections keep starting...
 _ATTEMPTS = 16
+#: ... and re-parents at most this many times (``fast_forward``) when the branch moves.
+_MOVES = 64
 #: Above this many blobs, checking them is one listing instead of a HEAD each.
 _HEAD_AT_MOST = 64
+#: While waiting for a sweep, say so this often (seconds).
+_SAY_EVERY = 30.0
 
 
 def new_version_id() -> str:
@@ -155,8 +159,8 @@ class Transaction:
             fence=req.fence,
         )
         parent, epoch, checked = start.parent, start.gc_epoch, start.clean
-        tries = 0
-        while tries < _ATTEMPTS:
+        tries = moves = 0
+        while tries < _ATTEMPTS and moves < _MOVES:
             stats.seconds = time.perf_counter() - self.t0
             row = dataclasses.replace(
                 base, id=new_version_id(), parent=parent, created=time.time(),
@@ -167,13 +171,13 @@ class Transaction:
             if not self.store.put_if_absent(manifest.key(row.id), data):
                 raise CommitConflict(f"{self.store.url(manifest.key(row.id))} already exists")
             while tries < _ATTEMPTS:
-                tries += 1
                 try:
                     versions.update(self.store, lambda ix, r=row, e=epoch, c=checked: self._add(
                         ix, r, e, c))  # fmt: skip
                     self._acknowledge(row)
                     return row
                 except _Unchecked:
+                    tries += 1
                     epoch = self._check(doc, data, restore)
                     checked = True
                 except _BranchMoved as moved:
@@ -185,8 +189,13 @@ class Transaction:
                         ) from None
                     log.info("branch %s moved to %s; committing on top of it", req.branch,
                              moved.head)  # fmt: skip
-                    parent = moved.head
+                    parent, moves = moved.head, moves + 1
                     break
+        if moves >= _MOVES:
+            raise CommitConflict(
+                f"{self.store.uri}: branch {req.branch!r} kept moving while this commit tried "
+                f"to publish on top of it ({_MOVES} times); too many writers on one branch"
+            )
         raise CommitConflict(
             f"{self.store.uri}: garbage collections kept starting while this commit tried to "
             f"publish ({_ATTEMPTS} attempts); commit again"
@@ -266,12 +275,23 @@ def wait_for_sweeps(store: Store, timeout: float = 3600.0) -> int:
     frozen; a frozen one checks its own deadline before deleting) and is removed.
     """
     seen: dict[str, tuple[int, float]] = {}
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline, said = started + timeout, started - _SAY_EVERY
     while True:
         index = versions.read(store)[0]
         if not index.sweeps:
+            if said > started:
+                log.info("the garbage collection ended; this commit goes on")
             return index.gc_epoch
         now = time.monotonic()
+        if now - said >= _SAY_EVERY:
+            said = now
+            log.info(
+                "waiting for %d garbage collection sweep(s) on %s to end before publishing "
+                "(%.0fs so far; a sweep that stops renewing is dead after its ttl, at most "
+                "%.0fs)", len(index.sweeps), store.uri, now - started,
+                max(s.ttl for s in index.sweeps.values()),
+            )  # fmt: skip
         dead = {}
         for token, sweep in index.sweeps.items():
             seq, since = seen.get(token, (-1, now))

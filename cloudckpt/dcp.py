@@ -58,6 +58,9 @@ __all__ = ["CloudStorageReader", "CloudStorageWriter"]
 class CloudStorageWriter(StorageWriter):
     """Commits one ``dcp.save`` as a new version on ``branch`` of the repo at ``uri``.
 
+    ``fence``: the coordinator's writer lease token (:attr:`WriterLease.fence`); the save
+    is refused (FencedOut) if the lease passed to another job meanwhile.
+
     After the save, ``version`` (on the coordinator rank) is the committed version.
     """
 
@@ -72,9 +75,11 @@ class CloudStorageWriter(StorageWriter):
         message: str | None = None,
         meta: Mapping[str, Any] | None = None,
         options: RepoOptions | None = None,
+        fence: int | None = None,
     ) -> None:
         super().__init__()
         self.repo = Repo(uri, storage_options, options=options)
+        self.fence = fence
         self.branch, self.step, self.metrics = branch, step, dict(metrics or {})
         self.message, self.meta = message, dict(meta or {})
         self.version: Version | None = None
@@ -100,7 +105,7 @@ class CloudStorageWriter(StorageWriter):
     def _transaction(self) -> Transaction:
         return self.repo.transaction(
             branch=self.branch, step=self.step, metrics=self.metrics, message=self.message,
-            meta={"dcp": True, **self.meta},
+            meta={"dcp": True, **self.meta}, fence=self.fence,
         )  # fmt: skip
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:

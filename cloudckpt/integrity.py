@@ -187,7 +187,8 @@ def _rebuilt(store: Store, rows: dict[str, Version]) -> Index:
         new.versions[row.id] = row
     for branch in {r.branch for r in new.versions.values()}:
         new.branches[branch] = _newest_leaf(new, branch)
-    for branch in new.branches:
+    leased = {manifest.vid_of(k) for k in store.list_keys("leases")}  # branch names
+    for branch in set(new.branches) | leased:  # a leased branch may have no version yet
         seen = [r.fence or 0 for r in new.versions.values() if r.branch == branch]
         seen.append(lease_fence(store, branch))
         new.fences[branch] = max(seen) + 1

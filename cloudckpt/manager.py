@@ -179,16 +179,22 @@ class CheckpointManager:
         self.extra = extra
         if self._group is None:
             self._group = Group.detect()
-        self._hold_lease()
+
+        def newest() -> str | None:  # rank 0 takes the lease, then reads the head
+            self._hold_lease()
+            return self.repo.index().branches.get(self.branch)
+
+        # Every rank resumes from the version rank 0 found once it held the lease, and
+        # every rank raises if rank 0 could not take it.
+        head_id = replicated.from_rank0(self.group, newest)
         for policy in self.save_policies:
             policy.start(self.step_count, self.clock())
         index = self.repo.index()
-        try:
-            head = self.repo.resolve(self.branch, index)
-        except CheckpointNotFound:
+        if head_id is None:
             log.info("no checkpoint on %s@%s: fresh run", self.repo.uri, self.branch)
             self._mark_completed(0)
             return Resumed(extra=extra)
+        head = self.repo.resolve(head_id, index)
         skipped: dict[str, str] = {}
         version, state = self._load_newest_good(head, index, skipped)
         self._apply(version, state)
@@ -347,13 +353,10 @@ class CheckpointManager:
 
     def _commit(self, state: Any, job: SaveJob) -> SaveReport:
         with python_rng_untouched():
-            fence = None
-            if self._lease is not None and self.group.rank == 0:
-                self._hold_lease()
-                fence = self._lease.fence
             version = replicated.commit(
                 self.repo, state, self.group, self.distributed, branch=self.branch,
-                step=job.step, metrics=job.metrics, meta=job.meta, fence=fence,
+                step=job.step, metrics=job.metrics, meta=job.meta,
+                lease=self._lease if self.group.rank == 0 else None,
                 before_publish=self._check_lease,
             )  # fmt: skip
             if self.group.rank == 0:
@@ -452,7 +455,8 @@ class CheckpointManager:
         doomed = [v.id for v in ours if v.id not in keep and v.id not in pinned]
         if not doomed:
             return
-        self.repo.delete(doomed)
+        fence = self._lease.fence if self._lease is not None else None
+        self.repo.delete(doomed, fence=fence, branch=self.branch)
         self._prunings += 1
         if self.gc_every and self._prunings % self.gc_every == 0:
             self.repo.gc(grace=self.gc_grace)

@@ -25,7 +25,7 @@ from cloudckpt import exchange, integrity, loading, manifest, tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats
 from cloudckpt.commit import CommitRequest, Transaction, new_version_id
 from cloudckpt.diff import Diff, diff_versions
-from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
+from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint, FencedOut
 from cloudckpt.gc import ABANDONED_AFTER, DEFAULT_GRACE, GCReport, collect
 from cloudckpt.integrity import VerifyReport
 from cloudckpt.manifest import Manifest
@@ -179,6 +179,7 @@ class Repo:
         def create(ix: Index) -> bool:
             if ix.branches.get(name, target.id) != target.id or name in index.branches:
                 raise CommitConflict(f"{self.uri}: branch {name!r} already exists")
+            _check_live(self.uri, ix, target.id)
             if name in ix.branches:
                 return False  # created by an earlier attempt whose response was lost
             ix.branches[name] = target.id
@@ -196,6 +197,7 @@ class Repo:
         def create(ix: Index) -> None:
             if ix.tags.get(name, target.id) != target.id:
                 raise CommitConflict(f"{self.uri}: tag {name!r} already names {ix.tags[name]}")
+            _check_live(self.uri, ix, target.id)
             ix.tags[name] = target.id
 
         versions.update(self.store, create)
@@ -240,13 +242,24 @@ class Repo:
         return exchange.import_file(self, source, **kwargs)
 
     # -- deleting ----------------------------------------------------------------------
-    def delete(self, refs: Iterable[str]) -> list[str]:
+    def delete(
+        self, refs: Iterable[str], *, fence: int | None = None, branch: str = "main"
+    ) -> list[str]:
         """Remove versions from the index; their data goes at the next :meth:`gc` after
-        the grace period. A branch head or a tagged version cannot be deleted."""
+        the grace period. A branch head or a tagged version cannot be deleted.
+
+        With ``fence`` (a writer lease's token on ``branch``), the deletion is refused
+        with FencedOut if the lease passed to another job: a job that lost its branch
+        must not prune the new owner's versions."""
         index = self.index()
         ids = [self.resolve(ref, index).id for ref in refs]
 
         def drop(ix: Index) -> None:
+            if fence is not None and ix.fences.get(branch, 0) != fence:
+                raise FencedOut(
+                    f"{self.uri}: this job's writer lease on branch {branch!r} was taken over "
+                    f"(fencing token {fence}, now {ix.fences.get(branch, 0)}); nothing deleted"
+                )
             pinned = {*ix.branches.values(), *ix.tags.values()}
             for vid in ids:
                 if vid in pinned:
@@ -338,3 +351,8 @@ class Repo:
 def _check_name(name: str, kind: str, index: Index) -> None:
     if not name or name == LATEST or name in index.versions or any(c in name for c in " \t\n"):
         raise ValueError(f"{name!r} cannot name a {kind}: it is empty, reserved or a version id")
+
+
+def _check_live(uri: str, index: Index, vid: str) -> None:
+    if vid not in index.versions:
+        raise CommitConflict(f"{uri}: version {vid} was deleted meanwhile; nothing was named")

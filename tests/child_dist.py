@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from cloudckpt import Repo, RepoOptions, StoreOptions, TransferOptions
+from cloudckpt import CheckpointManager, LeaseHeld, Repo, RepoOptions, StoreOptions, TransferOptions
 from cloudckpt.dcp import CloudStorageReader, CloudStorageWriter
 from cloudckpt.distributed import DistributedOptions, Group, commit, load
 from cloudckpt.errors import CloudCkptError, StoreError
@@ -164,12 +165,26 @@ def dcp_load(uri: str) -> dict[str, Any]:
     return {"loaded": reader.version.id if reader.version else None, "world": dist.get_world_size()}
 
 
+def lease_held(uri: str) -> dict[str, Any]:
+    """Another job holds the branch: every rank's restore raises LeaseHeld, at once (not
+    rank 0 alone while the others wait in a collective)."""
+    start = time.monotonic()
+    mgr = CheckpointManager(uri, options=OPTIONS)
+    try:
+        mgr.restore(model=nn.Linear(4, 4))
+    except LeaseHeld as e:
+        assert "is being written by" in str(e), e
+        return {"raised": "LeaseHeld", "seconds": time.monotonic() - start}
+    raise AssertionError(f"rank {dist.get_rank()} restored although the lease is held")
+
+
 def main() -> None:
     scenario, uri = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     try:
-        run = {"replicated": replicated, "dcp_save": dcp_save, "dcp_load": dcp_load}[scenario]
+        run = {"replicated": replicated, "dcp_save": dcp_save, "dcp_load": dcp_load,
+               "lease_held": lease_held}[scenario]  # fmt: skip
         found = run(uri)
     except CloudCkptError as e:
         print(f"rank {dist.get_rank()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

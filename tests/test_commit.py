@@ -218,3 +218,29 @@ def test_the_same_bytes_stored_by_two_codecs_at_once_load_in_both_versions(root)
     second = other.commit({"x": data.view(torch.uint8).clone()}, branch="main")
     for version, value in ((first, {"x": data}), (second, {"x": data.view(torch.uint8)})):
         assert_loads(root, value, version.id)
+
+
+def test_a_fenced_out_job_cannot_prune_the_new_owners_versions(root) -> None:
+    repo = repo_at(root)
+    old = WriterLease(repo.store, "main", ttl=30).acquire()
+    doomed = repo.commit(state(1), fence=old.fence)
+    new = WriterLease(repo.store, "main", ttl=30).acquire(force=True)
+    repo.commit(state(2), fence=new.fence)
+    with pytest.raises(FencedOut, match="nothing deleted"):
+        repo.delete([doomed.id], fence=old.fence)
+    assert doomed.id in repo.index().versions
+    repo.delete([doomed.id], fence=new.fence)
+    old.release()
+    new.release()
+
+
+def test_a_commit_waiting_for_a_dead_sweep_says_so(root, caplog) -> None:
+    repo = repo_at(root)
+    repo.commit(state(1))
+    versions.update(repo.store, lambda ix: ix.sweeps.update({"dead": versions.Sweep(0, 1.0)}))
+    caplog.set_level("INFO", "cloudckpt")
+    started = time.monotonic()
+    repo.commit(state(2))
+    assert time.monotonic() - started >= 1.0
+    assert "waiting for 1 garbage collection sweep(s)" in caplog.text
+    assert "treating them as dead" in caplog.text and not repo.index().sweeps

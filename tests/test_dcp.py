@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from cloudckpt import Repo
 from cloudckpt.dcp import CloudStorageReader, CloudStorageWriter
 from cloudckpt.errors import CheckpointNotFound
+from cloudckpt.lease import WriterLease
 from cloudckpt.testing.gpt import GPTConfig, train_state
 
 
@@ -59,3 +60,20 @@ def test_a_second_save_of_the_same_shards_uploads_nothing(seaweedfs: Any) -> Non
     assert again.version.parent is not None
     with pytest.raises(CheckpointNotFound):
         CloudStorageReader(uri, opts, ref="no-such-branch").read_metadata()
+
+
+def test_a_save_with_a_superseded_fence_is_refused(seaweedfs: Any) -> None:
+    uri, opts = seaweedfs.fresh_uri("dcp"), seaweedfs.storage_options()
+    store = Repo(uri, opts).store
+    old = WriterLease(store, "main", ttl=30).acquire()
+    dcp.save({"w": torch.ones(8)}, storage_writer=CloudStorageWriter(uri, opts, fence=old.fence))
+    new = WriterLease(store, "main", ttl=30).acquire(force=True)
+    with pytest.raises(CheckpointException, match="FencedOut"):  # torch wraps it
+        dcp.save(
+            {"w": torch.zeros(8)}, storage_writer=CloudStorageWriter(uri, opts, fence=old.fence)
+        )
+    writer = CloudStorageWriter(uri, opts, fence=new.fence)
+    dcp.save({"w": torch.zeros(8)}, storage_writer=writer)
+    assert writer.version is not None and writer.version.fence == new.fence
+    old.release()
+    new.release()

@@ -3,6 +3,7 @@ sharded FSDP state through the DCP backend, and preemption agreed across ranks."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,6 +19,8 @@ from processes import reaped
 
 from cloudckpt import Repo
 from cloudckpt.distributed import shares
+from cloudckpt.lease import WriterLease
+from cloudckpt.store import Store
 
 HERE = Path(__file__).resolve().parent
 CHILD = str(HERE / "child_dist.py")
@@ -124,3 +127,17 @@ def test_shares_balance_bytes_and_are_the_same_on_every_rank() -> None:
     load = [sum(s for s, o in zip(sizes, owner, strict=True) if o == r) for r in range(4)]
     assert max(load) - min(load) <= 9
     assert shares(sizes, 1) == [0] * len(sizes)
+
+
+def test_a_lease_held_elsewhere_stops_every_rank_at_restore(seaweedfs: Any) -> None:
+    """Only rank 0 takes the lease; its LeaseHeld must reach every rank promptly instead
+    of leaving them in a collective until the group times out."""
+    uri = seaweedfs.fresh_uri("lease")
+    other = WriterLease(Store(uri, seaweedfs.storage_options()), "main", ttl=60)
+    other.me = dataclasses.replace(other.me, host="another-machine")
+    other.acquire()
+    try:
+        found = json.loads(run_job(seaweedfs, 2, CHILD, "lease_held", uri))
+    finally:
+        other.release()
+    assert found["raised"] == "LeaseHeld" and found["seconds"] < 30

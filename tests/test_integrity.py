@@ -173,3 +173,12 @@ def test_a_malformed_manifest_is_skipped_by_repair(root) -> None:
     repo.store.put(manifest.marker_key(bad), b"{}")
     repo.store.put(versions.KEY, b"{garbled")
     assert set(repo.repair().versions) == {kept.id}
+
+
+def test_a_rebuilt_index_keeps_fencing_a_branch_that_has_only_a_lease(root) -> None:
+    repo = repo_at(root)
+    repo.commit(state(1))
+    stale = WriterLease(repo.store, "exp", ttl=30).acquire()  # no version on exp yet
+    repo.store.put(versions.KEY, b"{garbled")
+    assert repo.repair().fences["exp"] > stale.fence
+    stale.release()

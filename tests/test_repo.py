@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -238,3 +239,22 @@ def test_public_api_names() -> None:
         assert hasattr(cloudckpt, name)
     for name in ("StoreError", "UnsupportedState"):
         assert hasattr(cloudckpt.errors, name)
+
+
+@pytest.mark.parametrize("kind", ["branch", "tag"])
+def test_no_ref_is_created_on_a_version_deleted_meanwhile(tmp_path, kind) -> None:
+    repo = Repo(f"file://{tmp_path}/repo")
+    target = repo.commit({"w": torch.ones(4)})
+    repo.commit({"w": torch.zeros(4)})
+    read = repo.index
+
+    def index_then_delete() -> Any:  # the delete lands after the ref's target was resolved
+        found = read()
+        Repo(repo.uri).delete([target.id])
+        return found
+
+    repo.index = index_then_delete  # type: ignore[method-assign]
+    with pytest.raises(CommitConflict, match="deleted meanwhile"):
+        getattr(repo, kind)("exp", target.id)
+    repo.index = read  # type: ignore[method-assign]
+    assert "exp" not in repo.branches() and "exp" not in repo.tags()

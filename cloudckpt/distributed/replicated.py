@@ -19,6 +19,7 @@ from cloudckpt.blobs import TransferStats
 from cloudckpt.blobs.writer import BlobResult, assemble
 from cloudckpt.commit import Start
 from cloudckpt.distributed.collectives import Group
+from cloudckpt.lease import WriterLease
 from cloudckpt.repo import Repo
 from cloudckpt.versions import Version
 
@@ -67,21 +68,23 @@ def commit(
     message: str | None = None,
     meta: Mapping[str, Any] | None = None,
     fast_forward: bool = False,
-    fence: int | None = None,
+    lease: WriterLease | None = None,
     before_publish: Callable[[], None] | None = None,
 ) -> Version:
     """Commit ``state``, the same on every rank, as one version. If any rank fails, no
-    version appears and every rank raises. ``before_publish`` runs on rank 0 just before
-    the version is published (e.g. a lease check)."""
+    version appears and every rank raises. ``lease`` (rank 0's writer lease) is taken if
+    it is not held yet and its fencing token goes with the commit. ``before_publish``
+    runs on rank 0 just before the version is published (e.g. a lease check)."""
     options = options or DistributedOptions()
     kwargs: dict[str, Any] = dict(branch=branch, step=step, metrics=metrics, message=message,
-                                  fast_forward=fast_forward, fence=fence)  # fmt: skip
+                                  fast_forward=fast_forward)  # fmt: skip
     meta = dict(meta or {})
 
     def on_rank0() -> Version:
+        fence = _fence(lease)
         if before_publish is not None:
             before_publish()
-        return repo.commit(state, meta=meta, **kwargs)
+        return repo.commit(state, meta=meta, fence=fence, **kwargs)
 
     if not group.distributed:
         return on_rank0()
@@ -89,7 +92,7 @@ def commit(
         meta["ranks"] = {"world": group.world, "write": "rank0"}
         outcome = _attempt(on_rank0) if group.rank == 0 else {}
     else:
-        outcome = _spread(repo, state, group, meta, kwargs, before_publish)
+        outcome = _spread(repo, state, group, meta, kwargs, lease, before_publish)
     return _outcome(group.broadcast_json(outcome, src=0), group)
 
 
@@ -99,13 +102,19 @@ def _spread(
     group: Group,
     meta: dict[str, Any],
     kwargs: dict[str, Any],
+    lease: WriterLease | None,
     before_publish: Callable[[], None] | None,
 ) -> dict[str, Any]:
     txn = repo.transaction(**kwargs)
+
+    def begin() -> Start:
+        txn.request = dataclasses.replace(txn.request, fence=_fence(lease))
+        return txn.begin().start  # type: ignore[return-value]
+
     # Rank 0 begins the transaction; every rank uploads against the parent it read, and
     # its publish knows when the uploads started (a garbage collection since then makes
     # it check the blobs first).
-    begun = _attempt(lambda: txn.begin().start) if group.rank == 0 else {}
+    begun = _attempt(begin) if group.rank == 0 else {}
     begun = group.broadcast_json(begun, src=0)
     if "error" in begun:
         return begun
@@ -143,6 +152,39 @@ def _spread(
     return _attempt(publish)
 
 
+def _fence(lease: WriterLease | None) -> int | None:
+    """The fencing token of ``lease``, taken first if it is not held (rank 0 only)."""
+    if lease is None:
+        return None
+    if not lease.held:
+        lease.acquire()
+    lease.check()
+    return lease.fence
+
+
+def from_rank0(group: Group, fn: Callable[[], Any]) -> Any:
+    """``fn()`` (a JSON value) computed on rank 0 and the same on every rank; if it
+    raises, every rank raises the same kind of error (no rank is left waiting)."""
+    if not group.distributed:
+        return fn()
+    outcome: dict[str, Any] = {}
+    if group.rank == 0:
+        try:
+            outcome = {"value": fn()}
+        except Exception as e:  # reported to every rank
+            outcome = {"error": f"rank 0: {type(e).__name__}: {e}", "type": _kind(e)}
+    outcome = group.broadcast_json(outcome, src=0)
+    if "error" in outcome:
+        raise _error_class(outcome.get("type", ""))(outcome["error"])
+    return outcome["value"]
+
+
+def _error_class(name: str) -> type[errors.CloudCkptError]:
+    cls = getattr(errors, name, errors.CloudCkptError)
+    ok = isinstance(cls, type) and issubclass(cls, errors.CloudCkptError)
+    return cls if ok else errors.CloudCkptError
+
+
 def _attempt(fn: Callable[[], Any]) -> dict[str, Any]:
     """``{"version": the result as JSON}``, or ``{"error": ..., "type": ...}``."""
     try:
@@ -157,10 +199,9 @@ def _kind(e: BaseException) -> str:
 
 def _outcome(outcome: dict[str, Any], group: Group) -> Version:
     if "error" in outcome:
-        cls = getattr(errors, outcome.get("type", ""), errors.CloudCkptError)
-        if not (isinstance(cls, type) and issubclass(cls, errors.CloudCkptError)):
-            cls = errors.CloudCkptError
-        raise cls(f"distributed save failed, no version was published: {outcome['error']}")
+        raise _error_class(outcome.get("type", ""))(
+            f"distributed save failed, no version was published: {outcome['error']}"
+        )
     return Version.from_dict(outcome["version"])
 
 
@@ -210,7 +251,7 @@ def _raise_any(group: Group, error: dict[str, str] | None) -> None:
     found = group.all_gather_json(error)
     failed = [(rank, e) for rank, e in enumerate(found) if e is not None]
     if failed:
-        cls = getattr(errors, failed[0][1]["type"], errors.CloudCkptError)
+        cls = _error_class(failed[0][1]["type"])
         exc = cls("; ".join(f"rank {rank}: {e['error']}" for rank, e in failed))
         exc.agreed_by_all_ranks = True  # type: ignore[attr-defined]
         raise exc
