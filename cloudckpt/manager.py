@@ -111,6 +111,7 @@ class CheckpointManager:
         self._lease = WriterLease(self.repo.store, branch, lease_ttl) if exclusive else None
         self.distributed = distributed or DistributedOptions()
         self._group: Group | None = None
+        self._commit_group: Group | None = None
         self.branch = branch
         self.clock = clock
         self.health = health if health is not None else HealthCheck()
@@ -177,8 +178,6 @@ class CheckpointManager:
             raise ValueError(f"{META_KEY!r} is reserved")
         self.objects = dict(objects)
         self.extra = extra
-        if self._group is None:
-            self._group = Group.detect()
 
         def newest() -> str | None:  # rank 0 takes the lease, then reads the head
             self._hold_lease()
@@ -230,6 +229,9 @@ class CheckpointManager:
         """The ranks this manager saves with (one, outside torch.distributed)."""
         if self._group is None:
             self._group = Group.detect()
+            # Commits get a gloo group of their own: an async save's collectives run in a
+            # background thread and must never pair with step()'s on the main thread.
+            self._commit_group = Group.detect()
         return self._group
 
     def _apply(self, version: Version, state: Any) -> None:
@@ -353,10 +355,12 @@ class CheckpointManager:
 
     def _commit(self, state: Any, job: SaveJob) -> SaveReport:
         with python_rng_untouched():
+            rank = self.group.rank  # creates both groups on first use
+            assert self._commit_group is not None
             version = replicated.commit(
-                self.repo, state, self.group, self.distributed, branch=self.branch,
+                self.repo, state, self._commit_group, self.distributed, branch=self.branch,
                 step=job.step, metrics=job.metrics, meta=job.meta,
-                lease=self._lease if self.group.rank == 0 else None,
+                lease=self._lease if rank == 0 else None,
                 before_publish=self._check_lease,
             )  # fmt: skip
             if self.group.rank == 0:

@@ -141,3 +141,14 @@ def test_a_lease_held_elsewhere_stops_every_rank_at_restore(seaweedfs: Any) -> N
     finally:
         other.release()
     assert found["raised"] == "LeaseHeld" and found["seconds"] < 30
+
+
+def test_async_saves_on_two_ranks_do_not_deadlock_with_the_training_steps(
+    seaweedfs: Any, tmp_path: Path
+) -> None:
+    """The background commit's collectives and step()'s agreement ran on one gloo group
+    and paired wrongly: the example hung after its first async save."""
+    log = tmp_path / "async.jsonl"
+    run_job(seaweedfs, 2, DDP_TRAIN, "--uri", seaweedfs.fresh_uri("async"), "--steps", "12",
+            "--save-every", "2", "--async-save", "--log-file", str(log))  # fmt: skip
+    assert len(read_log(log)) == 12  # every step ran, and the job ended
