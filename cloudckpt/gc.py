@@ -86,10 +86,10 @@ def collect(
     report = GCReport(dry_run=dry_run)
     if dry_run:
         index = versions.read(store)[0]
-        _decide(store, index, listed, _store_now(store), grace, report)
+        _decide(store, index, listed, _store_now(store, listed), grace, report)
         return report
     with _SweepLease(store, sweep_ttl) as sweep:
-        now = _store_now(store)
+        now = _store_now(store, listed)
         markers = _decide(store, sweep.index, listed, now, grace, report)
         # Markers first (repair must not bring back a version being swept), then blobs
         # (a manifest without its blobs is never live), then the manifests.
@@ -114,9 +114,15 @@ class _Listing:
     blobs: dict[str, ObjectInfo]
 
 
-def _store_now(store: Store) -> float:
+def _store_now(store: Store, listed: _Listing) -> float:
+    """The store's time: when versions.json was last written (by this collection's
+    registering swap), or else the newest object listed (a lower bound: objects then look
+    younger, and more is kept)."""
     info = store.stat(versions.KEY)
-    return info.modified if info is not None else store.now()
+    if info is not None:
+        return info.modified
+    times = [i.modified for part in (listed.manifests, listed.blobs) for i in part.values()]
+    return max(times, default=0.0)
 
 
 def _decide(

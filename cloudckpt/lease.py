@@ -233,8 +233,7 @@ class WriterLease:
 
     def _age(self) -> float:
         """Seconds since the lease object was last written, by the store's clock."""
-        info = self.store.stat(self.key)
-        return 0.0 if info is None else max(0.0, self.store.now() - info.modified)
+        return max(0.0, self.store.age(self.key) or 0.0)
 
     def _doc(self, released: bool = False) -> bytes:
         me = dataclasses.replace(self.me, released=released)

@@ -81,7 +81,7 @@ def test_iam_policy_grants_exactly_what_the_store_calls(seaweedfs: Any) -> None:
     bucket, prefix = repo.uri.removeprefix("s3://").split("/", 1)
     seaweedfs.client().create_multipart_upload(Bucket=bucket, Key=f"{prefix}/blobs/00/orphan")
     repo.delete([first.id])
-    repo.gc(grace=0)
+    repo.gc(grace=0, abandoned_after=0)
     with WriterLease(repo.store, "main"):
         pass
     unknown = operations - ACTION_OF.keys()

@@ -141,3 +141,10 @@ def test_a_frozen_lock_holder_makes_local_swaps_fail_clearly_not_hang(tmp_path) 
             cond.replace(path, b"2", etag)
         assert time.monotonic() - start < 5
     assert cond.replace(path, b"2", etag)
+
+
+def test_age_is_measured_by_the_stores_clock(backend) -> None:
+    store = Store(*backend)
+    assert store.age("nothing-here") is None
+    store.put("x", b"1")
+    assert 0 <= store.age("x") < 30  # type: ignore[operator]

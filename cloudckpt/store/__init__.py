@@ -300,23 +300,31 @@ class Store:
 
             self._run("delete", batch[0], _rm)
 
-    def now(self) -> float:
-        """The store's current time (seconds since the epoch): the ``Date`` of a HEAD on
-        S3; for local files the modification time of a file written now (on a network
-        file system, the server's clock); this process's clock for memory. Ages of
-        objects are judged against it, never against the local clock."""
-        if self._local:
-            return self._run("stat", "", self._file_clock)
-        if not self._http:
-            return time.time()
-        bucket = self.root.split("/", 1)[0]
+    def age(self, key: str) -> float | None:
+        """Seconds since the object was last written, by the store's clock (None if it
+        does not exist): on S3 one HEAD, its ``Date`` against its ``Last-Modified``; on
+        local files against the time of a file written now (on a network file system, the
+        server's clock); in memory against this process's clock."""
+        if self._http:
+            bucket, path, _ = self.fs.split_path(self.path(key))
 
-        def _head() -> float:
-            resp = sync(self.fs.loop, self.fs._call_s3, "head_bucket", Bucket=bucket)
-            date = resp["ResponseMetadata"]["HTTPHeaders"]["date"]
-            return email.utils.parsedate_to_datetime(date).timestamp()
+            def _head() -> float | None:
+                try:
+                    resp = sync(self.fs.loop, self.fs._call_s3, "head_object", Bucket=bucket,
+                                Key=path)  # fmt: skip
+                except FileNotFoundError as e:
+                    _clear_frames(e)
+                    return None
+                date = resp["ResponseMetadata"]["HTTPHeaders"]["date"]
+                now = email.utils.parsedate_to_datetime(date).timestamp()
+                return now - resp["LastModified"].timestamp()
 
-        return self._run("head", "", _head)
+            return self._run("head", key, _head)
+        info = self.stat(key)
+        if info is None:
+            return None
+        now = self._run("stat", "", self._file_clock) if self._local else time.time()
+        return now - info.modified
 
 
 def _clear_frames(exc: BaseException | None) -> None:
