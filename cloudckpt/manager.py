@@ -23,7 +23,7 @@ from cloudckpt import tree
 from cloudckpt.distributed import replicated
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
-from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint
+from cloudckpt.errors import CloudCkptError, CorruptCheckpoint
 from cloudckpt.gc import DEFAULT_GRACE
 from cloudckpt.health import HealthCheck
 from cloudckpt.lease import WriterLease
@@ -181,7 +181,7 @@ class CheckpointManager:
 
         def newest() -> str | None:  # rank 0 takes the lease, then reads the head
             self._hold_lease()
-            return self.repo.index().branches.get(self.branch)
+            return self._head()
 
         # Every rank resumes from the version rank 0 found once it held the lease, and
         # every rank raises if rank 0 could not take it.
@@ -260,7 +260,9 @@ class CheckpointManager:
         """
         if not self.objects:
             raise RuntimeError("call restore(model=..., optimizer=...) before step()")
-        self._raise_background_error()
+        if not self.group.distributed:
+            self._raise_background_error()  # several ranks agree on it below instead
+        previous = self.step_count
         self.step_count = self.step_count + 1 if step is None else int(step)
         if epoch is not None:
             self.epoch = int(epoch)
@@ -272,11 +274,17 @@ class CheckpointManager:
         preempted = self.preemption is not None and self.preemption.triggered
         now = self.clock()
         reasons = [r for p in self.save_policies if (r := p.reason(self.step_count, values, now))]
+        busy: bool | None = None
         if self.group.distributed:  # one collective: rank 0's policies, anyone's alarms
-            save, preempted_any, failed_any = self.group.agree(
+            running, broken = self._inflight_state()
+            save, preempted_any, failed_any, busy_any, broken_any = self.group.agree(
                 [float(bool(reasons) and self.group.rank == 0), float(preempted),
-                 float(problem is not None)]
+                 float(problem is not None), float(running), float(broken)]
             )  # fmt: skip
+            if broken_any:  # every rank raises the background save's error at this step
+                self.step_count = previous
+                self._raise_agreed_background_error()
+            busy = bool(busy_any)
             reasons = (reasons or ["rank 0's save policy"]) if save else []
             problem = problem or ("the health check failed on another rank" if failed_any else None)
             preempted = bool(preempted_any)
@@ -288,7 +296,7 @@ class CheckpointManager:
         if not reasons:
             return StepResult(self.step_count)
         inflight = self._inflight
-        report = self.save("; ".join(reasons), metrics=values)
+        report = self._save("; ".join(reasons), values, None, None, busy)
         started = report is None and self._inflight is not None and self._inflight is not inflight
         return StepResult(self.step_count, saved=report, saving=started)
 
@@ -307,12 +315,34 @@ class CheckpointManager:
         False): then the state is snapshotted into reused host buffers, the upload and
         commit run in the background, and None is returned (``last_save`` is set when the
         commit lands). At most one save is in flight: a new one waits for it, or is
-        skipped when ``when_busy="skip"``.
+        skipped when ``when_busy="skip"``. With several ranks this is collective, like
+        every save: the ranks agree on whether one is in flight.
         """
-        self._raise_background_error()
+        busy = None
+        if self.group.distributed:
+            running, broken = self._inflight_state()
+            busy_any, broken_any = self.group.agree([float(running), float(broken)])
+            if broken_any:
+                self._raise_agreed_background_error()
+            busy = bool(busy_any)
+        return self._save(reason, metrics, sync, meta, busy)
+
+    def _save(
+        self,
+        reason: str,
+        metrics: Mapping[str, float] | None,
+        sync: bool | None,
+        meta: Mapping[str, Any] | None,
+        busy: bool | None,
+    ) -> SaveReport | None:
+        """``save`` once the ranks agreed whether a save is in flight on any (``busy``;
+        None: one process, ask this one)."""
+        if busy is None:
+            self._raise_background_error()
+            busy = self._inflight is not None and not self._inflight.done()
         values = {k: float(v) for k, v in (metrics or self.metrics).items()}
         t0 = time.perf_counter()
-        if self._inflight is not None and not self._inflight.done():
+        if busy:
             if self.when_busy == "skip" and sync is not True:
                 log.info("step %d: a save is still uploading; skipping this one", self.step_count)
                 return None
@@ -397,6 +427,21 @@ class CheckpointManager:
         if self._inflight is not None and self._inflight.done():
             self._wait_inflight()
 
+    def _inflight_state(self) -> tuple[bool, bool]:
+        """(a save is still running here, the one that ran here failed)."""
+        fut = self._inflight
+        running = fut is not None and not fut.done()
+        return running, fut is not None and fut.done() and fut.exception() is not None
+
+    def _raise_agreed_background_error(self) -> None:
+        """A background save failed on some rank: raise its error here too. The commit
+        agrees its errors across ranks, so this rank's save fails as well once it ends."""
+        self._wait_inflight()
+        raise CloudCkptError(
+            "a background save failed on another rank; see that rank's error (this rank's "
+            "part of it ended without one)"
+        )
+
     def close(self) -> None:
         """Flush the save in flight and stop the preemption watcher."""
         try:
@@ -473,10 +518,12 @@ class CheckpointManager:
                 f"{problem} after {self.health.max_rollbacks} rollbacks in a row; stopping "
                 "(lower the learning rate or inspect the data)"
             )
-        try:
-            target = self.repo.resolve(self.branch)
-        except CheckpointNotFound:
-            raise RuntimeError(f"{problem} and no committed version to roll back to") from None
+        # The save in flight lands first, on every rank; then all load what rank 0 finds.
+        self._wait_inflight()
+        head = replicated.from_rank0(self.group, self._head)
+        if head is None:
+            raise RuntimeError(f"{problem} and no committed version to roll back to")
+        target = self.repo.resolve(head)
         bad_step = self.step_count
         objects = dict(self.objects)
         if self.health.skip_batches:
@@ -491,6 +538,9 @@ class CheckpointManager:
         log.warning("%s at step %d: rolled back to %s (step %d)%s", problem, bad_step,
                     target.id, self.step_count, skipping)  # fmt: skip
         return StepResult(self.step_count, rolled_back=target)
+
+    def _head(self) -> str | None:
+        return self.repo.index().branches.get(self.branch)
 
     # -- save on exception -----------------------------------------------------------
     def _tracked_versions(self) -> dict[str, tuple[int, int]]:

@@ -178,13 +178,45 @@ def lease_held(uri: str) -> dict[str, Any]:
     raise AssertionError(f"rank {dist.get_rank()} restored although the lease is held")
 
 
+def async_skew(uri: str) -> dict[str, Any]:
+    """Async spread saves with ``when_busy="skip"`` while rank 0's save thread is slower
+    (its retention takes longer): the ranks must agree on which saves to skip, or one
+    commit pairs the shares of two steps; and on one version to roll back to."""
+    model = nn.Linear(8, 8)
+    mgr = CheckpointManager(uri, options=OPTIONS, save_every_steps=2, async_save=True,
+                            when_busy="skip", keep_last=2,
+                            distributed=DistributedOptions(write="spread"))  # fmt: skip
+    mgr.restore(model=model)
+    if dist.get_rank() == 0:
+        prune = mgr._prune
+        mgr._prune = lambda: (time.sleep(0.6), prune())[1]  # type: ignore[method-assign]
+    started = []
+    with torch.no_grad():
+        for step in range(1, 21):
+            model.weight.fill_(step)
+            model.bias.fill_(step)
+            time.sleep(0.1)
+            if mgr.step(step, metrics={"loss": 1.0}).saving:
+                started.append(step)
+        rolled = mgr.step(21, metrics={"loss": float("nan")}).rolled_back
+    mgr.close()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"started": started, "weight": model.weight[0, 0].item(),
+                                      "rolled": rolled.id if rolled else None})  # fmt: skip
+    assert all(e == everyone[0] for e in everyone), everyone
+    for v in mgr.repo.versions():  # each version holds its own step's state, whole
+        w = mgr.repo.load(v.id)["model"]["weight"]
+        assert torch.all(w == v.step), (v.step, w.flatten()[:4])
+    return {"started": started, "versions": [v.step for v in mgr.repo.versions()]}
+
+
 def main() -> None:
     scenario, uri = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     try:
         run = {"replicated": replicated, "dcp_save": dcp_save, "dcp_load": dcp_load,
-               "lease_held": lease_held}[scenario]  # fmt: skip
+               "lease_held": lease_held, "async_skew": async_skew}[scenario]  # fmt: skip
         found = run(uri)
     except CloudCkptError as e:
         print(f"rank {dist.get_rank()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

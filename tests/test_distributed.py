@@ -152,3 +152,11 @@ def test_async_saves_on_two_ranks_do_not_deadlock_with_the_training_steps(
     run_job(seaweedfs, 2, DDP_TRAIN, "--uri", seaweedfs.fresh_uri("async"), "--steps", "12",
             "--save-every", "2", "--async-save", "--log-file", str(log))  # fmt: skip
     assert len(read_log(log)) == 12  # every step ran, and the job ended
+
+
+def test_ranks_agree_on_skipped_saves_background_errors_and_rollbacks(seaweedfs: Any) -> None:
+    """Each rank decided alone whether a save was busy (skip) or had failed, and where to
+    roll back to: with one rank's save thread slower, a spread commit paired the shares
+    of two different steps (and verified), or ranks resumed different versions."""
+    found = json.loads(run_job(seaweedfs, 2, CHILD, "async_skew", seaweedfs.fresh_uri("skew")))
+    assert found["started"][0] == 2 and len(found["versions"]) >= 1
