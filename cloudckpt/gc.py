@@ -28,10 +28,9 @@ import math
 import secrets
 import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 
-from cloudckpt import manifest, versions
+from cloudckpt import heartbeat, manifest, versions
 from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, SweepExpired
 from cloudckpt.store import ObjectInfo, Store
 from cloudckpt.versions import MAX_SWEEP_TTL, Index, Sweep
@@ -191,9 +190,7 @@ class _SweepLease:
         self.index = versions.update(self.store, register)
         self._renewed = sent
         self._stamp = [v for v, t in self.index.deleted.items() if t is None]
-        self._thread = threading.Thread(target=_renew_sweep, args=(weakref.ref(self), self._stop),
-                                        name="cloudckpt-gc", daemon=True)  # fmt: skip
-        self._thread.start()
+        self._thread = heartbeat.start(self, self._stop, "cloudckpt-gc")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -203,6 +200,10 @@ class _SweepLease:
         if self.token:  # not finished: withdraw the sweep
             with contextlib.suppress(CloudCkptError):
                 versions.update(self.store, self._withdraw)
+
+    @property
+    def lost(self) -> str | None:
+        return self._lost
 
     def guard(self) -> None:
         if self._lost is None and time.monotonic() - self._renewed > self.ttl * 2 / 3:
@@ -252,15 +253,3 @@ class _SweepLease:
 
     def _withdraw(self, ix: Index) -> bool:
         return ix.sweeps.pop(self.token, None) is not None
-
-
-def _renew_sweep(ref: weakref.ref[_SweepLease], stop: threading.Event) -> None:
-    while (sweep := ref()) is not None and sweep._lost is None:
-        interval, sweep = sweep.ttl / 3, None
-        if stop.wait(interval) or (sweep := ref()) is None:
-            return
-        try:
-            sweep.renew()
-        except CloudCkptError as e:  # the guard stops the deletes if this goes on
-            log.warning("gc could not renew its sweep: %s", e)
-        sweep = None

@@ -26,11 +26,10 @@ import secrets
 import socket
 import threading
 import time
-import weakref
 from dataclasses import asdict, dataclass
 
-from cloudckpt import versions
-from cloudckpt.errors import CheckpointNotFound, CloudCkptError, LeaseHeld, PreconditionFailed
+from cloudckpt import heartbeat, versions
+from cloudckpt.errors import CheckpointNotFound, LeaseHeld, PreconditionFailed
 from cloudckpt.store import Store
 
 log = logging.getLogger("cloudckpt")
@@ -94,6 +93,11 @@ class WriterLease:
         return self._etag is not None and self._lost is None
 
     @property
+    def lost(self) -> str | None:
+        """Why this job lost the lease (None while it has not)."""
+        return self._lost
+
+    @property
     def fence(self) -> int:
         """This holder's fencing token (0 before :meth:`acquire`)."""
         return self.me.fence
@@ -124,8 +128,8 @@ class WriterLease:
                 raise LeaseHeld(
                     f"{self.store.url(self.key)}: branch {self.branch!r} is being written by "
                     f"{holder.describe()} (renewed {age:.0f}s ago). Use another branch, stop "
-                    f"that job, or wait {max(holder.ttl - age, 0):.0f}s for its lease to "
-                    "expire if it is gone."
+                    f"that job, or wait {max(holder.ttl + _CLOCK_RESOLUTION - age, 0) + 1:.0f}s "
+                    "for its lease to expire if it is gone."
                 )
             try:
                 self._etag = self.store.put_if_match(self.key, self._doc(), found[1])
@@ -137,9 +141,7 @@ class WriterLease:
             raise LeaseHeld(f"{self.store.url(self.key)}: too many jobs racing for the lease")
         self._raise_fence()
         # The thread holds the lease weakly: a lease dropped without release() stops it.
-        self._thread = threading.Thread(target=_heartbeat, args=(weakref.ref(self), self._stop),
-                                        name="cloudckpt-lease", daemon=True)  # fmt: skip
-        self._thread.start()
+        self._thread = heartbeat.start(self, self._stop, f"cloudckpt-lease-{self.branch}")
         return self
 
     def _raise_fence(self) -> None:
@@ -245,18 +247,6 @@ def lease_fence(store: Store, branch: str) -> int:
     found = store.read_versioned(f"leases/{branch}.json")
     holder = _parse(found[0]) if found else None
     return holder.fence if holder is not None else 0
-
-
-def _heartbeat(ref: weakref.ref[WriterLease], stop: threading.Event) -> None:
-    while (lease := ref()) is not None and lease._lost is None:
-        interval, lease = lease.ttl / 3, None
-        if stop.wait(interval) or (lease := ref()) is None:
-            return
-        try:
-            lease.renew()
-        except CloudCkptError as e:  # keep trying: the lease lasts ttl
-            log.warning("could not renew the writer lease of %s: %s", lease.branch, e)
-        lease = None
 
 
 def _parse(data: bytes) -> Holder | None:

@@ -177,7 +177,7 @@ def test_a_frozen_writer_is_fenced_out_after_a_takeover(request, root) -> None:
         proc.send_signal(signal.SIGSTOP)
         try:
             repo = repo_at(root)
-            time.sleep(ttl + 1.5)
+            time.sleep(ttl + 3.0)  # the ttl, and the store clock's one-second resolution
             lease = WriterLease(repo.store, "main", ttl=30).acquire()
             mine = state(7)
             taken = repo.commit(mine, fence=lease.fence)

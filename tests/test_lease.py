@@ -147,7 +147,7 @@ def test_staleness_is_judged_by_the_holders_ttl(seaweedfs: Any) -> None:
     store = Store(seaweedfs.fresh_uri("lease"), seaweedfs.storage_options())
     planted(store, host="another-machine", ttl=30.0)
     time.sleep(2.5)
-    with pytest.raises(LeaseHeld, match=r"wait 2[0-9]s"):
+    with pytest.raises(LeaseHeld, match=r"wait (2[0-9]|3[0-2])s"):
         WriterLease(store, "main", ttl=1).acquire()
 
 
