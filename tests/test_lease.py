@@ -97,7 +97,7 @@ def test_renewal_keeps_a_lease_and_an_unrenewed_one_expires(seaweedfs: Any) -> N
         elsewhere().acquire()
     mine._stop.set()  # the holder's machine vanishes: no more renewals
     mine._thread.join(5)  # type: ignore[union-attr]
-    time.sleep(2.5)  # the ttl, and the store clock's one-second resolution
+    time.sleep(3.0)  # the ttl, and the store clock's one-second resolution
     taken = elsewhere().acquire()
     with pytest.raises(LeaseHeld, match="lost its writer lease"):
         mine.check()
@@ -188,7 +188,7 @@ def test_a_holder_that_stalled_before_raising_the_fence_cannot_fence_its_success
     original = a._raise_fence
 
     def stall_then_raise_fence() -> None:  # A stalls between its two swaps
-        time.sleep(2.5)
+        time.sleep(3.5)  # past A's ttl and the store clock's one-second resolution
         taken.append(WriterLease(Store(uri, opts), "main", ttl=60).acquire())
         original()  # A's late raise of the token
 
