@@ -32,7 +32,7 @@ from typing import Any
 from cloudckpt import manifest, versions
 from cloudckpt.blobs import BlobWriter, TransferOptions, TransferStats
 from cloudckpt.blobs.layout import blob_key
-from cloudckpt.errors import CloudCkptError, CommitConflict, CorruptCheckpoint, FencedOut
+from cloudckpt.errors import CloudCkptError, CommitConflict, CorruptCheckpoint
 from cloudckpt.manifest import Manifest
 from cloudckpt.store import Store
 from cloudckpt.versions import Index, Version
@@ -208,14 +208,8 @@ class Transaction:
         return self.start
 
     def _check_fence(self, index: Index) -> None:
-        fence, branch = self.request.fence, self.request.branch
-        if fence is not None and index.fences.get(branch, 0) != fence:
-            raise FencedOut(
-                f"{self.store.url(versions.KEY)}: this job's writer lease on branch {branch!r} "
-                f"was taken over (fencing token {fence}, now {index.fences.get(branch, 0)}: "
-                "another job took the lease, or `repair` rebuilt the index); the commit was "
-                "not published. Stop this job, or restart it to take the lease again."
-            )
+        req, where = self.request, self.store.url(versions.KEY)
+        versions.check_fence(index, req.branch, req.fence, where, "the commit was not published")
 
     def _add(self, index: Index, row: Version, epoch: int, checked: bool) -> bool:
         if row.id in index.versions:

@@ -146,10 +146,7 @@ def _newest_leaf(index: Index, branch: str) -> str:
     leaves = [r for r in rows if r.id not in parents] or rows
 
     def depth(row: Version) -> int:
-        n, current = 0, row
-        while current.parent in index.versions and n <= len(index.versions):
-            n, current = n + 1, index.versions[current.parent]
-        return n
+        return sum(1 for _ in versions.lineage(index, row.id))
 
     return max(leaves, key=lambda r: (depth(r), r.created, r.id)).id
 

@@ -25,7 +25,7 @@ from cloudckpt import exchange, integrity, loading, manifest, tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats
 from cloudckpt.commit import CommitRequest, Transaction, new_version_id
 from cloudckpt.diff import Diff, diff_versions
-from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint, FencedOut
+from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
 from cloudckpt.gc import ABANDONED_AFTER, DEFAULT_GRACE, GCReport, collect
 from cloudckpt.integrity import VerifyReport
 from cloudckpt.manifest import Manifest
@@ -211,12 +211,7 @@ class Repo:
         """The lineage of ``ref``, newest first, following parents across branch points
         (a deleted ancestor ends the walk)."""
         index = self.index()
-        out: list[Version] = []
-        current: Version | None = self.resolve(ref, index)
-        while current is not None and len(out) <= len(index.versions):
-            out.append(current)
-            current = index.versions.get(current.parent) if current.parent else None
-        return out
+        return list(versions.lineage(index, self.resolve(ref, index).id))
 
     def diff(self, a: str, b: str = "main", norms: bool = True) -> Diff:
         """Arrays added, removed and changed from ``a`` to ``b`` (see :mod:`cloudckpt.diff`)."""
@@ -255,11 +250,7 @@ class Repo:
         ids = [self.resolve(ref, index).id for ref in refs]
 
         def drop(ix: Index) -> None:
-            if fence is not None and ix.fences.get(branch, 0) != fence:
-                raise FencedOut(
-                    f"{self.uri}: this job's writer lease on branch {branch!r} was taken over "
-                    f"(fencing token {fence}, now {ix.fences.get(branch, 0)}); nothing deleted"
-                )
+            versions.check_fence(ix, branch, fence, self.uri, "nothing deleted")
             pinned = {*ix.branches.values(), *ix.tags.values()}
             for vid in ids:
                 if vid in pinned:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cloudckpt.errors import (
     CommitConflict,
     CorruptCheckpoint,
+    FencedOut,
     PreconditionFailed,
     UnsupportedFormat,
 )
@@ -176,14 +177,28 @@ def update(store: Store, change: Callable[[Index], bool | None], attempts: int =
     )
 
 
+def lineage(index: Index, vid: str) -> Iterator[Version]:
+    """The version ``vid`` and its ancestors, newest first, by parent links; a missing
+    (deleted) ancestor ends it, and so does a cycle (a hostile index)."""
+    seen: set[str] = set()
+    row = index.versions.get(vid)
+    while row is not None and row.id not in seen:
+        yield row
+        seen.add(row.id)
+        row = index.versions.get(row.parent) if row.parent else None
+
+
 def descends(index: Index, vid: str, ancestor: str) -> bool:
     """Whether ``ancestor`` is ``vid`` itself or reached from it by parent links."""
-    seen: set[str] = set()
-    current: str | None = vid
-    while current is not None and current not in seen:
-        if current == ancestor:
-            return True
-        seen.add(current)
-        row = index.versions.get(current)
-        current = row.parent if row is not None else None
-    return False
+    return any(row.id == ancestor for row in lineage(index, vid))
+
+
+def check_fence(index: Index, branch: str, fence: int | None, where: str, refused: str) -> None:
+    """Raise FencedOut unless ``fence`` (None: not fenced) is still ``branch``'s token."""
+    if fence is not None and index.fences.get(branch, 0) != fence:
+        raise FencedOut(
+            f"{where}: this job's writer lease on branch {branch!r} was taken over (fencing "
+            f"token {fence}, now {index.fences.get(branch, 0)}: another job took the lease, "
+            f"or `repair` rebuilt the index); {refused}. Stop this job, or restart it to "
+            "take the lease again."
+        )
