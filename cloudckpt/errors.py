@@ -15,6 +15,11 @@ class CorruptCheckpoint(CloudCkptError):
     """Stored data failed a hash, length or format check."""
 
 
+class InvalidKey(CloudCkptError, ValueError):
+    """An object key that could reach outside the store's root (``..``, an absolute path,
+    an empty segment); it was refused before any request."""
+
+
 class CommitConflict(CloudCkptError):
     """Another writer moved the branch head while this commit was in progress."""
 

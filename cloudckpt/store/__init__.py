@@ -21,7 +21,7 @@ import fsspec
 from fsspec.asyn import sync
 
 from cloudckpt import redact
-from cloudckpt.errors import CheckpointNotFound, CloudCkptError, StoreError
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError, InvalidKey, StoreError
 from cloudckpt.store import fastpath, multipart
 from cloudckpt.store.conditional import Conditional, for_filesystem, write_temp
 from cloudckpt.store.fastpath import FastPath
@@ -117,6 +117,7 @@ class Store:
 
     # -- the calls -----------------------------------------------------------------
     def _run(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        check_key(key)
         try:
             return self.options.retry.call(fn, f"{what} {self.url(key)}")
         except CloudCkptError:
@@ -284,6 +285,8 @@ class Store:
         keys = list(keys)
         for start in range(0, len(keys), _DELETE_BATCH):
             batch = keys[start : start + _DELETE_BATCH]
+            for key in batch:
+                check_key(key)
             paths = [self.path(k) for k in batch]
 
             def _rm(paths: list[str] = paths) -> None:
@@ -325,6 +328,21 @@ class Store:
             return None
         now = self._run("stat", "", self._file_clock) if self._local else time.time()
         return now - info.modified
+
+
+def check_key(key: str) -> None:
+    """Refuse a key that is not a plain relative object key (``a/b/c``, or a prefix
+    ending in ``/``): on a file system ``..``, ``.``, an absolute path or an empty
+    segment would reach outside the store's root."""
+    if not isinstance(key, str):
+        raise InvalidKey(f"{key!r} is not an object key")
+    parts = key.removesuffix("/").split("/") if key else []
+    if (
+        key.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or any(c in key for c in "\\\0")
+    ):
+        raise InvalidKey(f"{key!r} is not a plain relative object key; refused")
 
 
 def _clear_frames(exc: BaseException | None) -> None:
