@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudckpt import manifest, versions
+from cloudckpt import manifest, schema, versions
 from cloudckpt.blobs import BlobWriter, TransferOptions, TransferStats
 from cloudckpt.blobs.layout import blob_key
 from cloudckpt.errors import CloudCkptError, CommitConflict, CorruptCheckpoint
@@ -71,6 +71,15 @@ class CommitRequest:
     meta: Mapping[str, Any] = field(default_factory=dict)
     fast_forward: bool = False
     fence: int | None = None
+
+    def __post_init__(self) -> None:
+        # What a reader would refuse is refused here, before anything is uploaded.
+        try:
+            schema.name(self.branch)
+            schema.optional(schema.integer)(self.step)
+            schema.check_depth(dict(self.meta), schema.MAX_DEPTH - 4)
+        except schema.Invalid as e:
+            raise ValueError(f"commit: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cloudckpt import tree
-from cloudckpt.blobs import iter_chunks
+from cloudckpt import manifest, tree
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 
 
@@ -42,50 +41,33 @@ def destinations(into: Any) -> dict[str, torch.Tensor]:
     return found
 
 
-def apply(into: Any, state: Any) -> None:
+def apply(into: Any, state: Any, where: str) -> None:
+    """Call each object's ``load_state_dict`` with its part of ``state`` (loaded from
+    ``where``); CorruptCheckpoint if the state does not fit it."""
     for prefix, obj in _targets_of(into):
         if not hasattr(obj, "load_state_dict"):
             continue
         if prefix == "":
-            obj.load_state_dict(state)
+            part = state
         elif isinstance(state, Mapping) and prefix in state:
-            obj.load_state_dict(state[prefix])
+            part = state[prefix]
         else:
-            raise CheckpointNotFound(f"the loaded state has no entry {prefix!r} to load into")
-
-
-def check_entry(entry: dict[str, Any]) -> tuple[str, Any, tuple[int, ...]]:
-    """Validate a manifest entry before anything is allocated for it: its kind, an
-    allowed dtype, a shape whose byte size equals what its chunks hold. Returns
-    ``(kind, dtype, shape)`` with the dtype as a torch or numpy dtype."""
-    where = f"manifest entry {entry.get('path')!r}"
-    try:
-        shape = tuple(int(d) for d in entry["shape"])
-        kind, name = entry["kind"], entry["dtype"]
-        if any(d < 0 for d in shape):
-            raise ValueError("negative dimension")
-        nbytes = sum(c.size for c in iter_chunks(entry))
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptCheckpoint(f"{where} is malformed ({e})") from None
-    if kind == "numpy":
-        dtype: Any = tree.numpy_dtype(name)
-    elif kind == "torch":
-        dtype = tree.torch_dtype(name)
-    else:
-        raise CorruptCheckpoint(f"{where} has unknown kind {kind!r}")
-    expected = dtype.itemsize
-    for d in shape:
-        expected *= d
-    if expected != nbytes:
-        raise CorruptCheckpoint(
-            f"{where}: chunks hold {nbytes} bytes but shape {list(shape)} needs {expected}"
-        )
-    return kind, dtype, shape
+            raise CheckpointNotFound(f"{where}: the state has no entry {prefix!r} to load into")
+        try:
+            obj.load_state_dict(part)
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            # Stored data is not trusted: a state that does not fit is refused like any
+            # corrupt version (restore then tries an older one).
+            raise CorruptCheckpoint(
+                f"{where}: does not load into {prefix or type(obj).__name__} "
+                f"({type(e).__name__}: {str(e)[:300]}); the version holds another model's "
+                "state, or its manifest was altered"
+            ) from None
 
 
 def allocate(entry: dict[str, Any], dest: torch.Tensor | None) -> Any:
     """The array a manifest entry loads into: ``dest`` if it fits, else a new one."""
-    kind, dtype, shape = check_entry(entry)
+    kind, dtype, shape = manifest.check_entry(entry)
     if kind == "numpy":
         return np.empty(shape, dtype=dtype)
     if (

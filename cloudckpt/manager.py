@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Literal
 
-from cloudckpt import tree
+from cloudckpt import schema, tree
 from cloudckpt.distributed import replicated
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
@@ -195,8 +195,7 @@ class CheckpointManager:
             return Resumed(extra=extra)
         head = self.repo.resolve(head_id, index)
         skipped: dict[str, str] = {}
-        version, state = self._load_newest_good(head, index, skipped)
-        self._apply(version, state)
+        version = self._load_newest_good(head, index, skipped)
         self.resumed_from = version.id
         for policy in self.save_policies:
             if isinstance(policy, OnBestMetric):
@@ -206,13 +205,14 @@ class CheckpointManager:
             self.step_count, self.epoch, dict(version.metrics), self.extra, version, skipped
         )
 
-    def _load_newest_good(
-        self, head: Version, index: Index, skipped: dict[str, str]
-    ) -> tuple[Version, Any]:
+    def _load_newest_good(self, head: Version, index: Index, skipped: dict[str, str]) -> Version:
+        """Load the newest version of ``head``'s lineage that verifies and fits the
+        registered objects (``skipped``: version id -> why not)."""
         candidate: Version | None = head
         while candidate is not None:
             try:
-                return candidate, self._load(candidate.id, self.objects)
+                self._apply(candidate, self._load(candidate.id, self.objects))
+                return candidate
             except CorruptCheckpoint as e:
                 log.error("version %s does not verify (%s); trying its parent", candidate.id, e)
                 skipped[candidate.id] = str(e)
@@ -235,11 +235,21 @@ class CheckpointManager:
         return self._group
 
     def _apply(self, version: Version, state: Any) -> None:
+        """Take the step, epoch, extra state and RNG states the version recorded."""
         own = state.get(META_KEY, {}) if isinstance(state, dict) else {}
-        if "rng" in own:
-            restore_rng(own["rng"])
-        self.step_count = int(own.get("step", version.step or 0))
-        self.epoch = int(own.get("epoch", 0))
+        try:
+            if not isinstance(own, dict):
+                raise TypeError(f"{META_KEY!r} is a {type(own).__name__}")
+            step = schema.integer(own.get("step", version.step or 0), 0)
+            epoch = schema.integer(own.get("epoch", 0), 0)
+            if "rng" in own:
+                restore_rng(own["rng"])
+        except (schema.Invalid, TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+            raise CorruptCheckpoint(
+                f"{self.repo.uri} version {version.id}: its step, epoch or RNG record is "
+                f"malformed ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
+        self.step_count, self.epoch = step, epoch
         self.extra = own.get("extra")
         self._committed_step = self.step_count
         self._mark_completed(self.step_count)

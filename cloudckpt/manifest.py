@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloudckpt import schema, tree
 from cloudckpt.blobs.layout import iter_chunks
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
 from cloudckpt.store import Store
@@ -79,35 +81,85 @@ class Manifest:
 
     @classmethod
     def parse(cls, data: bytes | memoryview, where: str) -> Manifest:
-        try:
-            doc = json.loads(bytes(data))
-        except (ValueError, RecursionError) as e:
-            raise CorruptCheckpoint(f"{where} is not valid JSON ({e})") from None
-        if not isinstance(doc, dict):
-            raise CorruptCheckpoint(f"{where}: a manifest must be a JSON object")
-        if doc.get("format") not in READS:
-            found = doc.get("format")
+        """Parse and check a stored manifest: every field, entry and chunk reference and
+        the state's skeleton; CorruptCheckpoint naming ``where`` if anything is wrong."""
+        doc = schema.document(data, where)
+        found = doc.get("format") if isinstance(doc, dict) else None
+        if found not in READS:
             raise UnsupportedFormat(
-                f"{where}: manifest format {found!r} is not supported (this cloudckpt reads "
+                f"{where}: manifest format {found!r:.40} is not supported (this cloudckpt reads "
                 f"{', '.join(map(str, READS))}); upgrade cloudckpt"
             )
-        if not isinstance(doc.get("tensors"), list) or "state" not in doc:
-            raise CorruptCheckpoint(f"{where}: manifest lacks its state or tensors")
-        if not all(isinstance(e, dict) for e in doc["tensors"]):
-            raise CorruptCheckpoint(f"{where}: manifest entries must be objects")
         row_fields = set(Version.__dataclass_fields__)
         try:
+            if "state" not in doc or "tensors" not in doc:
+                raise schema.Invalid("lacks its state or tensors")
+            tensors = schema.listing(_entry)(doc["tensors"])
+            chunk_size = schema.count(doc.get("chunk_size") or 0)
             version = Version.from_dict({k: v for k, v in doc.items() if k in row_fields})
-            chunk_size = int(doc.get("chunk_size") or 0)
-        except (CorruptCheckpoint, TypeError, ValueError) as e:
-            raise CorruptCheckpoint(f"{where}: malformed version row ({e})") from None
-        extra = {k: v for k, v in doc.items() if k not in row_fields and k not in _OWN}
-        found = cls(version, doc["state"], doc["tensors"], chunk_size, extra, doc["format"])
+        except (schema.Invalid, CorruptCheckpoint) as e:
+            raise CorruptCheckpoint(f"{where}: {e}") from None
         try:
-            found.digests()  # every chunk reference checked once, here
+            tree.unflatten(doc["state"], lambda i, path: _leaf(i, len(tensors), path))
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{where}: {e}") from None
-        return found
+        extra = {k: v for k, v in doc.items() if k not in row_fields and k not in _OWN}
+        return cls(version, doc["state"], tensors, chunk_size, extra, found)
+
+
+def _leaf(index: int, known: int, path: str) -> None:
+    if index >= known:
+        raise CorruptCheckpoint(f"state node {path!r} names array {index} of {known}")
+
+
+#: The most dimensions a stored array may have.
+MAX_DIMS = 64
+
+
+def check_entry(entry: Any) -> tuple[str, Any, tuple[int, ...]]:
+    """Check an array entry of a manifest: its path, kind, an allowed dtype, its chunk
+    references, and a shape whose byte size equals what its chunks hold. Returns
+    ``(kind, dtype, shape)`` with the dtype as a torch or numpy dtype."""
+    where = f"entry {entry.get('path') if isinstance(entry, dict) else entry!r:.80}"
+    try:
+        found = schema.fields(entry, _ENTRY)
+        if set(found) != set(_ENTRY):
+            raise schema.Invalid(f"lacks {sorted(set(_ENTRY) - set(found))}")
+        shape = tuple(found["shape"])
+        if len(shape) > MAX_DIMS:
+            raise schema.Invalid(f"has {len(shape)} dimensions, more than {MAX_DIMS}")
+    except schema.Invalid as e:
+        raise CorruptCheckpoint(f"{where}: {e}") from None
+    kind, name = found["kind"], found["dtype"]
+    if kind == "numpy":
+        dtype: Any = tree.numpy_dtype(name)
+    elif kind == "torch":
+        dtype = tree.torch_dtype(name)
+    else:
+        raise CorruptCheckpoint(f"{where} has unknown kind {kind!r:.40}")
+    nbytes = sum(c.size for c in iter_chunks(entry))
+    expected = dtype.itemsize * math.prod(shape)
+    if expected != nbytes:
+        raise CorruptCheckpoint(
+            f"{where}: chunks hold {nbytes} bytes but shape {list(shape)} needs {expected}"
+        )
+    return kind, dtype, shape
+
+
+_ENTRY = {
+    "path": schema.text,
+    "kind": schema.text,
+    "dtype": schema.text,
+    "shape": schema.listing(schema.count),
+}
+
+
+def _entry(entry: Any) -> dict[str, Any]:
+    try:
+        check_entry(entry)
+    except CorruptCheckpoint as e:
+        raise schema.Invalid(str(e)) from None
+    return entry
 
 
 def read(store: Store, vid: str) -> Manifest:

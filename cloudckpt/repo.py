@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudckpt import exchange, integrity, loading, manifest, tree, versions
+from cloudckpt import exchange, integrity, loading, manifest, schema, tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats
 from cloudckpt.commit import CommitRequest, Transaction, new_version_id
 from cloudckpt.diff import Diff, diff_versions
@@ -335,13 +335,14 @@ class Repo:
             version.id, len(targets), self.last_stats.logical_bytes / 1e6,
             self.last_stats.seconds,
         )  # fmt: skip
-        loading.apply(into, state)
+        loading.apply(into, state, f"{self.uri} version {version.id}")
         return state
 
 
 def _check_name(name: str, kind: str, index: Index) -> None:
-    if not name or name == LATEST or name in index.versions or any(c in name for c in " \t\n"):
-        raise ValueError(f"{name!r} cannot name a {kind}: it is empty, reserved or a version id")
+    schema.name(name)
+    if name == LATEST or name in index.versions:
+        raise ValueError(f"{name!r} cannot name a {kind}: it is reserved or a version id")
 
 
 def _check_live(uri: str, index: Index, vid: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cloudckpt import schema
 from cloudckpt.errors import CorruptCheckpoint, UnsupportedState
 
 _TORCH_DTYPES = {
@@ -138,7 +140,15 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
             return walk(k, join(path, "<key>"))
         raise UnsupportedState(f"state[{path!r}] has a dict key of type {type(k).__name__}")
 
-    return walk(state, ""), leaves
+    try:
+        skeleton = walk(state, "")
+        schema.check_depth(skeleton, schema.MAX_DEPTH - 2)
+    except (RecursionError, schema.Invalid):
+        raise UnsupportedState(
+            "the state nests too deeply to be read back (its skeleton would nest more than "
+            f"{schema.MAX_DEPTH - 2} JSON levels, three per level of dicts); flatten it"
+        ) from None
+    return skeleton, leaves
 
 
 def _check_tensor(t: torch.Tensor, path: str) -> None:
@@ -178,24 +188,48 @@ def unflatten(skeleton: Any, arrays: Callable[[int, str], Any]) -> Any:
                 out = {}
                 for pair in _pairs(val, path):
                     key = build(pair[0], join(path, "<key>"))
-                    out[key] = build(pair[1], join(path, key))
+                    value = build(pair[1], join(path, key))
+                    try:
+                        out[key] = value
+                    except TypeError:  # a list where a key should be
+                        raise _malformed(path) from None
                 return out
             if tag in ("list", "tuple", "size"):
                 items = [build(v, join(path, i)) for i, v in enumerate(_items(val, path))]
+                if tag == "size" and not all(type(i) is int and i >= 0 for i in items):
+                    raise _malformed(path)
                 return {"list": list, "tuple": tuple, "size": torch.Size}[tag](items)
             if tag == "float" and val in _ALLOWED_FLOATS:
                 return _ALLOWED_FLOATS[val]
-            if tag == "bytes" and isinstance(val, str):
-                return base64.b64decode(val, validate=True)
             if tag == "npscalar" and isinstance(val, list) and len(val) == 2:
-                return numpy_dtype(val[0]).type(build(val[1], path))
+                dtype = numpy_dtype(val[0])
+                scalar = build(val[1], path)
+                if type(scalar) in (bool, int, float):
+                    return _converted(lambda: dtype.type(scalar), path)
+            if tag == "bytes" and isinstance(val, str):
+                return _converted(lambda: base64.b64decode(val, validate=True), path)
             if tag == "dtype" and isinstance(val, str):
                 return torch_dtype(val)
             if tag == "device" and isinstance(val, str):
-                return torch.device(val)
-        raise CorruptCheckpoint(f"manifest: malformed state node at {path or '<root>'!r}")
+                return _converted(lambda: torch.device(val), path)
+        raise _malformed(path)
 
     return build(skeleton, "")
+
+
+def _malformed(path: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(f"manifest: malformed state node at {path or '<root>'!r}")
+
+
+def _converted(make: Callable[[], Any], path: str) -> Any:
+    """A stored scalar made into its type; a value out of its type's range or a string
+    that names nothing is a malformed node."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy warns (then wraps) on overflow
+            return make()
+    except (TypeError, ValueError, OverflowError, RuntimeError, Warning):
+        raise _malformed(path) from None
 
 
 def _index(val: Any, path: str) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cloudckpt import schema
 from cloudckpt.errors import (
     CommitConflict,
     CorruptCheckpoint,
@@ -51,12 +52,30 @@ class Version:
     fence: int | None = None
 
     @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> Version:
-        known = {f for f in cls.__dataclass_fields__}
-        try:
-            return cls(**{k: v for k, v in row.items() if k in known})
-        except TypeError as e:
-            raise CorruptCheckpoint(f"{KEY}: malformed version row ({e})") from None
+    def from_dict(cls, row: Any) -> Version:
+        """A row as stored; raises schema.Invalid if a field is missing or malformed."""
+        found = schema.fields(row, _ROW)
+        for required in ("id", "branch"):
+            if required not in found:
+                raise schema.Invalid(f"{required}: missing")
+        return cls(**found)
+
+
+_ROW: dict[str, Callable[[Any], Any]] = {
+    "id": schema.vid,
+    "branch": schema.name,
+    "parent": schema.optional(schema.vid),
+    "step": schema.optional(schema.integer),
+    "metrics": schema.mapping(schema.text, schema.metric),
+    "message": schema.optional(schema.text),
+    "created": schema.number,
+    "logical_bytes": schema.count,
+    "stored_bytes": schema.count,
+    "uploaded_bytes": schema.count,
+    "seconds": schema.number,
+    "meta": schema.mapping(schema.text, schema.plain),
+    "fence": schema.optional(schema.count),
+}
 
 
 #: The longest ttl a garbage collection's sweep may have: commits wait up to this long
@@ -71,6 +90,25 @@ class Sweep:
 
     seq: int = 0
     ttl: float = 60.0
+
+
+def _sweep(doc: Any) -> Sweep:
+    found = schema.fields(doc, {"seq": schema.count, "ttl": schema.number})
+    sweep = Sweep(**found)
+    if not 0 < sweep.ttl <= MAX_SWEEP_TTL:
+        raise schema.Invalid(f"ttl {sweep.ttl} is not in (0, {MAX_SWEEP_TTL:.0f}] seconds")
+    return sweep
+
+
+_GC = {"epoch": schema.count, "sweeps": schema.mapping(schema.text, _sweep)}
+_INDEX: dict[str, Callable[[Any], Any]] = {
+    "branches": schema.mapping(schema.name, schema.vid),
+    "tags": schema.mapping(schema.name, schema.vid),
+    "versions": schema.listing(Version.from_dict),
+    "deleted": schema.mapping(schema.vid, schema.optional(schema.number)),
+    "fences": schema.mapping(schema.name, schema.count),
+    "gc": lambda doc: schema.fields(doc, _GC),
+}
 
 
 @dataclass
@@ -108,36 +146,32 @@ class Index:
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
-    def parse(cls, data: bytes, where: str) -> Index:
+    def parse(cls, data: bytes | memoryview, where: str) -> Index:
         try:
-            doc = json.loads(data)
-            if doc.get("format") not in READS:
+            doc = schema.parse_json(data)
+            found = doc.get("format") if isinstance(doc, dict) else None
+            if found not in READS:
                 raise UnsupportedFormat(
-                    f"{where}: format {doc.get('format')!r} is not supported by this cloudckpt "
-                    f"(it reads formats {', '.join(map(str, READS))}); upgrade cloudckpt"
+                    f"{where}: format {found!r:.40} is not supported by this cloudckpt (it "
+                    f"reads formats {', '.join(map(str, READS))}); upgrade cloudckpt"
                 )
-            rows = [Version.from_dict(r) for r in doc["versions"]]
+            top = schema.fields(doc, _INDEX)
+            for required in ("branches", "tags", "versions"):
+                if required not in top:
+                    raise schema.Invalid(f"{required}: missing")
+            gc = top.get("gc", {})
+            rows = top["versions"]
             rows.sort(key=lambda v: (v.created, v.id))
-            deleted = {
-                str(k): None if v is None else float(v) for k, v in doc.get("deleted", {}).items()
-            }
-            gc = doc.get("gc", {})
-            sweeps = {
-                str(k): Sweep(int(v["seq"]), float(v["ttl"]))
-                for k, v in gc.get("sweeps", {}).items()
-            }
-            if not all(0 < s.ttl <= MAX_SWEEP_TTL for s in sweeps.values()):
-                raise ValueError(f"a sweep's ttl is not in (0, {MAX_SWEEP_TTL:.0f}] seconds")
             return cls(
-                {str(k): str(v) for k, v in doc["branches"].items()},
-                {str(k): str(v) for k, v in doc["tags"].items()},
+                top["branches"],
+                top["tags"],
                 {v.id: v for v in rows},
-                deleted,
-                {str(k): int(v) for k, v in doc.get("fences", {}).items()},
-                int(gc.get("epoch", 0)),
-                sweeps,
+                top.get("deleted", {}),
+                top.get("fences", {}),
+                gc.get("epoch", 0),
+                gc.get("sweeps", {}),
             )
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        except schema.Invalid as e:
             raise CorruptCheckpoint(
                 f"{where} is not a valid versions manifest ({e}); `repair` rebuilds it from "
                 "the manifests"
