@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from cloudckpt import heartbeat, versions
+from cloudckpt import heartbeat, schema, versions
 from cloudckpt.errors import CheckpointNotFound, LeaseHeld, PreconditionFailed
 from cloudckpt.store import Store
 
@@ -249,15 +249,33 @@ def lease_fence(store: Store, branch: str) -> int:
     return holder.fence if holder is not None else 0
 
 
+#: The longest ttl a stored lease may claim: a longer one is treated as unreadable.
+MAX_TTL = 86400.0
+
+_HOLDER = {
+    "host": schema.text,
+    "pid": lambda v: schema.integer(v, 1, 2**31),
+    "started": schema.number,
+    "token": schema.text,
+    "ttl": schema.number,
+    "boot": schema.text,
+    "pidns": schema.text,
+    "start": schema.text,
+    "fence": schema.count,
+    "released": schema.flag,
+}
+
+
 def _parse(data: bytes) -> Holder | None:
+    """The holder a lease object names; None if it is not a valid lease (it is then
+    free to take, and the fencing token still protects the branch)."""
     try:
-        doc = json.loads(data)
-        return Holder(
-            str(doc["host"]), int(doc["pid"]), float(doc["started"]), str(doc["token"]),
-            float(doc.get("ttl", 60.0)), str(doc.get("boot", "")), str(doc.get("pidns", "")),
-            str(doc.get("start", "")), int(doc.get("fence", 0)), bool(doc.get("released")),
-        )  # fmt: skip
-    except (ValueError, KeyError, TypeError, AttributeError):
+        found = schema.fields(schema.parse_json(data), _HOLDER)
+        holder = Holder(**{"ttl": 60.0, **found})  # ttl: leases of older releases lack it
+        if not (0 < holder.ttl <= MAX_TTL and 0 <= holder.started < 2**40):
+            raise schema.Invalid("ttl or start time out of range")
+        return holder
+    except (schema.Invalid, TypeError):  # TypeError: a required field is missing
         return None
 
 

@@ -4,14 +4,19 @@ chunks are decoded into (the caller's own tensors where they fit)."""
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
-from typing import Any
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from cloudckpt import manifest, tree
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
+from cloudckpt.versions import Version
+
+log = logging.getLogger("cloudckpt")
+T = TypeVar("T")
 
 
 def matches(path: str, patterns: list[str]) -> bool:
@@ -63,6 +68,22 @@ def apply(into: Any, state: Any, where: str) -> None:
                 f"({type(e).__name__}: {str(e)[:300]}); the version holds another model's "
                 "state, or its manifest was altered"
             ) from None
+
+
+def first_good(
+    candidates: Iterable[Version], attempt: Callable[[Version], T], where: str
+) -> tuple[Version, T, dict[str, str]]:
+    """The first candidate (newest first) that ``attempt`` loads without CorruptCheckpoint,
+    what it returned, and version id -> why for each candidate skipped before it."""
+    skipped: dict[str, str] = {}
+    for candidate in candidates:
+        try:
+            return candidate, attempt(candidate), skipped
+        except CorruptCheckpoint as e:
+            log.error("version %s does not verify (%s); trying its parent", candidate.id, e)
+            skipped[candidate.id] = str(e)
+    reasons = "; ".join(f"{vid}: {why[:200]}" for vid, why in skipped.items())
+    raise CorruptCheckpoint(f"{where}: no version verifies ({reasons or 'none left'})")
 
 
 def allocate(entry: dict[str, Any], dest: torch.Tensor | None) -> Any:

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Literal
 
-from cloudckpt import schema, tree
+from cloudckpt import loading, schema, tree, versions
 from cloudckpt.distributed import replicated
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
@@ -208,18 +208,17 @@ class CheckpointManager:
     def _load_newest_good(self, head: Version, index: Index, skipped: dict[str, str]) -> Version:
         """Load the newest version of ``head``'s lineage that verifies and fits the
         registered objects (``skipped``: version id -> why not)."""
-        candidate: Version | None = head
-        while candidate is not None:
-            try:
-                self._apply(candidate, self._load(candidate.id, self.objects))
-                return candidate
-            except CorruptCheckpoint as e:
-                log.error("version %s does not verify (%s); trying its parent", candidate.id, e)
-                skipped[candidate.id] = str(e)
-                self._events.append({"action": "fallback", "bad_version": candidate.id,
-                                     "error": str(e)})  # fmt: skip
-                candidate = index.versions.get(candidate.parent) if candidate.parent else None
-        raise CorruptCheckpoint(f"{self.repo.uri}: no version of {self.branch!r} verifies")
+
+        def attempt(candidate: Version) -> None:
+            self._apply(candidate, self._load(candidate.id, self.objects))
+
+        version, _, bad = loading.first_good(
+            versions.lineage(index, head.id), attempt, f"{self.repo.uri} branch {self.branch!r}"
+        )
+        skipped.update(bad)
+        for vid, error in bad.items():
+            self._events.append({"action": "fallback", "bad_version": vid, "error": error})
+        return version
 
     def _load(self, vid: str, into: dict[str, Any]) -> Any:
         return replicated.load(self.repo, vid, self.group, self.distributed, into=into)

@@ -128,5 +128,5 @@ def test_a_garbled_versions_json_is_named_and_repair_recovers_it(
 def test_when_no_version_verifies_restore_says_so(root: tuple[str, dict[str, Any]]) -> None:
     repo, _, _ = two_versions(root)
     repo.store.delete(repo.store.list_keys("blobs"))
-    with pytest.raises(CorruptCheckpoint, match="no version of 'main' verifies"):
+    with pytest.raises(CorruptCheckpoint, match="branch 'main': no version verifies"):
         manager(root).restore(model=model(9))

@@ -62,3 +62,44 @@ def test_killed_run_resumes_from_last_on_a_new_machine(
     repo = Repo(f"{root}/checkpoints/.cloudckpt", seaweedfs.storage_options())
     assert repo.resolve("main").step == 20  # 4 epochs of 5 batches
     assert repo.verify().ok
+
+
+def test_a_pointer_naming_another_repository_is_never_followed(tmp_path: Path) -> None:
+    from cloudckpt.errors import CorruptCheckpoint
+    from cloudckpt.integrations.lightning import CloudCheckpointIO
+
+    victim = Repo(f"file://{tmp_path}/victim")
+    kept = victim.commit({"w": torch.ones(3)})
+    older = victim.commit({"w": torch.zeros(3)})
+    victim.commit({"w": torch.full((3,), 2.0)})
+    io = CloudCheckpointIO()
+    ckpt = f"file://{tmp_path}/run/last.ckpt"
+    io.save_checkpoint({"w": torch.ones(2), "global_step": 1}, ckpt)
+    directory, name = pointer.split(ckpt)
+    planted = pointer.Pointer(victim.uri, older.id).dumps()
+    Repo(directory).store.put(name, planted)
+
+    with pytest.raises(CorruptCheckpoint, match="points into .*victim"):
+        io.load_checkpoint(ckpt)
+    io.save_checkpoint({"w": torch.ones(2), "global_step": 2}, ckpt)  # overwrites it
+    Repo(directory).store.put(name, planted)
+    io.remove_checkpoint(ckpt)
+    assert {kept.id, older.id} <= set(victim.index().versions)
+    assert len(victim.versions()) == 3
+
+
+def test_a_pointer_naming_a_path_like_version_is_refused(tmp_path: Path) -> None:
+    import json
+
+    from cloudckpt.errors import CorruptCheckpoint
+    from cloudckpt.integrations.lightning import CloudCheckpointIO
+
+    io = CloudCheckpointIO()
+    ckpt = f"file://{tmp_path}/run/last.ckpt"
+    io.save_checkpoint({"w": torch.ones(2), "global_step": 1}, ckpt)
+    directory, name = pointer.split(ckpt)
+    doc = json.loads(Repo(directory).store.get(name))
+    doc["version"] = "../../../../etc/passwd"
+    Repo(directory).store.put(name, json.dumps(doc).encode())
+    with pytest.raises(CorruptCheckpoint, match="not a cloudckpt checkpoint pointer"):
+        io.load_checkpoint(ckpt)

@@ -29,8 +29,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from cloudckpt.errors import CheckpointNotFound, CommitConflict
+from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
 from cloudckpt.integrations import pointer
+from cloudckpt.redact import redact
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.snapshot import Snapshotter
 from cloudckpt.tree import map_arrays
@@ -63,12 +64,34 @@ class CloudCheckpointIO(CheckpointIO):
     def repo_for(self, path: _PATH) -> Repo:
         return self._places.repo(self.repo_uri or f"{pointer.split(str(path))[0]}/.cloudckpt")
 
+    def _pointer(self, path: str) -> pointer.Pointer | None:
+        """The pointer at ``path`` if it is one of ours; None if there is none, or if the
+        object there is something else (overwritten or removed, never followed)."""
+        try:
+            found = self._places.pointer(path)
+            return None if found is None else self._check(path, found)
+        except CorruptCheckpoint as e:
+            log.warning("%s: %s", path, e)
+            return None
+
+    def _check(self, path: str, found: pointer.Pointer) -> pointer.Pointer:
+        """A pointer acts only on the repository this plugin writes ``path``'s versions
+        to: one naming another (a copied or altered file) is refused."""
+        repo = self.repo_for(path)
+        if found.repo.rstrip("/") != repo.uri:
+            raise CorruptCheckpoint(
+                f"{path} points into {redact(found.repo)!r}, not {redact(repo.uri)!r} where "
+                "this CheckpointIO keeps its versions; refused (load it with a "
+                "CloudCheckpointIO(repo_uri=...) of that repository if you trust it)"
+            )
+        return found
+
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
     ) -> None:
         path = str(path)
         repo = self.repo_for(path)
-        old = self._places.pointer(path)
+        old = self._pointer(path)
         version = repo.commit(
             checkpoint, step=checkpoint.get("global_step"), fast_forward=True,
             message=pointer.split(path)[1], meta={"lightning_path": path},
@@ -83,8 +106,8 @@ class CloudCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         """Load the version ``path`` points to (never unpickles, whatever ``weights_only``)."""
         directory, name = pointer.split(str(path))
-        found = pointer.read(self._places.store(directory), name)
-        state = self._places.repo(found.repo).load(found.version)
+        found = self._check(str(path), pointer.read(self._places.store(directory), name))
+        state = self.repo_for(path).load(found.version)
         self.resumed_from = str(path)
         if map_location is not None and not callable(map_location):
             state = map_arrays(state, lambda t, _: t.to(map_location) if isinstance(
@@ -96,7 +119,7 @@ class CloudCheckpointIO(CheckpointIO):
         if path == self.resumed_from:
             log.info("keeping %s: this run resumed from it", path)
             return
-        found = self._places.pointer(path)
+        found = self._pointer(path)
         if found is None:
             return
         directory, name = pointer.split(path)
@@ -105,10 +128,10 @@ class CloudCheckpointIO(CheckpointIO):
 
     def _forget(self, path: str, old: pointer.Pointer) -> None:
         """Drop a version no pointer names any more (its data goes at the next gc)."""
-        if self.resumed_from and self._places.pointer(self.resumed_from) == old:
+        if self.resumed_from and self._pointer(self.resumed_from) == old:
             return
         try:
-            self._places.repo(old.repo).delete([old.version])
+            self.repo_for(path).delete([old.version])
         except (CheckpointNotFound, CommitConflict) as e:  # the branch head stays
             log.debug("not deleting %s (%s): %s", old.version, path, e)
 

@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from cloudckpt import schema
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.store import Store
@@ -37,11 +38,12 @@ def read(store: Store, name: str) -> Pointer:
     object there is something else (e.g. a pickled checkpoint, never unpickled here)."""
     data = store.get(name)
     try:
-        doc = json.loads(data)
+        doc = schema.parse_json(data)
         if not isinstance(doc, dict) or doc.get("format") != KIND:
-            raise ValueError("not a pointer")
-        return Pointer(str(doc["repo"]), str(doc["version"]))
-    except (ValueError, KeyError, UnicodeDecodeError):
+            raise schema.Invalid("not a pointer")
+        found = schema.fields(doc, {"repo": schema.text, "version": schema.vid})
+        return Pointer(found["repo"], found["version"])
+    except (schema.Invalid, KeyError):
         raise CorruptCheckpoint(
             f"{store.url(name)} is not a cloudckpt checkpoint pointer (a torch.save file?). "
             "cloudckpt never unpickles; load such a file yourself if you trust it"

@@ -20,6 +20,8 @@ import dataclasses
 import json
 import logging
 import random
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +29,11 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from cloudckpt.errors import CheckpointNotFound
+from cloudckpt import loading
+from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
+from cloudckpt.loading import first_good
 from cloudckpt.repo import Repo, RepoOptions
+from cloudckpt.versions import Version, lineage
 
 log = logging.getLogger("cloudckpt")
 
@@ -84,21 +89,56 @@ class CloudCheckpointCallback(TrainerCallback):
 
     def resume(self, trainer: Trainer) -> str | None:
         """Lay the newest version out as ``<output_dir>/checkpoint-<step>`` and return that
-        path for ``trainer.train(resume_from_checkpoint=...)``; None if there is none."""
+        path for ``trainer.train(resume_from_checkpoint=...)``; None if there is none.
+
+        A version that does not verify or does not fit the model is passed over for its
+        parent (logged); nothing is written outside ``output_dir``."""
+        index = self.repo.index()
         try:
-            version = self.repo.resolve(self.branch)
+            head = self.repo.resolve(self.branch, index)
         except CheckpointNotFound:
             return None
-        state = self.repo.load(version.id)
-        out = Path(trainer.args.output_dir) / f"checkpoint-{version.step}"
-        out.mkdir(parents=True, exist_ok=True)
-        model = trainer.model
-        model.load_state_dict(state["model"])
-        model.save_pretrained(out)  # the Trainer reads the weights from here
-        # Written here from verified, plain data; the Trainer reads them weights_only.
-        torch.save(state["optimizer"], out / "optimizer.pt")
-        torch.save(state["scheduler"], out / "scheduler.pt")
-        torch.save(state["rng"], out / "rng_state.pth")
-        (out / "trainer_state.json").write_text(state["trainer_state"])
+        version, out, _ = first_good(
+            lineage(index, head.id),
+            lambda v: self._lay_out(v, trainer),
+            f"{self.repo.uri} branch {self.branch!r}",
+        )
         log.info("resuming from %s (step %s) laid out in %s", version.id, version.step, out)
         return str(out)
+
+    def _lay_out(self, version: Version, trainer: Trainer) -> Path:
+        where = f"{self.repo.uri} version {version.id}"
+        if type(version.step) is not int or version.step < 0:
+            raise CorruptCheckpoint(f"{where}: records step {version.step!r}, not a step count")
+        root = Path(trainer.args.output_dir).resolve()
+        out = (root / f"checkpoint-{version.step}").resolve()
+        if out.parent != root:  # the step is an int; this holds, and is checked all the same
+            raise CorruptCheckpoint(f"{where}: {out} is not a checkpoint directory of {root}")
+        state = self.repo.load(version.id)
+        parts = {"model": dict, "optimizer": dict, "scheduler": dict, "trainer_state": str,
+                 "rng": dict}  # fmt: skip
+        wrong = [k for k, kind in parts.items() if not isinstance(state.get(k), kind)]
+        if not isinstance(state, dict) or wrong:
+            raise CorruptCheckpoint(f"{where} is not a Trainer checkpoint (bad {wrong})")
+        try:
+            json.loads(state["trainer_state"])
+        except ValueError as e:
+            raise CorruptCheckpoint(f"{where}: its trainer_state is not JSON ({e})") from None
+        loading.apply(trainer.model, state["model"], where)
+        # Laid out beside the target and renamed into place: the Trainer never finds a
+        # half-written checkpoint directory.
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=root))
+        try:
+            trainer.model.save_pretrained(staging)  # the Trainer reads the weights from here
+            # Written here from verified, plain data; the Trainer reads them weights_only.
+            torch.save(state["optimizer"], staging / "optimizer.pt")
+            torch.save(state["scheduler"], staging / "scheduler.pt")
+            torch.save(state["rng"], staging / "rng_state.pth")
+            (staging / "trainer_state.json").write_text(state["trainer_state"])
+            if out.exists():
+                shutil.rmtree(out)
+            staging.rename(out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return out
