@@ -298,7 +298,11 @@ class Repo:
         state, or a mapping from top-level key to such objects (``{"model": model,
         "optimizer": opt}``). Tensors are decoded straight into the existing tensors of
         matching shape and dtype, then ``load_state_dict`` is called, so no second full
-        copy of the state is held.
+        copy of the state is held. If the load fails (a blob fails its hash, the store
+        fails), those tensors may hold part of the new data: load a version into them
+        again (``CheckpointManager.restore`` does, falling back to the parent) before
+        using them. Missing blobs and malformed manifests are found before anything is
+        written.
 
         ``fetch``: fills the allocated arrays from their manifest entries (default: every
         chunk from the store); the multi-rank loader downloads a share and broadcasts.
