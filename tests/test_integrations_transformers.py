@@ -108,7 +108,9 @@ def test_resume_passes_over_a_damaged_head_to_its_parent(tmp_path: Path) -> None
     saved(callback, model, 10)
     head = callback.repo.resolve("main")
     key = f"manifests/{head.id}.json"
-    callback.repo.store.put(key, callback.repo.store.get(key).replace(b'"shape": [', b'"shape": ["'))
+    callback.repo.store.put(
+        key, callback.repo.store.get(key).replace(b'"shape": [', b'"shape": ["')
+    )
     fresh = tiny_model()
     out = tmp_path / "out"
 
