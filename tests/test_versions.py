@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cloudckpt.errors import CorruptCheckpoint, UnsupportedFormat
+from cloudckpt.errors import CorruptCheckpoint, InvalidKey, UnsupportedFormat
 from cloudckpt.versions import FORMAT, Index
 
 
@@ -39,3 +39,62 @@ def test_format_1_reads_and_writes_back_as_format_2() -> None:
     assert index.fences == {} and index.gc_epoch == 0 and index.deleted == {"d": 1.5}
     again = Index.parse(index.dumps(), "versions.json")
     assert json.loads(index.dumps())["format"] == 2 and again == index
+
+
+ROW = {"id": "20261202T000000000Z-0a1b2c3d", "branch": "main"}
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        {**ROW, "id": "../../outside/x"},
+        {**ROW, "id": "a/b"},
+        {**ROW, "branch": "../x"},
+        {**ROW, "parent": "/etc/passwd"},
+        {**ROW, "step": "5/../../../escaped"},
+        {**ROW, "step": True},
+        {**ROW, "step": 2**70},
+        {**ROW, "metrics": {"loss": "low"}},
+        {**ROW, "created": float("inf")},
+        {**ROW, "stored_bytes": -1},
+        {**ROW, "meta": ["not", "a", "dict"]},
+        {**ROW, "fence": 1.5},
+        {"branch": "main"},
+        ["a", "list"],
+    ],
+)
+def test_a_malformed_row_names_versions_json_and_the_field(row: object) -> None:
+    with pytest.raises(CorruptCheckpoint, match=r"versions\.json is not a valid .*repair"):
+        Index.parse(index_with(versions=[row]), "s3://b/versions.json")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"branches": {"main": "../../x"}},
+        {"branches": {"../x": ROW["id"]}},
+        {"tags": {"t": 5}},
+        {"deleted": {"../x": None}},
+        {"fences": {"main": "1"}},
+        {"gc": {"epoch": -1}},
+        {"branches": []},
+    ],
+)
+def test_malformed_heads_tags_and_protocol_fields_are_refused(fields: dict) -> None:
+    with pytest.raises(CorruptCheckpoint, match=r"versions\.json is not a valid"):
+        Index.parse(index_with(versions=[ROW], **fields), "s3://b/versions.json")
+
+
+def test_a_path_like_version_id_never_reads_outside_the_root(tmp_path) -> None:
+    """A row naming ``../outside/x`` with a manifest planted there: refused, not read."""
+    from cloudckpt import Repo
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "x.json").write_text("planted")
+    repo = Repo(f"file://{tmp_path}/repo")
+    planted = index_with(versions=[{**ROW, "id": "../../outside/x"}], branches={"main": "x"})
+    repo.store.put("versions.json", planted)
+    with pytest.raises(CorruptCheckpoint, match=r"versions\.json.*not a version id"):
+        repo.load()
+    with pytest.raises(InvalidKey, match="not a plain relative object key"):
+        repo.store.get("manifests/../../outside/x.json")
