@@ -25,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cloudckpt import heartbeat, manifest, versions
@@ -77,11 +79,7 @@ def collect(
         raise ValueError(f"grace must be >= 0 seconds, not {grace}")
     if not 0 < sweep_ttl <= MAX_SWEEP_TTL:
         raise ValueError(f"sweep_ttl must be in (0, {MAX_SWEEP_TTL:.0f}] seconds, not {sweep_ttl}")
-    listed = _Listing(
-        store.list_info(manifest.PREFIX),
-        store.list_info(manifest.MARKERS),
-        store.list_info("blobs"),
-    )
+    listed = _Listing.of(store)
     report = GCReport(dry_run=dry_run)
     if dry_run:
         index = versions.read(store)[0]
@@ -108,9 +106,31 @@ def collect(
 
 @dataclass(frozen=True)
 class _Listing:
+    """What gc may delete: the objects whose keys are of the repository's own layout.
+    Anything else under its prefixes (another tool's objects, hostile names) is left."""
+
     manifests: dict[str, ObjectInfo]
     markers: dict[str, ObjectInfo]
     blobs: dict[str, ObjectInfo]
+
+    @classmethod
+    def of(cls, store: Store) -> _Listing:
+        def ours(prefix: str, layout: Callable[[str], bool]) -> dict[str, ObjectInfo]:
+            found = store.list_info(prefix)
+            kept = {k: info for k, info in found.items() if layout(k)}
+            if len(kept) < len(found):
+                log.warning("gc: leaving %d objects under %s/ that are not cloudckpt's: %s",
+                            len(found) - len(kept), prefix,
+                            ", ".join(sorted(set(found) - set(kept))[:5]))  # fmt: skip
+            return kept
+
+        return cls(
+            ours(manifest.PREFIX, manifest.is_key), ours(manifest.MARKERS, manifest.is_marker_key),
+            ours("blobs", lambda k: _BLOB_KEY.fullmatch(k) is not None),
+        )  # fmt: skip
+
+
+_BLOB_KEY = re.compile(r"blobs/([0-9a-f]{2})/\1[0-9a-f]{30}")
 
 
 def _store_now(store: Store, listed: _Listing) -> float:

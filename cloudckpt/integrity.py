@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
 from dataclasses import dataclass, field
 
-from cloudckpt import manifest, versions
+from cloudckpt import manifest, schema, versions
 from cloudckpt.blobs import BlobReader, TransferOptions
 from cloudckpt.commit import present_blobs, wait_for_sweeps
 from cloudckpt.errors import (
@@ -110,9 +111,11 @@ def repair(store: Store, attempts: int = 16) -> Index:
 
 def _published(store: Store) -> dict[str, Version]:
     """The rows of every manifest whose commit was acknowledged."""
-    markers = {manifest.vid_of(k) for k in store.list_keys(manifest.MARKERS)}
+    markers = {
+        manifest.vid_of(k) for k in store.list_keys(manifest.MARKERS) if manifest.is_marker_key(k)
+    }
     rows: dict[str, Version] = {}
-    for key in store.list_keys(manifest.PREFIX):
+    for key in filter(manifest.is_key, store.list_keys(manifest.PREFIX)):
         vid = manifest.vid_of(key)
         try:
             doc = manifest.read(store, vid)
@@ -182,7 +185,10 @@ def _rebuilt(store: Store, rows: dict[str, Version]) -> Index:
         new.versions[row.id] = row
     for branch in {r.branch for r in new.versions.values()}:
         new.branches[branch] = _newest_leaf(new, branch)
-    leased = {manifest.vid_of(k) for k in store.list_keys("leases")}  # branch names
+    leased = set()  # branch names
+    for key in store.list_keys("leases/"):
+        with contextlib.suppress(schema.Invalid):
+            leased.add(schema.name(key.removeprefix("leases/").removesuffix(".json")))
     for branch in set(new.branches) | leased:  # a leased branch may have no version yet
         seen = [r.fence or 0 for r in new.versions.values() if r.branch == branch]
         seen.append(lease_fence(store, branch))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,19 @@ def key(vid: str) -> str:
 
 def marker_key(vid: str) -> str:
     return f"{MARKERS}/{vid}"
+
+
+_KEY = re.compile(rf"{PREFIX}/{schema.VID_PATTERN}\.json")
+_MARKER_KEY = re.compile(rf"{MARKERS}/{schema.VID_PATTERN}")
+
+
+def is_key(key_: str) -> bool:
+    """Whether a listed key is a manifest's (of a plain version id)."""
+    return _KEY.fullmatch(key_) is not None
+
+
+def is_marker_key(key_: str) -> bool:
+    return _MARKER_KEY.fullmatch(key_) is not None
 
 
 def vid_of(key_: str) -> str:

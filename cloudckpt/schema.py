@@ -26,7 +26,8 @@ MAX_DEPTH = 200
 MAX_INT = 2**63 - 1
 #: Version ids: what :func:`cloudckpt.commit.new_version_id` makes, and nothing that
 #: could name another object (no ``/``, no leading dot).
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_ID = re.compile(VID_PATTERN)
 _NAME_MAX = 200
 
 

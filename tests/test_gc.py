@@ -198,3 +198,23 @@ def test_a_malformed_unpublished_manifest_does_not_stop_gc(root, caplog) -> None
     repo.gc(grace=3600)
     assert "skipping unreadable manifest" in caplog.text
     assert_loads(root, kept)
+
+
+def test_objects_not_of_the_layout_are_left_alone_not_a_failure(caplog) -> None:
+    """Keys gc did not make (another tool's, hostile names with ``..``) are neither
+    deleted nor allowed to stop a collection."""
+    from cloudckpt import Repo
+
+    repo = Repo("memory://gc-foreign/repo")
+    dropped = repo.commit({"w": torch.zeros(3)})
+    kept = repo.commit({"w": torch.arange(10.0)})
+    repo.delete([dropped.id])
+    foreign = ["blobs/ab/not-a-hash", "manifests/sub/x.json", "published/.hidden",
+               "blobs/../outside", "manifests/../../x.json"]  # fmt: skip
+    for key in foreign:  # written past Store's key check, as another client could
+        repo.store.fs.pipe_file(f"{repo.store.root}/{key}", b"theirs")
+    report = repo.gc(grace=0)
+    assert report.blobs and "not cloudckpt's" in caplog.text
+    for key in foreign:
+        assert repo.store.fs.cat_file(f"{repo.store.root}/{key}") == b"theirs"
+    assert torch.equal(repo.load(kept.id)["w"], torch.arange(10.0))
