@@ -102,14 +102,21 @@ class WriterLease:
         """This holder's fencing token (0 before :meth:`acquire`)."""
         return self.me.fence
 
-    def acquire(self, force: bool = False) -> WriterLease:
+    def acquire(self, force: bool = False, wait: bool = False) -> WriterLease:
         """Take the lease, or raise LeaseHeld naming its live holder.
+
+        With ``wait`` (CheckpointManager's default), a holder on another machine (or one
+        whose liveness cannot be checked here) is watched -- at most its own ttl, logged
+        -- and taken over once its lease expires: a replacement machine after a hard
+        kill resumes instead of failing. A holder that renews meanwhile, or a live
+        process of this machine, raises LeaseHeld; without ``wait`` any live holder does.
 
         ``force`` takes it from a live holder too (an operator's decision: that job's
         next commit is refused, fenced out). A lease that was lost stays lost: a job
         that lost its branch to another must not take it back unawares."""
         if self._lost:
             raise LeaseHeld(self._lost)
+        waited: str | None = None  # the token of the holder this job waited out once
         for _ in range(16):  # lost races with other acquirers
             found = self.store.read_versioned(self.key)
             if found is None:
@@ -124,13 +131,11 @@ class WriterLease:
             why = self._free(holder)
             if why is None and not force:
                 assert holder is not None
-                age = self._age()
-                raise LeaseHeld(
-                    f"{self.store.url(self.key)}: branch {self.branch!r} is being written by "
-                    f"{holder.describe()} (renewed {age:.0f}s ago). Use another branch, stop "
-                    f"that job, or wait {max(holder.ttl + _CLOCK_RESOLUTION - age, 0) + 1:.0f}s "
-                    "for its lease to expire if it is gone."
-                )
+                if not wait or waited == holder.token or self._known_alive(holder):
+                    raise self._held(holder, renewed=waited == holder.token)
+                self._wait_out(holder, found[1])
+                waited = holder.token
+                continue
             try:
                 self._etag = self.store.put_if_match(self.key, self._doc(), found[1])
                 log.warning("took over the writer lease of %s (%s)", self.branch, why or "forced")
@@ -141,6 +146,7 @@ class WriterLease:
             raise LeaseHeld(f"{self.store.url(self.key)}: too many jobs racing for the lease")
         self._raise_fence()
         # The thread holds the lease weakly: a lease dropped without release() stops it.
+        self._stop = threading.Event()  # a lease released before may be taken again
         self._thread = heartbeat.start(self, self._stop, f"cloudckpt-lease-{self.branch}")
         return self
 
@@ -214,6 +220,43 @@ class WriterLease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    def _held(self, holder: Holder, renewed: bool) -> LeaseHeld:
+        age = self._age()
+        left = max(holder.ttl + _CLOCK_RESOLUTION - age, 0) + 1
+        advice = (
+            "it renewed its lease while this job waited: it is alive. Use another branch or "
+            "stop that job"
+            if renewed
+            else f"Use another branch, stop that job, or wait {left:.0f}s for its lease to "
+            "expire if it is gone"
+        )
+        return LeaseHeld(
+            f"{self.store.url(self.key)}: branch {self.branch!r} is being written by "
+            f"{holder.describe()} (renewed {age:.0f}s ago). {advice}."
+        )
+
+    def _known_alive(self, holder: Holder) -> bool:
+        """A process of this machine that runs: no need to wait to know it is live."""
+        return holder.same_machine(self.me) and _alive(holder.pid, holder.start)
+
+    def _wait_out(self, holder: Holder, etag: str) -> None:
+        """Watch the holder's lease until it expires by the store's clock or changes
+        (renewed, or taken by another job); at most the holder's ttl."""
+        left = holder.ttl + _CLOCK_RESOLUTION - self._age()
+        log.warning(
+            "%s: branch %r is leased by %s, not renewed for %.0fs; waiting up to %.0fs for "
+            "the lease to expire before taking over (it raises LeaseHeld if the holder "
+            "renews; wait=False / CheckpointManager(lease_wait=False) fails fast instead)",
+            self.store.url(self.key), self.branch, holder.describe(), self._age(), left + 1,
+        )  # fmt: skip
+        deadline = time.monotonic() + max(left, 0) + 2 * _CLOCK_RESOLUTION
+        step = min(1.0, holder.ttl / 10)
+        while time.monotonic() < deadline:
+            found = self.store.read_versioned(self.key)
+            if found is None or found[1] != etag or self._age() > holder.ttl + _CLOCK_RESOLUTION:
+                return
+            time.sleep(step)
 
     def _free(self, holder: Holder | None) -> str | None:
         """Why the lease may be taken from ``holder``, or None while it is live: its own

@@ -23,7 +23,7 @@ from cloudckpt import loading, schema, tree, versions
 from cloudckpt.distributed import replicated
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
-from cloudckpt.errors import CloudCkptError, CorruptCheckpoint
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint
 from cloudckpt.gc import DEFAULT_GRACE
 from cloudckpt.health import HealthCheck
 from cloudckpt.lease import WriterLease
@@ -67,10 +67,16 @@ class CheckpointManager:
     ``health`` (a :class:`HealthCheck`, on by default for the metric ``"loss"``) rolls
     back to the last committed version when the loss is non-finite or spikes.
 
+    A branch with no versions in a repository that has other branches is refused by
+    ``restore()`` (CheckpointNotFound naming them: most likely a typo) unless
+    ``new_branch=True`` says the run starts a new branch.
+
     ``exclusive`` (default): the manager holds the branch's writer lease (see
     :mod:`cloudckpt.lease`) from ``restore()`` or the first save until ``close()``, so a
-    second job on the same branch fails fast with LeaseHeld naming the first. Jobs on
-    different branches of one repository do not conflict.
+    second job on the same branch fails with LeaseHeld naming the first. A holder that
+    stopped renewing (its machine was killed) is waited out, at most its ``lease_ttl``,
+    then taken over, so a replacement machine resumes; ``lease_wait=False`` fails fast
+    instead. Jobs on different branches of one repository do not conflict.
 
     Inside a ``torchrun`` job (torch.distributed initialized, several ranks) every rank
     makes the same calls: policies are decided on rank 0 and the preemption flag and
@@ -104,11 +110,14 @@ class CheckpointManager:
         preemption: PreemptionWatcher | bool | None = None,
         exclusive: bool = True,
         lease_ttl: float = 60.0,
+        lease_wait: bool = True,
+        new_branch: bool = False,
         distributed: DistributedOptions | None = None,
         options: RepoOptions | None = None,
     ) -> None:
         self.repo = Repo(uri, storage_options, options=options)
         self._lease = WriterLease(self.repo.store, branch, lease_ttl) if exclusive else None
+        self.lease_wait, self.new_branch = lease_wait, new_branch
         self.distributed = distributed or DistributedOptions()
         self._group: Group | None = None
         self._commit_group: Group | None = None
@@ -190,6 +199,7 @@ class CheckpointManager:
             policy.start(self.step_count, self.clock())
         index = self.repo.index()
         if head_id is None:
+            self._check_new_branch(index)
             log.info("no checkpoint on %s@%s: fresh run", self.repo.uri, self.branch)
             self._mark_completed(0)
             return Resumed(extra=extra)
@@ -203,6 +213,21 @@ class CheckpointManager:
         log.info("resumed %s from %s (step %d)", self.repo.uri, version.id, self.step_count)
         return Resumed(
             self.step_count, self.epoch, dict(version.metrics), self.extra, version, skipped
+        )
+
+    def _check_new_branch(self, index: Index) -> None:
+        """A branch without versions in a repository that has others is most likely a
+        typo: refused unless the run said it starts a new branch."""
+        others = sorted(b for b in index.branches if b != self.branch)
+        if self.new_branch or not others:
+            return
+        if self._lease is not None:
+            self._lease.release()
+        raise CheckpointNotFound(
+            f"{self.repo.uri}: branch {self.branch!r} has no versions, but this repository "
+            f"has branches {', '.join(others)} -- a typo? Pass new_branch=True to start "
+            f"{self.branch!r} from scratch, or fork it first with "
+            f"Repo(...).branch({self.branch!r}, {others[0]!r})"
         )
 
     def _load_newest_good(self, head: Version, index: Index, skipped: dict[str, str]) -> Version:
@@ -385,7 +410,7 @@ class CheckpointManager:
 
     def _hold_lease(self) -> None:
         if self._lease is not None and self.group.rank == 0 and not self._lease.held:
-            self._lease.acquire()
+            self._lease.acquire(wait=self.lease_wait)
 
     def _check_lease(self) -> None:
         if self._lease is not None:

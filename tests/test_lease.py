@@ -20,7 +20,7 @@ from processes import reaped
 from torch import nn
 
 from cloudckpt import CheckpointManager
-from cloudckpt.errors import LeaseHeld
+from cloudckpt.errors import CheckpointNotFound, LeaseHeld
 from cloudckpt.lease import WriterLease
 from cloudckpt.store import Store
 
@@ -28,10 +28,13 @@ CHILD = str(Path(__file__).with_name("child_lease.py"))
 
 
 @contextmanager
-def holder(server: Any, uri: str, branch: str = "main") -> Iterator[subprocess.Popen[str]]:
-    """A job in another process holding ``branch``'s lease until the block ends."""
+def holder(
+    server: Any, uri: str, branch: str = "main", *elsewhere: str
+) -> Iterator[subprocess.Popen[str]]:
+    """A job in another process holding ``branch``'s lease until the block ends
+    (``elsewhere``: the host name and lease ttl of a job on another machine)."""
     proc = subprocess.Popen(
-        [sys.executable, CHILD, uri, branch],
+        [sys.executable, CHILD, uri, branch, *elsewhere],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -68,7 +71,8 @@ def test_a_second_job_on_the_branch_fails_fast_naming_the_first(seaweedfs: Any) 
 def test_jobs_on_different_branches_run_side_by_side(seaweedfs: Any) -> None:
     uri = seaweedfs.fresh_uri("lease")
     with holder(seaweedfs, uri, "main") as first:
-        with CheckpointManager(uri, seaweedfs.storage_options(), branch="exp") as other:
+        opts = seaweedfs.storage_options()
+        with CheckpointManager(uri, opts, branch="exp", new_branch=True) as other:
             other.restore(model=nn.Linear(4, 4))
             assert other.save() is not None
         release(first)
@@ -233,3 +237,50 @@ def test_a_local_clock_far_ahead_does_not_expire_a_live_lease(tmp_path, monkeypa
     monkeypatch.setattr("cloudckpt.lease.time.time", lambda: ahead)
     with pytest.raises(LeaseHeld, match="is being written by"):
         WriterLease(store, "main", ttl=60).acquire()
+
+
+def test_a_replacement_machine_waits_out_a_killed_holder_and_resumes(
+    seaweedfs: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 16 item 7: after SIGKILL on machine A, the job on machine B resumes (no
+    crash loop) within the holder's ttl + 10 s."""
+    uri = seaweedfs.fresh_uri("lease")
+    with holder(seaweedfs, uri, "main", "machine-a", "4") as first:
+        first.kill()
+        first.wait(timeout=30)
+    start = time.monotonic()
+    with CheckpointManager(uri, seaweedfs.storage_options()) as replacement:
+        assert replacement.restore(model=nn.Linear(4, 4)).step == 1
+    assert time.monotonic() - start < 4 + 10
+    assert "waiting up to" in caplog.text and "machine-a" in caplog.text
+
+
+def test_a_holder_that_keeps_renewing_is_not_taken_over(seaweedfs: Any) -> None:
+    uri = seaweedfs.fresh_uri("lease")
+    with holder(seaweedfs, uri, "main", "machine-a", "3") as first:
+        start = time.monotonic()
+        with pytest.raises(LeaseHeld, match="renewed its lease while this job waited"):
+            CheckpointManager(uri, seaweedfs.storage_options()).restore(model=nn.Linear(4, 4))
+        assert time.monotonic() - start < 3 + 5
+        start = time.monotonic()
+        with pytest.raises(LeaseHeld, match=r"wait [0-9]+s for its lease to expire"):
+            CheckpointManager(uri, seaweedfs.storage_options(), lease_wait=False).restore(
+                model=nn.Linear(4, 4)
+            )
+        assert time.monotonic() - start < 2
+        release(first)
+
+
+def test_a_typod_branch_is_refused_naming_the_branches_that_exist(tmp_path: Path) -> None:
+    """Issue 16 item 3: ``branch="mian"`` was a silent fresh run."""
+    uri = f"file://{tmp_path}/repo"
+    with CheckpointManager(uri, save_every_steps=1) as mgr:
+        mgr.restore(model=nn.Linear(4, 4))
+        mgr.step(1)
+    with pytest.raises(CheckpointNotFound, match=r"branch 'mian' has no versions.*main"):
+        CheckpointManager(uri, branch="mian").restore(model=nn.Linear(4, 4))
+    with CheckpointManager(uri, branch="mian", new_branch=True, save_every_steps=1) as mgr:
+        assert mgr.restore(model=nn.Linear(4, 4)).step == 0  # the lease was given back
+        mgr.step(1)
+    with CheckpointManager(uri, branch="mian") as mgr:
+        assert mgr.restore(model=nn.Linear(4, 4)).step == 1
