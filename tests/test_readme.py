@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cloudckpt import Repo
+from cloudckpt import Repo, Resumed
 from cloudckpt.cli import main as cli
 from cloudckpt.testing.gpt import GPTConfig, train_state
 
@@ -41,7 +41,15 @@ def test_python_blocks_run(moto_server: Any, monkeypatch: pytest.MonkeyPatch) ->
         assert "BucketAlreadyOwnedByYou" in str(e) or "BucketAlreadyExists" in str(e)
     namespace: dict = {}
     for i, block in enumerate(blocks("python")):
-        exec(compile(block, f"README.md[python block {i}]", "exec"), namespace)
+        # Twice in a row, as a newcomer reruns a script: the repositories (memory:// lives
+        # as long as the process, s3:// on the server) keep what the first run wrote.
+        for run in (1, 2):
+            namespace.pop("start", None)
+            code = compile(block, f"README.md[python block {i}, run {run}]", "exec")
+            exec(code, namespace)
+            start = namespace.get("start")
+            if run == 2 and isinstance(start, Resumed):  # a rerun resumes, never from scratch
+                assert not start.fresh and start.step > 0, (i, start)
 
 
 def commands(block: str) -> list[str]:
