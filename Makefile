@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo docs lint bench bench-compression bench-concurrency lock clean
+.PHONY: test demo docs lint bench bench-compression bench-concurrency bench-fuzz lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -59,3 +59,9 @@ clean:
 CONCURRENCY_ARGS ?= --seconds 300
 bench-concurrency: $(STAMP)
 	$(BIN)/python benchmarks/concurrency.py $(CONCURRENCY_ARGS)
+
+# Hostile stored data: 100,000 inputs, each one stored object of a small repository
+# mutated, then every reader run on it (~30 min; FUZZ_ARGS="--inputs 5000" for a look).
+FUZZ_ARGS ?= --inputs 100000 --seed 1
+bench-fuzz: $(STAMP)
+	$(BIN)/python benchmarks/fuzz.py $(FUZZ_ARGS) --report benchmarks/RESULTS-fuzz.md
