@@ -1,11 +1,14 @@
 """Preemption notices -> a flag the training loop acts on at a step boundary.
 
-Signal handlers only set the flag (no I/O in a handler); cloud metadata pollers run in a
-daemon thread. A second signal exits at once.
+Signal handlers only set the flag (no I/O in a handler but one raw write to stderr); cloud
+metadata pollers run in a daemon thread. A second signal within ``repeat_window`` seconds
+(2 s by default) of the first is a launcher repeating itself and is ignored; a second
+signal after that is a deliberate interrupt and exits at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -119,6 +122,12 @@ def azure_poller(
     return poll
 
 
+def _say(text: str) -> None:
+    """One raw write to stderr: no lock, so safe in a signal handler."""
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
+
+
 class PreemptionWatcher:
     """Sets ``notice`` when a preemption signal or a cloud notice arrives.
 
@@ -126,6 +135,22 @@ class PreemptionWatcher:
     ``--signal``). ``pollers``: callables from :func:`aws_poller`, :func:`gcp_poller`,
     :func:`azure_poller` (endpoints configurable), polled every ``interval`` seconds in
     a daemon thread. ``signal_notice_seconds`` is the time assumed left after a signal.
+
+    The first signal only sets the flag: the training loop commits a final checkpoint at
+    its next step boundary. What a later signal does depends on when it comes:
+
+    - **within** ``repeat_window`` **seconds of the first** (2 s by default), any of the
+      watched signals is taken for the same notice delivered again -- torchrun forwarding
+      to the process group, a shell and a supervisor both signalling, a terminal's Ctrl-C
+      (SIGINT) followed by torchrun's SIGTERM -- and is ignored, so it cannot abort the
+      final save (async saves included). One line on stderr says so.
+    - **after** the window, it is a deliberate second interrupt (a second Ctrl-C a few
+      seconds later): the process exits at once with status ``128 + signum`` (130 for
+      SIGINT, 143 for SIGTERM), without waiting for the save in flight. The last
+      committed version stays the resume point.
+
+    A notice from a poller is not a signal: the first signal after it still only sets the
+    flag and opens the window. ``repeat_window=0`` makes every second signal exit at once.
     """
 
     def __init__(
@@ -134,8 +159,12 @@ class PreemptionWatcher:
         pollers: Sequence[Callable[[], Notice | None]] = (),
         interval: float = 5.0,
         signal_notice_seconds: float = 30.0,
+        repeat_window: float = 2.0,
     ) -> None:
         self.signals = tuple(signals)
+        self.repeat_window = repeat_window
+        self.repeats = 0  # signals ignored as repeats of the first
+        self._first_signal: float | None = None
         self.pollers = list(pollers)
         self.interval = interval
         self.signal_notice_seconds = signal_notice_seconds
@@ -177,10 +206,19 @@ class PreemptionWatcher:
             self._event.set()
 
     def _on_signal(self, signum: int, frame: object) -> None:
-        if self._event.is_set():
-            os._exit(128 + signum)  # the second signal: leave now
+        now = time.monotonic()
         name = signal.Signals(signum).name
-        self.trigger(Notice(name, time.monotonic() + self.signal_notice_seconds))
+        if self._first_signal is None:
+            self._first_signal = now
+            self.trigger(Notice(name, now + self.signal_notice_seconds))
+            return
+        after = now - self._first_signal
+        if after > self.repeat_window:
+            os._exit(128 + signum)  # a deliberate second interrupt: leave now
+        self.repeats += 1
+        _say(f"cloudckpt: {name} {after:.2f}s after the first signal: ignored as a repeat "
+             f"(within {self.repeat_window:g}s); the final checkpoint goes on. Send it again "
+             f"after that to exit at once.\n")  # fmt: skip
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set() and not self._event.is_set():

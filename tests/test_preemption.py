@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from http_servers import serving
+from processes import reaped
 
 from cloudckpt import CheckpointManager, HealthCheck, Repo
 from cloudckpt.preemption import PreemptionWatcher, aws_poller, azure_poller, gcp_poller
@@ -152,18 +153,56 @@ def test_sigterm_at_a_random_step_commits_the_last_completed_step_and_exits_0(
     assert "preempted: final checkpoint" in out
 
 
-def test_second_signal_exits_at_once(tmp_path) -> None:
+def test_a_repeat_within_the_window_is_ignored_and_a_later_interrupt_exits_at_once() -> None:
+    """A cloud notice came first (not a signal); then SIGTERM only sets the flag, a repeat
+    50 ms later is ignored, and a deliberate SIGINT after the 2 s window exits at once."""
     script = (
-        "import signal, time\n"
-        "from cloudckpt.preemption import PreemptionWatcher\n"
+        "import time\n"
+        "from cloudckpt.preemption import Notice, PreemptionWatcher\n"
         "w = PreemptionWatcher().start()\n"
+        "w.trigger(Notice('aws', time.monotonic() + 120))\n"
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    with reaped(proc):
+        assert proc.stdout and proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert proc.poll() is None  # the first signal only sets the flag
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert proc.poll() is None  # a repeat within the window is ignored
+        time.sleep(PreemptionWatcher().repeat_window)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        assert proc.wait(timeout=10) == 128 + signal.SIGINT
+        assert time.monotonic() - sent < 2
+        assert "ignored as a repeat" in (proc.stderr.read() if proc.stderr else "")
+
+
+def test_a_repeated_sigterm_does_not_abort_the_final_async_save(seaweedfs, tmp_path) -> None:
+    """Launchers deliver SIGTERM more than once (torchrun forwarding to the process group, a
+    shell and a supervisor both signalling): the repeat within the window is ignored."""
+    uri = seaweedfs.fresh_uri("spot")
+    log = tmp_path / "steps.jsonl"
+    env = {**os.environ, **seaweedfs.env()}
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN, "--uri", uri, "--steps", "100000", "--save-every", "3",
+         "--async-save", "--log", str(log)],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while last_step(log) < 4 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    assert proc.poll() is None  # the first signal only sets the flag
+    time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    final = Repo(uri, seaweedfs.storage_options()).resolve("main")
+    assert final.step == last_step(log) and final.meta["reason"] == "preemption (SIGTERM)"
+    assert "ignored" in out and "preempted: final checkpoint" in out
