@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 import traceback
+import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,11 +22,17 @@ import fsspec
 from fsspec.asyn import sync
 
 from cloudckpt import redact
-from cloudckpt.errors import CheckpointNotFound, CloudCkptError, InvalidKey, StoreError
+from cloudckpt.errors import (
+    CheckpointNotFound,
+    CloudCkptError,
+    CorruptCheckpoint,
+    InvalidKey,
+    StoreError,
+)
 from cloudckpt.store import fastpath, multipart
 from cloudckpt.store.conditional import Conditional, for_filesystem, write_temp
 from cloudckpt.store.fastpath import FastPath
-from cloudckpt.store.retry import RetryPolicy, is_retryable
+from cloudckpt.store.retry import RetryPolicy, error_code, is_retryable
 
 __all__ = ["ObjectInfo", "RetryPolicy", "Store", "StoreOptions"]
 
@@ -36,10 +43,19 @@ _DELETE_BATCH = 500
 
 @dataclass(frozen=True)
 class StoreOptions:
-    """Timeouts and retries for every call the store makes."""
+    """Timeouts and retries for every call the store makes.
 
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    ``connect_timeout`` bounds opening a connection, ``read_timeout`` the wait for any
+    byte of an answer (it restarts with every byte received, so a large transfer that
+    keeps moving is never cut); ``retry.total_seconds`` bounds a whole call, retries
+    included (see ``RetryPolicy``). The defaults (5 s, 20 s, 60 s) report an endpoint
+    that accepts connections and never answers after about a minute, naming it in the
+    ``StoreError``; raise them for a store that is known to pause longer (the previous
+    defaults were 10 s, 60 s and 180 s).
+    """
+
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     #: S3 objects of at least two parts go up as multipart uploads, retried per part
     #: (blobs of the default 16 MiB chunks are single PUTs).
@@ -84,8 +100,10 @@ class Store:
         protocol = protocol or "file"
         opts = dict(storage_options or {})
         redact.remember(opts)
+        self._endpoint = ""
         if protocol in ("s3", "s3a"):
             opts = _s3_defaults(opts, self.options)
+            self._endpoint = _endpoint_name(opts)
         self.fs = fsspec.filesystem(protocol, **opts)
         if protocol in ("s3", "s3a"):
             # One retry budget, ours: s3fs and botocore each retry on their own otherwise.
@@ -119,15 +137,17 @@ class Store:
     def _run(self, what: str, key: str, fn: Callable[[], T]) -> T:
         check_key(key)
         try:
-            return self.options.retry.call(fn, f"{what} {self.url(key)}")
+            # Over the network each attempt is watched: a retry running past the call's
+            # deadline, or a call of a transfer that failed elsewhere, is left behind.
+            return self.options.retry.call(fn, f"{what} {self.url(key)}", watch=self._http)
         except CloudCkptError:
             raise  # ours already (not found, lost race, a guard that stopped the call)
         except FileNotFoundError as e:
             raise CheckpointNotFound(f"{self.url(key)} does not exist") from e
         except PermissionError as e:
             raise StoreError(
-                f"access denied for {what} {self.url(key)}: check the credentials and the "
-                "bucket policy for this prefix"
+                f"access denied for {what} {self.url(key)}{self._endpoint}: check the "
+                "credentials and the bucket policy for this prefix"
             ) from e
         except Exception as e:
             if is_retryable(e):
@@ -140,7 +160,10 @@ class Store:
             else:
                 hint = "check the URI, the endpoint and storage_options"
             raise StoreError(
-                redact.redact(f"{what} {self.url(key)} failed: {type(e).__name__}: {e} ({hint})")
+                redact.redact(
+                    f"{what} {self.url(key)}{self._endpoint} failed: {type(e).__name__}: {e} "
+                    f"({hint})"
+                )
             ) from e
 
     def get(self, key: str) -> bytes:
@@ -148,13 +171,44 @@ class Store:
         found = self.get_buffer(key)
         return found if isinstance(found, bytes) else bytes(found)
 
-    def get_buffer(self, key: str) -> bytes | memoryview:
+    def get_buffer(self, key: str, limit: int | None = None) -> bytes | memoryview:
         """The whole object as a read-only buffer, without a copy where the transport
-        allows (blobs on S3)."""
+        allows (blobs on S3).
+
+        With ``limit``, at most ``limit + 1`` bytes are ever taken from the store (a
+        ranged GET on S3, a bounded read of a file), whatever the object's size, and an
+        object longer than ``limit`` bytes is ``CorruptCheckpoint`` naming it.
+        """
+        if limit is None:
+            found = self._run("get", key, self._reader(key, None))
+        else:
+            if limit < 0:
+                raise ValueError(f"limit must be >= 0, got {limit}")
+            found = self._run("get", key, self._reader(key, limit + 1))
+            if len(found) > limit:
+                raise CorruptCheckpoint(
+                    f"{self.url(key)} is longer than the {limit} bytes expected of it"
+                )
+        return found
+
+    def _reader(self, key: str, most: int | None) -> Callable[[], bytes | memoryview]:
+        """One attempt at reading the object, or its first ``most`` bytes."""
         fast = self._fast_path()
         if fast is not None:
-            return self._run("get", key, lambda: fast.get(key))
-        return self._run("get", key, lambda: self.fs.cat_file(self.path(key), **self._get_kwargs))
+            return lambda: fast.get(key, most)
+        path = self.path(key)
+        if most is None:
+            return lambda: self.fs.cat_file(path, **self._get_kwargs)
+        if self._local:
+
+            def _read_file() -> bytes:
+                with open(path, "rb") as f:
+                    return f.read(most)
+
+            return _read_file
+        return lambda: _empty_if_unsatisfiable(
+            lambda: self.fs.cat_file(path, start=0, end=most, **self._get_kwargs)
+        )
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object."""
@@ -343,6 +397,39 @@ def check_key(key: str) -> None:
         or any(c in key for c in "\\\0")
     ):
         raise InvalidKey(f"{key!r} is not a plain relative object key; refused")
+
+
+def _empty_if_unsatisfiable(read: Callable[[], bytes]) -> bytes:
+    """A ranged read from byte 0 that S3 refuses as unsatisfiable (416 InvalidRange)
+    means an empty object."""
+    try:
+        return read()
+    except OSError as e:
+        code, status = error_code(e)
+        if code == "InvalidRange" or status == 416:
+            _clear_frames(e)
+            return b""
+        raise
+
+
+def _endpoint_name(opts: dict[str, Any]) -> str:
+    """`` (endpoint scheme://host:port)`` of S3 storage options, for messages: never
+    userinfo, path or query (nothing that could carry a credential)."""
+    endpoint = opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get("endpoint_url")
+    if not endpoint:
+        region = (opts.get("client_kwargs") or {}).get("region_name") or os.environ.get(
+            "AWS_REGION", os.environ.get("AWS_DEFAULT_REGION", "")
+        )
+        return f" (endpoint: AWS S3{' ' + region if region else ''})"
+    try:
+        url = urllib.parse.urlsplit(str(endpoint))
+        host = url.hostname or "?"
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{url.port}" if url.port else ""
+        return f" (endpoint {url.scheme}://{host}{port})"
+    except ValueError:
+        return " (endpoint: unparsable endpoint_url)"
 
 
 def _clear_frames(exc: BaseException | None) -> None:

@@ -146,9 +146,21 @@ class FastPath:
         found = self._obs.get(store, path)
         return found.bytes(), found.meta["e_tag"]
 
-    def get(self, key: str) -> memoryview:
-        """The whole object, without a copy (a read-only buffer)."""
-        return memoryview(self._call(self._read, key)[0])
+    def get(self, key: str, most: int | None = None) -> memoryview:
+        """The whole object, or its first ``most`` bytes (one ranged GET: nothing past
+        them is transferred), without a copy (a read-only buffer)."""
+        if most is None:
+            return memoryview(self._call(self._read, key)[0])
+        try:
+            return memoryview(self._call(self._read_start, key, most))
+        except S3ResponseError as e:
+            code, status = e.response["Error"]["Code"], e.response["ResponseMetadata"]
+            if code == "InvalidRange" or status["HTTPStatusCode"] == 416:
+                return memoryview(b"")  # no byte 0: the object is empty
+            raise
+
+    def _read_start(self, store: Any, path: str, most: int) -> Any:
+        return self._obs.get(store, path, options={"range": (0, most)}).bytes()
 
     def get_versioned(self, key: str) -> tuple[bytes, str] | None:
         """The object and its ETag (as S3 sends it, quotes included), or None if absent."""

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import random
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-import tenacity
-
+from cloudckpt.errors import CloudCkptError
 from cloudckpt.redact import redact
 
 log = logging.getLogger("cloudckpt.store")
@@ -32,6 +35,29 @@ _RETRYABLE_CODES = {
     "504",
 }
 _RETRYABLE_ERRNOS = {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET}
+#: How often a caller waiting on a watched attempt looks at its transfer's stop signal.
+_POLL = 0.05
+
+
+class Abandoned(CloudCkptError):
+    """A call of a transfer that already failed (another blob failed for good) was given
+    up before or between attempts; the transfer raises that first failure instead."""
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def abandon_when(stop: threading.Event) -> Iterator[None]:
+    """Within the block, this thread's store calls give up (``Abandoned``) once ``stop``
+    is set: no new attempt starts, a backoff sleep ends at once, and a watched attempt
+    in progress is left to finish on its own."""
+    saved = getattr(_scope, "stop", None)
+    _scope.stop = stop
+    try:
+        yield
+    finally:
+        _scope.stop = saved
 
 
 @dataclass(frozen=True)
@@ -40,31 +66,94 @@ class RetryPolicy:
 
     Only transient failures are retried (throttling, 5xx, resets, timeouts); a 403, a
     404 or a lost conditional write fails at once.
+
+    ``total_seconds`` is a deadline for the whole call: no retry starts after it, a
+    backoff never sleeps past it, and on S3 a retry still running at the deadline is
+    abandoned (a first attempt is bounded by the connect and read timeouts of
+    ``StoreOptions`` alone, so a transfer that keeps receiving bytes is never cut; keep
+    ``total_seconds`` above ``connect_timeout + read_timeout``). With the defaults and
+    the default ``StoreOptions`` (5 s to connect, 20 s without a byte), an endpoint that
+    accepts connections and never answers is reported after about 60 s (three 20 s
+    attempts); one that refuses connections after the eight attempts' backoff (about
+    13 s on average, 26 s at most). A save or load stops at its first call that fails
+    for good, so the same bounds hold for a whole transfer.
     """
 
     attempts: int = 8
-    total_seconds: float = 180.0
+    total_seconds: float = 60.0
     initial_backoff: float = 0.2
     max_backoff: float = 15.0
 
-    def call(self, fn: Callable[[], T], describe: str) -> T:
-        """Run ``fn`` under this policy; ``describe`` names the call in logs."""
-        retrying = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(self.attempts)
-            | tenacity.stop_after_delay(self.total_seconds),
-            wait=tenacity.wait_random_exponential(
-                multiplier=self.initial_backoff, max=self.max_backoff
-            ),
-            retry=tenacity.retry_if_exception(is_retryable),
-            before_sleep=lambda rs: log.warning(
-                "%s failed (attempt %d: %s); retrying",
-                describe,
-                rs.attempt_number,
-                _short(rs.outcome.exception() if rs.outcome else None),
-            ),
-            reraise=True,
-        )
-        return retrying(fn)
+    def call(self, fn: Callable[[], T], describe: str, watch: bool = False) -> T:
+        """Run ``fn`` under this policy; ``describe`` names the call in logs.
+
+        With ``watch``, each attempt runs in a thread of its own, so that a retry still
+        running at the deadline, or any attempt of a call whose transfer was abandoned
+        (``abandon_when``), is left behind instead of waited for.
+        """
+        stop: threading.Event | None = getattr(_scope, "stop", None)
+        deadline = time.monotonic() + self.total_seconds
+        for attempt in range(1, self.attempts + 1):
+            if stop is not None and stop.is_set():
+                raise Abandoned(f"{describe}: abandoned (the transfer already failed)")
+            try:
+                if not watch:
+                    return fn()
+                limit = None if attempt == 1 else deadline - time.monotonic()
+                return _watched(fn, limit, stop, describe, self.total_seconds)
+            except Exception as e:
+                left = deadline - time.monotonic()
+                if isinstance(e, Abandoned) or not is_retryable(e) or attempt == self.attempts:
+                    raise
+                pause = random.uniform(
+                    0, min(self.max_backoff, self.initial_backoff * 2 ** (attempt - 1))
+                )
+                if pause >= left:  # no time left for another attempt
+                    raise
+                log.warning("%s failed (attempt %d: %s); retrying", describe, attempt, _short(e))
+                if stop is None:
+                    time.sleep(pause)
+                else:
+                    stop.wait(pause)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _watched(
+    fn: Callable[[], T],
+    limit: float | None,
+    stop: threading.Event | None,
+    describe: str,
+    budget: float,
+) -> T:
+    """``fn()`` in a daemon thread; given up after ``limit`` seconds (TimeoutError) or
+    once ``stop`` is set (Abandoned). An attempt given up runs on until its own
+    timeouts end it; its outcome is dropped."""
+    outcome: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # handed to the caller
+            outcome.append((False, e))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="cloudckpt-call", daemon=True).start()
+    end = None if limit is None else time.monotonic() + limit
+    while True:
+        left = None if end is None else end - time.monotonic()
+        if left is not None and left <= 0:
+            break
+        wait = left if stop is None else (_POLL if left is None else min(_POLL, left))
+        if done.wait(wait):
+            ok, value = outcome[0]
+            if ok:
+                return value  # type: ignore[no-any-return]
+            raise value
+        if stop is not None and stop.is_set():
+            raise Abandoned(f"{describe}: abandoned (the transfer already failed)")
+    raise TimeoutError(f"no answer within the call's {budget:g} s budget (RetryPolicy)")
 
 
 def _short(exc: BaseException | None) -> str:
@@ -93,8 +182,6 @@ def error_code(exc: BaseException) -> tuple[str | None, int | None]:
 
 def is_retryable(exc: BaseException) -> bool:
     """True for failures that may succeed if the same call is made again."""
-    from cloudckpt.errors import CloudCkptError
-
     if isinstance(exc, (CloudCkptError, FileNotFoundError, FileExistsError, PermissionError)):
         return False
     code, status = error_code(exc)
