@@ -44,6 +44,34 @@ def max_stored(raw_len: int) -> int:
     return _HEADER.size + _MAX_PLANES * _PLANE.size + raw_len
 
 
+#: The most bytes one zstd block decodes to (the format's Block_Maximum_Size, 128 KiB;
+#: libzstd refuses a block that claims more, RLE blocks included).
+_ZSTD_BLOCK = 128 * 1024
+#: The fewest bytes of a zstd block that decodes to anything: an RLE block, its 3-byte
+#: header and the byte it repeats.
+_ZSTD_MIN_BLOCK = 4
+#: The fewest bytes of a zstd frame before its first block: magic number (4), frame
+#: header descriptor (1), and a window descriptor or a one-byte content size (1).
+_ZSTD_MIN_FRAME_HEADER = 6
+
+
+def max_raw(stored: int) -> int:
+    """The largest raw length a blob of ``stored`` bytes decodes to, under any codec.
+
+    ``raw`` holds ``stored - header`` bytes. A zstd frame of ``F`` bytes decodes to at
+    most ``(F - 6) // 4`` blocks of 128 KiB: every block that yields anything takes at
+    least 4 bytes (an RLE block) and yields at most 128 KiB, so zstd never exceeds
+    32,768:1 (level 19 on zeros reaches about 31,700:1). Byte planes cannot do better:
+    every plane decodes to the same length, and each adds its own plane and frame
+    headers. Smaller than a header, a blob holds nothing (0).
+    """
+    if stored < _HEADER.size:
+        return 0
+    frame = stored - _HEADER.size - _PLANE.size
+    blocks = max(0, (frame - _ZSTD_MIN_FRAME_HEADER) // _ZSTD_MIN_BLOCK)
+    return max(stored - _HEADER.size, blocks * _ZSTD_BLOCK)
+
+
 _IDS = {RAW: 0, ZSTD: 1, PLANES: 2, FPLANES: 3}
 _NAMES = {v: k for k, v in _IDS.items()}
 

@@ -4,7 +4,6 @@ arrays' memory, and every blob's hash is checked after decompression."""
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,14 +11,7 @@ import numpy as np
 import torch
 
 from cloudckpt import codec
-from cloudckpt.blobs.layout import (
-    CHARGE,
-    ByteBudget,
-    ChunkRef,
-    Progress,
-    blob_key,
-    iter_chunks,
-)
+from cloudckpt.blobs.layout import CHARGE, Batch, ChunkRef, Progress, blob_key, iter_chunks
 from cloudckpt.blobs.options import TransferOptions, TransferStats
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from cloudckpt.store import Store
@@ -43,7 +35,7 @@ def _fetches(targets: list[tuple[dict[str, Any], Any]]) -> dict[str, _Fetch]:
             fetch = fetches.setdefault(ref.digest, _Fetch(ref.digest, ref.stored, ref.blob_size))
             if (fetch.stored, fetch.size) != (ref.stored, ref.blob_size):
                 raise CorruptCheckpoint(f"manifest: blob {ref.digest} has conflicting sizes")
-            fetch.parts.append((entry["path"], dest, ref))
+            fetch.parts.append((entry.get("path"), dest, ref))
     return fetches
 
 
@@ -61,10 +53,43 @@ class BlobReader:
 
     def verify(self, entries: list[dict[str, Any]]) -> tuple[TransferStats, dict[str, str]]:
         """Download, decompress and hash every blob the entries use, keeping nothing;
-        returns the stats and blob key -> what is wrong with it, for each bad blob."""
+        returns the stats and blob key -> what is wrong with it, for each bad blob. A
+        store that fails (StoreError) stops it: that is raised."""
         errors: dict[str, str] = {}
         stats = self._transfer(_fetches([(e, None) for e in entries]), "verify", errors)
         return stats, errors
+
+    def check_sizes(self, entries: list[dict[str, Any]]) -> None:
+        """Check, before anything is allocated for them, that every blob the entries use
+        exists and that its stored size fits the raw size the manifest gives it: not
+        larger than any encoding of those bytes, nor too small to decode to them.
+
+        One HEAD per distinct blob, in parallel on ``workers`` threads; the first blob
+        that fails raises (``CorruptCheckpoint`` naming it, or the ``StoreError``).
+        """
+        fetches = _fetches([(e, None) for e in entries])
+        with Batch(self.options.workers, "cloudckpt-check") as batch:
+            for digest, fetch in fetches.items():
+                if not batch.submit(digest, 0, self._check_size, fetch):
+                    break
+            batch.results()
+
+    def _check_size(self, fetch: _Fetch) -> None:
+        key = blob_key(fetch.digest)
+        where = f"{self.store.url(key)} (holding {fetch.parts[0][0]!r})"
+        info = self.store.stat(key)
+        if info is None:
+            raise CorruptCheckpoint(f"{where} is missing from the store")
+        if info.size > codec.max_stored(fetch.size):
+            raise CorruptCheckpoint(
+                f"{where}: {info.size} bytes stored, more than any encoding of the "
+                f"{fetch.size} bytes the manifest gives it"
+            )
+        if fetch.size > codec.max_raw(info.size):
+            raise CorruptCheckpoint(
+                f"{where}: {info.size} bytes stored cannot decode to the {fetch.size} "
+                f"bytes the manifest gives it (at most {codec.max_raw(info.size)})"
+            )
 
     def _transfer(
         self, fetches: dict[str, _Fetch], desc: str, errors: dict[str, str] | None
@@ -73,58 +98,68 @@ class BlobReader:
         stats = TransferStats(
             logical_bytes=sum(r.size for f in fetches.values() for _, _, r in f.parts)
         )
-        budget = ByteBudget(self.options.max_inflight_bytes)
         progress = Progress(self.options.progress, stats.logical_bytes, desc)
+        # verify reports every corrupt blob and goes on; anything else stops the batch.
+        tolerate = (lambda e: isinstance(e, CorruptCheckpoint)) if errors is not None else None
         try:
-            with ThreadPoolExecutor(self.options.workers, f"cloudckpt-{desc}") as pool:
-                futures = []
-                for fetch in fetches.values():
-                    budget.acquire(CHARGE * fetch.size)
-                    futures.append((fetch, pool.submit(self._load_blob, fetch, budget, progress)))
-                for fetch, fut in futures:
-                    try:
-                        stats.transferred_bytes += fut.result()
-                    except CorruptCheckpoint as e:
-                        if errors is None:
-                            raise
-                        errors[blob_key(fetch.digest)] = str(e)
-                    stats.transferred_blobs += 1
+            with Batch(
+                self.options.workers,
+                f"cloudckpt-{desc}",
+                self.options.max_inflight_bytes,
+                tolerate or (lambda e: False),
+            ) as batch:
+                for digest, fetch in fetches.items():
+                    args = (fetch, batch, progress)
+                    if not batch.submit(digest, CHARGE * fetch.size, self._load_blob, *args):
+                        break
+                done = batch.results()
+            for digest, outcome in done.items():
+                if isinstance(outcome, BaseException):
+                    assert errors is not None
+                    errors[blob_key(digest)] = str(outcome)
+                else:
+                    stats.transferred_bytes += outcome
+                stats.transferred_blobs += 1
         finally:
             progress.close()
         stats.stored_bytes = stats.transferred_bytes
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    def _load_blob(self, fetch: _Fetch, budget: ByteBudget, progress: Progress) -> int:
+    def _load_blob(self, fetch: _Fetch, batch: Batch, progress: Progress) -> int:
         try:
             key = blob_key(fetch.digest)
             path0 = fetch.parts[0][0]
             where = f"{self.store.url(key)} (holding {path0!r})"
+            # Any encoding of the blob's bytes will do (writers with another dtype's codec
+            # or level may have stored it); decoding and the hash check the rest. Nothing
+            # past the longest such encoding is ever read.
+            limit = codec.max_stored(fetch.size)
             try:
-                blob = self.store.get_buffer(key)
+                blob = self.store.get_buffer(key, limit)
             except CheckpointNotFound:
                 raise CorruptCheckpoint(f"{where} is missing from the store") from None
-            # Any encoding of the blob's bytes will do (writers with another dtype's codec
-            # or level may have stored it); decoding and the hash check the rest.
-            if len(blob) > codec.max_stored(fetch.size):
+            except CorruptCheckpoint:
                 raise CorruptCheckpoint(
-                    f"{where}: {len(blob)} bytes stored, more than any encoding of its "
-                    f"{fetch.size} bytes"
-                )
-            _, dest, ref = fetch.parts[0]
-            direct = len(fetch.parts) == 1 and ref.size == fetch.size and dest is not None
-            raw = _dest_bytes(dest, ref.offset, ref.size) if direct else None
-            if raw is None:
-                raw = np.empty(fetch.size, dtype=np.uint8)
-            self.codec.decode_into(blob, raw, where)
-            if codec.content_hash(raw) != fetch.digest:
-                raise CorruptCheckpoint(f"{where}: content does not match its hash")
-            for _, dest, ref in fetch.parts:
-                if dest is not None and not (direct and _is_cpu(dest)):
-                    _copy_into(dest, ref.offset, raw[ref.blob_offset : ref.blob_offset + ref.size])
+                    f"{where}: more than {limit} bytes stored, more than any encoding of "
+                    f"its {fetch.size} bytes"
+                ) from None
+            with batch.gate.inside():  # the destination is the caller's: not after a failure
+                _, dest, ref = fetch.parts[0]
+                direct = len(fetch.parts) == 1 and ref.size == fetch.size and dest is not None
+                raw = _dest_bytes(dest, ref.offset, ref.size) if direct else None
+                if raw is None:
+                    raw = np.empty(fetch.size, dtype=np.uint8)
+                self.codec.decode_into(blob, raw, where)
+                if codec.content_hash(raw) != fetch.digest:
+                    raise CorruptCheckpoint(f"{where}: content does not match its hash")
+                for _, dest, ref in fetch.parts:
+                    if dest is not None and not (direct and _is_cpu(dest)):
+                        _copy_into(
+                            dest, ref.offset, raw[ref.blob_offset : ref.blob_offset + ref.size]
+                        )
             return len(blob)
         finally:
-            budget.release(CHARGE * fetch.size)
             progress.update(fetch.size)
 
 

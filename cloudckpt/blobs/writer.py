@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cloudckpt import codec
-from cloudckpt.blobs.layout import CHARGE, ByteBudget, Progress, blob_key
+from cloudckpt.blobs.layout import CHARGE, Batch, Progress, blob_key
 from cloudckpt.blobs.options import TransferOptions, TransferStats
 from cloudckpt.store import Store
 from cloudckpt.tree import Leaf
@@ -143,14 +143,14 @@ class BlobWriter:
         """Store the planned blobs (only those numbered in ``only``, if given: this
         rank's share); returns blob number -> what was stored."""
         chosen = list(range(len(planned))) if only is None else sorted(only)
-        budget = ByteBudget(self.options.max_inflight_bytes)
         total = sum(planned[n].size for n in chosen)
         progress = Progress(self.options.progress, total, "save")
         last_use = {i: n for n in chosen for i, _, _ in planned[n].pieces}
         getters: dict[int, Callable[[int, int], np.ndarray]] = {}
-        jobs: dict[int, Future[BlobResult]] = {}
         try:
-            with ThreadPoolExecutor(self.options.workers, "cloudckpt-save") as pool:
+            with Batch(
+                self.options.workers, "cloudckpt-save", self.options.max_inflight_bytes
+            ) as batch:
                 for n in chosen:
                     blob = planned[n]
                     parts = []
@@ -160,9 +160,10 @@ class BlobWriter:
                         parts.append((getters[i], a, b))
                         if last_use[i] == n:  # the job keeps what it needs
                             del getters[i]
-                    budget.acquire(CHARGE * blob.size)
-                    jobs[n] = pool.submit(self._save_blob, parts, blob, leaves, budget, progress)
-                return {n: fut.result() for n, fut in jobs.items()}
+                    args = (parts, blob, leaves, batch, progress)
+                    if not batch.submit(n, CHARGE * blob.size, self._save_blob, *args):
+                        break  # a blob failed for good: results() raises it
+                return batch.results()
         finally:
             progress.close()
 
@@ -171,18 +172,19 @@ class BlobWriter:
         parts: list[tuple[Callable[[int, int], np.ndarray], int, int]],
         blob: Planned,
         leaves: list[Leaf],
-        budget: ByteBudget,
+        batch: Batch,
         progress: Progress,
     ) -> BlobResult:
         try:
-            if len(parts) == 1:
-                get, a, b = parts[0]
-                raw = get(a, b)
-            else:
-                raw = np.concatenate([get(a, b) for get, a, b in parts])
             leaf = leaves[blob.pieces[0][0]]  # a pack holds one dtype
-            choice = codec.choose(leaf.dtype, leaf.itemsize, raw.nbytes)
-            digest = codec.content_hash(raw)
+            with batch.gate.inside():  # the arrays are the caller's: not after a failure
+                if len(parts) == 1:
+                    get, a, b = parts[0]
+                    raw = get(a, b)
+                else:
+                    raw = np.concatenate([get(a, b) for get, a, b in parts])
+                choice = codec.choose(leaf.dtype, leaf.itemsize, raw.nbytes)
+                digest = codec.content_hash(raw)
             with self._lock:
                 stored = self._known.get(digest)
                 claim = self._claims.get(digest) if stored is None else None
@@ -195,7 +197,7 @@ class BlobWriter:
             if not mine:
                 return BlobResult(digest, claim.result(), False)
             try:
-                stored, uploaded = self._upload(digest, raw, choice)
+                stored, uploaded = self._upload(digest, raw, choice, batch)
             except BaseException as e:
                 claim.set_exception(e)
                 raise
@@ -204,17 +206,19 @@ class BlobWriter:
                 self._known[digest] = stored
             return BlobResult(digest, stored, uploaded)
         finally:
-            budget.release(CHARGE * blob.size)
             progress.update(blob.size)
 
-    def _upload(self, digest: str, raw: np.ndarray, choice: codec.CodecChoice) -> tuple[int, bool]:
+    def _upload(
+        self, digest: str, raw: np.ndarray, choice: codec.CodecChoice, batch: Batch
+    ) -> tuple[int, bool]:
         key = blob_key(digest)
         existing = self.store.stat(key)
         # Even an orphan that garbage collection is about to sweep may be reused: the
         # commit checks its blobs before publishing if a collection ran (cloudckpt.commit).
         if existing is not None:
             return existing.size, False
-        blob = self.codec.encode(memoryview(raw), choice)
+        with batch.gate.inside():  # ``raw`` may be a view of the caller's array
+            blob = self.codec.encode(memoryview(raw), choice)
         self.store.put(key, blob)
         return len(blob), True
 
