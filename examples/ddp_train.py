@@ -14,7 +14,6 @@ keeps its own traffic on a gloo group either way.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import sys
 
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from train_gpt import Windows, arguments, corpus
+from train_gpt import Windows, arguments, corpus, setup_logging
 
 import cloudckpt
 from cloudckpt.distributed import DistributedOptions
@@ -39,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give --uri or set CLOUDCKPT_URI")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(message)s")  # fmt: skip
+    setup_logging(f"[rank {rank}] %(message)s", verbose=rank == 0)
 
     # The same seeds everywhere: replicated weights, dropout and RNG state on every rank.
     random.seed(args.seed)

@@ -116,8 +116,9 @@ def report(repo: Repo, lost_at: int, resumed_from: int, log: Path) -> None:
     final = repo.load("main")
     buf = io.BytesIO()
     torch.save({k: v for k, v in final.items() if k != "_cloudckpt"}, buf)
-    # Retention removed old versions from the index; collect their data now (grace 0 is
-    # safe here: training is over, nothing else writes to this repository).
+    # Retention removed old versions from the index; collect their data now. Grace 0 never
+    # endangers a committed version (docs/protocol.md); the grace only spares readers of
+    # versions deleted moments ago, and nothing reads here any more.
     freed = repo.gc(grace=0)
     blobs = repo.store.list_info("blobs")
     stored = sum(info.size for info in blobs.values())

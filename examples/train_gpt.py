@@ -101,12 +101,19 @@ def arguments(doc: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def setup_logging(fmt: str = "%(message)s", verbose: bool = True) -> None:
+    """cloudckpt's progress (INFO) on stderr; other libraries' warnings only. At INFO,
+    botocore says "Found credentials in environment variables." for every session."""
+    logging.basicConfig(level=logging.WARNING, format=fmt)
+    logging.getLogger("cloudckpt").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = arguments(__doc__)
     args = p.parse_args(argv)
     if not args.uri:
         p.error("give --uri or set CLOUDCKPT_URI")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
 
     random.seed(args.seed)
     np.random.seed(args.seed)

@@ -24,6 +24,9 @@ def test_the_demo_runs_briefly_and_reports() -> None:
     assert stopped and int(stopped[1]) == int(stopped[2]), out.stdout[-2000:]  # none redone
     assert "trained to step 40" in out.stdout
     assert "nothing was pickled" in out.stdout
+    # No noise: botocore's INFO line per session, a gc warning about the demo's grace.
+    said = out.stdout + out.stderr
+    assert "Found credentials" not in said and "grace" not in said.lower(), said[-3000:]
 
 
 def test_make_demo_runs_the_demo_script() -> None:
