@@ -3,6 +3,7 @@ server, the shell commands, and the CLI transcript replayed against a real repos
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -19,6 +20,7 @@ from cloudckpt.testing.gpt import GPTConfig, train_state
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+EXAMPLES = ROOT / "examples"
 
 
 def blocks(lang: str) -> list[str]:
@@ -58,26 +60,92 @@ def commands(block: str) -> list[str]:
 
 
 def test_shell_commands_run(seaweedfs: Any, tmp_path: Path) -> None:
-    """``make demo`` is the demo script test_examples runs, ``make test`` is what CI runs;
-    the rest run here, on the local server, shortened."""
+    """``make demo`` is the demo script test_examples runs, ``make test`` is what CI runs,
+    ``pip install`` is checked below; the training commands run here on the local server,
+    shortened, twice in a row: the second run resumes where the first stopped."""
     ran = 0
     for command in (c for block in blocks("bash") for c in commands(block)):
-        if command in ("make demo", "make test"):
+        if command in ("make demo", "make test") or command.startswith("pip install"):
             continue
         argv = shlex.split(command)
-        assert argv[0] == "torchrun", f"add a way to run README command: {command}"
-        argv = [a if not a.startswith("s3://") else seaweedfs.fresh_uri("readme") for a in argv]
+        if argv[0] == "torchrun":
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", *argv[1:]]
+        elif argv[:2] == ["python", "examples/train_gpt.py"]:
+            argv = [sys.executable, *argv[1:]]
+        else:
+            raise AssertionError(f"add a way to run README command: {command}")
+        uri = seaweedfs.fresh_uri("readme")
+        argv = [a if not a.startswith("s3://") else uri for a in argv]
         argv[argv.index("--steps") + 1] = "4"
-        argv[argv.index("--log-file") + 1] = str(tmp_path / "train.jsonl")
-        out = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", *argv[1:]],
-            cwd=ROOT, env={**os.environ, **seaweedfs.env()},
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stderr[-3000:]
+        argv[argv.index("--log-file") + 1] = str(tmp_path / f"train-{ran}.jsonl")
+        for run in (1, 2):
+            out = subprocess.run(
+                argv, cwd=ROOT, env={**os.environ, **seaweedfs.env()},
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert out.returncode == 0, (command, run, out.stderr[-3000:])
+            said = "fresh run" if run == 1 else "resumed at step 4"
+            assert said in out.stdout, (command, run, out.stdout[-2000:])
         ran += 1
-    assert ran >= 1
+    assert ran >= 2
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+REPO_URL = "git+https://github.com/cloudckpt/cloudckpt"
+
+
+def extras() -> set[str]:
+    """The extras pyproject.toml defines."""
+    text = (ROOT / "pyproject.toml").read_text()
+    section = re.search(r"^\[project\.optional-dependencies\]\n(.*?)(?=^\[)", text, re.M | re.S)
+    assert section
+    return set(re.findall(r"^([\w-]+) = ", section[1], re.M))
+
+
+def test_install_commands_name_real_extras_and_pip_accepts_them() -> None:
+    """Every extra is in the README's table; each ``pip install`` line names only real
+    extras, and pip accepts it (a dry run, offline, without dependencies; the git URL
+    pointed at this checkout's repository, i.e. its committed state)."""
+    text = README.read_text()
+    defined = extras()
+    for extra in defined:
+        assert f"| `{extra}` |" in text, f"extra {extra!r} missing from the README's table"
+    installs = [c for b in blocks("bash") for c in commands(b) if c.startswith("pip install")]
+    assert any(REPO_URL in c for c in installs), "no install from the git repository"
+    assert any(" ." in c or ' ".[' in c for c in installs), "no install from a checkout"
+    for command in installs:
+        for named in re.findall(r"\[([\w,-]+)\]", command):
+            assert set(named.split(",")) <= defined, command
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("no setuptools in this environment to build metadata offline")
+    for command in installs:
+        if REPO_URL in command and not (ROOT / ".git").exists():
+            continue
+        argv = shlex.split(command.replace(REPO_URL, f"git+file://{ROOT}"))
+        out = subprocess.run(
+            [sys.executable, "-m", "pip", *argv[1:], "--dry-run", "--no-deps",
+             "--no-build-isolation", "--no-index", "--quiet"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0, (command, out.stderr[-2000:])
+
+
+def test_every_flag_of_the_example_is_shown() -> None:
+    spec = importlib.util.spec_from_file_location("readme_train_gpt", EXAMPLES / "train_gpt.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = README.read_text()
+    flags = [f for a in module.arguments(None)._actions for f in a.option_strings]
+    missing = [f for f in flags if f not in ("-h", "--help") and f"`{f}`" not in text]
+    assert not missing, f"README does not show these flags of train_gpt.py: {missing}"
+
+
+def test_no_jargon_a_newcomer_cannot_place() -> None:
+    """Words that meant something only to the people who wrote the README."""
+    text = README.read_text().lower()
+    for phrase in ("textbook", "this 2-core", "this machine", "this session", "these two cores"):
+        assert phrase not in text, phrase
 
 
 def shape(line: str) -> str:
