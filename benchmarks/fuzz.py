@@ -20,11 +20,22 @@ operations that read that object -- ``Repo.log``, ``Repo.load``, ``Repo.verify``
   pristine repository for one of its versions (a rewritten index may name another
   existing version; a restore may fall back to an older one);
 * **CorruptCheckpoint** (or a subclass; for ``verify``, a report listing problems);
-* **CheckpointNotFound** / nothing found (a fresh run): accepted only when the mutated
-  object is ``versions.json`` or the pointer -- the objects that name what is asked for;
+* **CheckpointNotFound**, or nothing found (``restore`` starting a fresh run, the HF
+  resume returning None): accepted only when the mutated object is ``versions.json`` or
+  the pointer -- the objects that name what is asked for (a deleted or rewritten index
+  may no longer name the branch); from any other object it counts as other;
 * **LeaseHeld**: accepted only when the mutated object is the lease;
-* **other**: any other exception, a wrong result returned silently, ``verify``
-  disagreeing with ``load`` of the same ref, or an operation past its time limit (hang).
+* **other**: any other exception (``InvalidKey``, ``StoreError``, ``OverflowError``...), a
+  wrong result returned silently (including ``log`` returning a row with an ill-typed
+  field, an id that is not a version id or a branch name that is not a plain name), a
+  Lightning load from a repository other than its own, ``verify`` disagreeing with
+  ``load`` of the same ref (passing a version that fails to load or loads wrong, or
+  reporting one that loads correctly), or an operation past its time limit (hang).
+
+Note: a manifest has no checksum, so an edit that leaves it well-formed (a digit of the
+Python RNG state, an optimizer hyper-parameter, two swapped dimensions of a shape, a chunk
+pointing at another existing blob of the same size) loads a different state; the fuzzer
+counts that as a wrong result (other), like any silent difference from the pristine state.
 
 Every operation's writes are found by snapshotting the sandbox around it: ``restore``
 may write in the repository, ``export`` in its output directory, the HF resume in its

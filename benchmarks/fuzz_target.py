@@ -378,36 +378,47 @@ def innermost(e: BaseException) -> str:
     return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
 
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
+#: What a version id and a branch name may be (the rules ``cloudckpt.schema`` documents:
+#: nothing that could name another object or climb out of a directory).
+_VID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def _plain(s: Any) -> bool:
-    return isinstance(s, str) and bool(_ID.match(s)) and ".." not in s
+def _vid(s: Any) -> bool:
+    return isinstance(s, str) and bool(_VID.fullmatch(s))
 
 
-def _number(x: Any, nonneg: bool = False) -> bool:
-    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    return ok and (not nonneg or x >= 0)
+def _name(s: Any) -> bool:
+    return (
+        isinstance(s, str) and 0 < len(s) <= 200 and s.isprintable()
+        and not any(c.isspace() or c == "\\" for c in s)
+        and not any(part in ("", ".", "..") for part in s.split("/"))
+    )  # fmt: skip
+
+
+def _finite(x: Any) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)
+
+
+def _count(x: Any) -> bool:
+    return type(x) is int and x >= 0
 
 
 def bad_row(v: Any) -> str | None:
-    """What is wrong with a version row a reader returned (None: well-typed)."""
+    """What is wrong with a version row a reader returned (None: well-typed): types, and
+    ids and names that could name another object."""
     if not isinstance(v, cloudckpt.Version):
         return f"a {type(v).__name__}, not a Version"
     checks = {
-        "id": _plain(v.id), "branch": _plain(v.branch),
-        "parent": v.parent is None or _plain(v.parent),
-        "step": v.step is None or (type(v.step) is int and v.step >= 0),
+        "id": _vid(v.id), "branch": _name(v.branch),
+        "parent": v.parent is None or _vid(v.parent),
+        "step": v.step is None or type(v.step) is int,
         "metrics": isinstance(v.metrics, dict) and all(
-            isinstance(k, str) and isinstance(m, (int, float)) and not isinstance(m, bool)
-            for k, m in v.metrics.items()),
+            isinstance(k, str) and type(m) in (int, float) for k, m in v.metrics.items()),
         "message": v.message is None or isinstance(v.message, str),
-        "created": _number(v.created, True), "seconds": _number(v.seconds, True),
-        "logical_bytes": type(v.logical_bytes) is int and v.logical_bytes >= 0,
-        "stored_bytes": type(v.stored_bytes) is int and v.stored_bytes >= 0,
-        "uploaded_bytes": type(v.uploaded_bytes) is int and v.uploaded_bytes >= 0,
-        "meta": isinstance(v.meta, dict),
-        "fence": v.fence is None or (type(v.fence) is int and v.fence >= 0),
+        "created": _finite(v.created), "seconds": _finite(v.seconds),
+        "logical_bytes": _count(v.logical_bytes), "stored_bytes": _count(v.stored_bytes),
+        "uploaded_bytes": _count(v.uploaded_bytes), "meta": isinstance(v.meta, dict),
+        "fence": v.fence is None or _count(v.fence),
     }  # fmt: skip
     wrong = [k for k, ok in checks.items() if not ok]
     if wrong:
