@@ -20,6 +20,7 @@ from cloudckpt.policies import (
     KeepEvery,
     KeepLast,
     OnBestMetric,
+    SaveFailures,
 )
 from cloudckpt.preemption import PreemptionWatcher
 from cloudckpt.repo import Repo, RepoOptions
@@ -51,6 +52,7 @@ __all__ = [
     "ResumableSampler",
     "Resumed",
     "RetryPolicy",
+    "SaveFailures",
     "SaveReport",
     "StepResult",
     "StoreError",

@@ -23,7 +23,7 @@ from cloudckpt import loading, schema, tree, versions
 from cloudckpt.distributed import replicated
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
-from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint, StoreError
 from cloudckpt.gc import DEFAULT_GRACE
 from cloudckpt.health import HealthCheck
 from cloudckpt.lease import WriterLease
@@ -36,6 +36,7 @@ from cloudckpt.policies import (
     Mode,
     OnBestMetric,
     RetentionPolicy,
+    SaveFailures,
     SavePolicy,
 )
 from cloudckpt.preemption import Notice, PreemptionWatcher
@@ -112,12 +113,17 @@ class CheckpointManager:
         lease_ttl: float = 60.0,
         lease_wait: bool = True,
         new_branch: bool = False,
+        save_failures: SaveFailures | None = None,
         distributed: DistributedOptions | None = None,
         options: RepoOptions | None = None,
     ) -> None:
         self.repo = Repo(uri, storage_options, options=options)
         self._lease = WriterLease(self.repo.store, branch, lease_ttl) if exclusive else None
         self.lease_wait, self.new_branch = lease_wait, new_branch
+        self.save_failures = save_failures or SaveFailures()
+        #: Periodic saves that failed in a row (0 after each successful save).
+        self.failed_saves = 0
+        self._last_success = clock()
         self.distributed = distributed or DistributedOptions()
         self._group: Group | None = None
         self._commit_group: Group | None = None
@@ -315,9 +321,10 @@ class CheckpointManager:
                 [float(bool(reasons) and self.group.rank == 0), float(preempted),
                  float(problem is not None), float(running), float(broken)]
             )  # fmt: skip
-            if broken_any:  # every rank raises the background save's error at this step
-                self.step_count = previous
+            if broken_any:  # every rank takes the background save's error at this step
+                reached, self.step_count = self.step_count, previous
                 self._raise_agreed_background_error()
+                self.step_count = reached  # a store failure, survived
             busy = bool(busy_any)
             reasons = (reasons or ["rank 0's save policy"]) if save else []
             problem = problem or ("the health check failed on another rank" if failed_any else None)
@@ -330,7 +337,10 @@ class CheckpointManager:
         if not reasons:
             return StepResult(self.step_count)
         inflight = self._inflight
-        report = self._save("; ".join(reasons), values, None, None, busy)
+        try:
+            report = self._save("; ".join(reasons), values, None, None, busy)
+        except StoreError as e:
+            return StepResult(self.step_count, save_error=self._save_failed(e))
         started = report is None and self._inflight is not None and self._inflight is not inflight
         return StepResult(self.step_count, saved=report, saving=started)
 
@@ -436,6 +446,7 @@ class CheckpointManager:
         seconds = time.perf_counter() - job.started
         blocked = seconds if job.blocked is None else job.blocked
         self._committed_step = max(self._committed_step or 0, job.step)
+        self.failed_saves, self._last_success = 0, self.clock()
         self.last_save = SaveReport(version, job.reason, version.logical_bytes,
                                     version.stored_bytes, version.uploaded_bytes, seconds,
                                     blocked)  # fmt: skip
@@ -458,8 +469,32 @@ class CheckpointManager:
             inflight.result()
 
     def _raise_background_error(self) -> None:
+        """Collect a background save that ended: a store failure is survived (see
+        :class:`SaveFailures`), any other error raised."""
         if self._inflight is not None and self._inflight.done():
-            self._wait_inflight()
+            try:
+                self._wait_inflight()
+            except StoreError as e:
+                self._save_failed(e)
+
+    def _save_failed(self, error: StoreError) -> str:
+        """Count a failed periodic save and go on, or raise once the run gives up."""
+        self.failed_saves += 1
+        down = self.clock() - self._last_success
+        self._events.append({"action": "save_failed", "at_step": self.step_count,
+                             "error": str(error)[:500]})  # fmt: skip
+        policy = self.save_failures
+        if policy.gives_up(self.failed_saves, down):
+            raise StoreError(
+                f"{self.failed_saves} saves in a row failed and none succeeded for "
+                f"{down / 60:.1f} min (giving up by {policy}); the last: {error}"
+            ) from error
+        log.error(
+            "a save failed (%d in a row; training goes on and the next save point tries "
+            "again; the run stops after %d in a row or %.0f min without a save): %s",
+            self.failed_saves, policy.max_consecutive, policy.max_minutes, error,
+        )  # fmt: skip
+        return str(error)
 
     def _inflight_state(self) -> tuple[bool, bool]:
         """(a save is still running here, the one that ran here failed)."""
@@ -468,9 +503,13 @@ class CheckpointManager:
         return running, fut is not None and fut.done() and fut.exception() is not None
 
     def _raise_agreed_background_error(self) -> None:
-        """A background save failed on some rank: raise its error here too. The commit
-        agrees its errors across ranks, so this rank's save fails as well once it ends."""
-        self._wait_inflight()
+        """A background save failed on some rank: its error, agreed by the commit, ends
+        this rank's save too; survived like a local one if it is a store failure."""
+        try:
+            self._wait_inflight()
+        except StoreError as e:
+            self._save_failed(e)
+            return
         raise CloudCkptError(
             "a background save failed on another rank; see that rank's error (this rank's "
             "part of it ended without one)"

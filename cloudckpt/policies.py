@@ -150,3 +150,27 @@ class KeepEvery:
 
     def keep(self, versions: Sequence[Version]) -> set[str]:
         return {v.id for v in versions if v.step is not None and v.step % self.n == 0}
+
+
+@dataclass(frozen=True)
+class SaveFailures:
+    """How long a run trains on while periodic saves fail (the store is unreachable).
+
+    A failed periodic save, synchronous or in the background, is logged as an error and
+    counted (``CheckpointManager.failed_saves``), and training goes on: the next save
+    point tries again. The run raises once ``max_consecutive`` saves failed in a row, or
+    no save succeeded for ``max_minutes`` (since the last success or the start of the
+    run), whichever comes first. A final save (preemption, ``close()``, the end of a
+    ``with`` block) raises at once. Only store failures are survived: a lost writer
+    lease or a conflicting writer raises as before.
+    """
+
+    max_consecutive: int = 3
+    max_minutes: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_consecutive < 1 or not self.max_minutes > 0:
+            raise ValueError("max_consecutive must be >= 1 and max_minutes > 0")
+
+    def gives_up(self, consecutive: int, seconds_since_success: float) -> bool:
+        return consecutive >= self.max_consecutive or seconds_since_success >= 60 * self.max_minutes

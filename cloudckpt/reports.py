@@ -43,13 +43,15 @@ class SaveReport:
 class StepResult:
     """The step to continue from, and what the manager did at this step: ``saved``
     (a synchronous save), ``saving`` (an async save started), ``rolled_back``, or
-    ``preempted`` (a final checkpoint is committed: stop training)."""
+    ``preempted`` (a final checkpoint is committed: stop training), or ``save_error``
+    (a periodic save failed and training goes on: see :class:`SaveFailures`)."""
 
     step: int
     saved: SaveReport | None = None
     rolled_back: Version | None = None
     saving: bool = False
     preempted: bool = False
+    save_error: str | None = None
 
 
 @dataclass
