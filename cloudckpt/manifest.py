@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudckpt import schema, tree
+from cloudckpt import codec, schema, tree
 from cloudckpt.blobs.layout import iter_chunks
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
 from cloudckpt.store import Store
@@ -151,7 +151,16 @@ def check_entry(entry: Any) -> tuple[str, Any, tuple[int, ...]]:
         dtype = tree.torch_dtype(name)
     else:
         raise CorruptCheckpoint(f"{where} has unknown kind {kind!r:.40}")
-    nbytes = sum(c.size for c in iter_chunks(entry))
+    nbytes = 0
+    for chunk in iter_chunks(entry):
+        if chunk.stored > codec.max_stored(chunk.blob_size) or chunk.blob_size > codec.max_raw(
+            chunk.stored
+        ):
+            raise CorruptCheckpoint(
+                f"{where}: a blob of {chunk.stored} bytes cannot hold the {chunk.blob_size} "
+                "bytes the entry claims"
+            )
+        nbytes += chunk.size
     expected = dtype.itemsize * math.prod(shape)
     if expected != nbytes:
         raise CorruptCheckpoint(

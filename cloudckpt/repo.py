@@ -25,7 +25,7 @@ from cloudckpt import exchange, integrity, loading, manifest, schema, tree, vers
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats
 from cloudckpt.commit import CommitRequest, Transaction, new_version_id
 from cloudckpt.diff import Diff, diff_versions
-from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
+from cloudckpt.errors import CheckpointNotFound, CommitConflict
 from cloudckpt.gc import ABANDONED_AFTER, DEFAULT_GRACE, GCReport, collect
 from cloudckpt.integrity import VerifyReport
 from cloudckpt.manifest import Manifest
@@ -319,14 +319,17 @@ class Repo:
                 )
         destinations = loading.destinations(into)
         entries = doc.tensors
+        # Which arrays this load needs, and whether the store holds what their entries
+        # claim, before anything is allocated (one HEAD per blob).
+        used: dict[int, None] = {}
+        tree.unflatten(skeleton, lambda index, path: used.setdefault(index))
+        self.reader().check_sizes([entries[i] for i in used])
         arrays: dict[int, Any] = {}
         targets: list[tuple[dict[str, Any], Any]] = []
 
         def array(index: int, path: str) -> Any:
             if index not in arrays:
-                if index >= len(entries):
-                    raise CorruptCheckpoint(f"{self.uri}: manifest leaf {index} out of range")
-                entry = entries[index]
+                entry = entries[index]  # in range: the manifest's skeleton was checked
                 dest = loading.allocate(entry, destinations.get(entry.get("path", path)))
                 arrays[index] = dest
                 targets.append((entry, dest))

@@ -176,3 +176,34 @@ def test_a_failed_load_into_objects_is_repaired_by_loading_an_older_version(
     resumed = CheckpointManager(uri, options=OPTIONS).restore(model=model)
     assert resumed.step == 1
     assert all(torch.equal(model.state_dict()[k], first[k]) for k in first)
+
+
+TIB = 2**40
+
+
+def claims_a_tebibyte(stored: int) -> Callable[[dict[str, Any]], None]:
+    """The first entry claims 1 TiB held by one chunk of its first blob, stored in
+    ``stored`` bytes: every size consistent, so only the blob itself can refute it."""
+
+    def change(doc: dict[str, Any]) -> None:
+        entry = doc["tensors"][0]
+        digest = entry["chunks"][0][0]
+        entry["shape"] = [TIB // 4]
+        entry["dtype"] = "float32"
+        entry["chunks"] = [[digest, TIB, stored, 0, TIB]]
+
+    return change
+
+
+@pytest.mark.parametrize("stored", [80, 2**26], ids=["small-claim", "plausible-claim"])
+def test_a_tebibyte_claim_is_refused_before_allocating(tmp_path: Path, stored: int) -> None:
+    """A plausible stored size passes the manifest's own bounds; the blob's size in the
+    store (one HEAD) refutes it, before any array is allocated."""
+    uri = f"file://{tmp_path}/repo"
+    repo, first = two_versions(uri)
+    where = garble_head(repo, claims_a_tebibyte(stored))
+    with pytest.raises(CorruptCheckpoint, match=rf"{where if stored == 80 else 'blobs/'}.*bytes"):
+        repo.load()
+    model = net(9)
+    assert CheckpointManager(uri, options=OPTIONS).restore(model=model).step == 1
+    assert all(torch.equal(model.state_dict()[k], first[k]) for k in first)
