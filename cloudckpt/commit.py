@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudckpt import manifest, schema, versions
+from cloudckpt import codec, manifest, schema, versions
 from cloudckpt.blobs import BlobWriter, TransferOptions, TransferStats
 from cloudckpt.blobs.layout import blob_key
 from cloudckpt.errors import CloudCkptError, CommitConflict, CorruptCheckpoint
@@ -179,6 +179,7 @@ class Transaction:
             data = doc.encode()
             if not self.store.put_if_absent(manifest.key(row.id), data):
                 raise CommitConflict(f"{self.store.url(manifest.key(row.id))} already exists")
+            row = dataclasses.replace(row, manifest_hash=codec.content_hash(data))
             while tries < _ATTEMPTS:
                 try:
                     versions.update(self.store, lambda ix, r=row, e=epoch, c=checked: self._add(

@@ -44,7 +44,7 @@ def verify(store: Store, transfer: TransferOptions, version: Version) -> VerifyR
     object instead of stopping at the first."""
     report = VerifyReport(version.id)
     try:
-        doc = manifest.read(store, version.id)  # every entry checked
+        doc = manifest.read(store, version.id, expected=version)  # every entry checked
     except CorruptCheckpoint as e:
         report.problems[manifest.key(version.id)] = str(e)
         return report
@@ -123,7 +123,7 @@ def _published(store: Store) -> dict[str, Version]:
             log.warning("repair: skipping %s: %s", key, e)
             continue
         if vid in markers or doc.format == 1:
-            rows[vid] = doc.version
+            rows[vid] = dataclasses.replace(doc.version, manifest_hash=doc.content_hash)
     return rows
 
 

@@ -69,6 +69,8 @@ class Manifest:
     #: Further top-level fields a writer added (e.g. ``dcp``: a DCP layout).
     extra: dict[str, Any] = field(default_factory=dict)
     format: int = FORMAT
+    #: The content hash of the stored bytes this was parsed from ("" if not parsed).
+    content_hash: str = ""
 
     @property
     def id(self) -> str:
@@ -118,7 +120,9 @@ class Manifest:
         except CorruptCheckpoint as e:
             raise CorruptCheckpoint(f"{where}: {e}") from None
         extra = {k: v for k, v in doc.items() if k not in row_fields and k not in _OWN}
-        return cls(version, doc["state"], tensors, chunk_size, extra, found)
+        return cls(
+            version, doc["state"], tensors, chunk_size, extra, found, codec.content_hash(data)
+        )
 
 
 def _leaf(index: int, known: int, path: str) -> None:
@@ -185,8 +189,10 @@ def _entry(entry: Any) -> dict[str, Any]:
     return entry
 
 
-def read(store: Store, vid: str) -> Manifest:
-    """The manifest of version ``vid``; CorruptCheckpoint if it is missing or malformed."""
+def read(store: Store, vid: str, expected: Version | None = None) -> Manifest:
+    """The manifest of version ``vid``; CorruptCheckpoint if it is missing or malformed,
+    or -- given the version's row in ``versions.json`` (``expected``) -- if it is not the
+    manifest that row recorded."""
     where = store.url(key(vid))
     try:
         data = store.get(key(vid))
@@ -195,4 +201,14 @@ def read(store: Store, vid: str) -> Manifest:
     found = Manifest.parse(data, where)
     if found.id and found.id != vid:
         raise CorruptCheckpoint(f"{where} names version {found.id!r}, not {vid!r}")
+    if expected is not None and expected.manifest_hash:
+        if found.content_hash != expected.manifest_hash:
+            raise CorruptCheckpoint(
+                f"{where} was altered after its commit: its content does not match the hash "
+                "versions.json records for it"
+            )
+        if found.version != dataclasses.replace(expected, manifest_hash=None):
+            raise CorruptCheckpoint(
+                f"{where} and its row in versions.json disagree: one of them was altered"
+            )
     return found

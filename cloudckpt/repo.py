@@ -100,9 +100,8 @@ class Repo:
 
     def manifest(self, ref: str | Version = "main") -> Manifest:
         """The parsed manifest of a version (a ref, or a Version already resolved)."""
-        return manifest.read(
-            self.store, ref.id if isinstance(ref, Version) else self.resolve(ref).id
-        )
+        version = ref if isinstance(ref, Version) else self.resolve(ref)
+        return manifest.read(self.store, version.id, expected=version)
 
     # -- commit ----------------------------------------------------------------------
     def commit(

@@ -28,6 +28,7 @@ MAX_INT = 2**63 - 1
 #: could name another object (no ``/``, no leading dot).
 VID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
 _ID = re.compile(VID_PATTERN)
+_DIGEST = re.compile(r"[0-9a-f]{32}")
 _NAME_MAX = 200
 
 
@@ -110,6 +111,13 @@ def vid(value: Any) -> str:
     digit, at most 128 characters."""
     if not isinstance(value, str) or not _ID.fullmatch(value):
         raise Invalid(f"{value!r:.60} is not a version id")
+    return value
+
+
+def digest(value: Any) -> str:
+    """A content hash: 32 lowercase hex digits (xxh3-128)."""
+    if not isinstance(value, str) or not _DIGEST.fullmatch(value):
+        raise Invalid(f"{value!r:.60} is not a content hash")
     return value
 
 

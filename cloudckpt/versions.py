@@ -50,6 +50,10 @@ class Version:
     meta: dict[str, Any] = field(default_factory=dict)
     #: The writer lease's fencing token the commit carried (None: committed without one).
     fence: int | None = None
+    #: The content hash of the version's manifest, recorded in ``versions.json`` (None in
+    #: the manifest itself, and for versions of earlier releases): a manifest altered
+    #: after its commit is refused.
+    manifest_hash: str | None = None
 
     @classmethod
     def from_dict(cls, row: Any) -> Version:
@@ -75,6 +79,7 @@ _ROW: dict[str, Callable[[Any], Any]] = {
     "seconds": schema.number,
     "meta": schema.mapping(schema.text, schema.plain),
     "fence": schema.optional(schema.count),
+    "manifest_hash": schema.optional(schema.digest),
 }
 
 

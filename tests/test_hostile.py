@@ -12,6 +12,7 @@ import uuid
 import pytest
 import torch
 import zstandard
+from forgery import forge_manifest
 
 from cloudckpt import Repo
 from cloudckpt.blobs import blob_key
@@ -25,7 +26,7 @@ def committed(name: str) -> tuple[Repo, dict]:
 
 
 def rewrite(repo: Repo, doc: dict) -> None:
-    repo.store.put(f"manifests/{doc['id']}.json", json.dumps(doc).encode())
+    forge_manifest(repo, doc["id"], json.dumps(doc).encode())
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ def test_a_pointer_naming_another_repository_is_never_followed(tmp_path: Path) -
     planted = pointer.Pointer(victim.uri, older.id).dumps()
     Repo(directory).store.put(name, planted)
 
-    with pytest.raises(CorruptCheckpoint, match="points into .*victim"):
+    with pytest.raises(CorruptCheckpoint, match=r"points into .*victim"):
         io.load_checkpoint(ckpt)
     io.save_checkpoint({"w": torch.ones(2), "global_step": 2}, ckpt)  # overwrites it
     Repo(directory).store.put(name, planted)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from forgery import forge_manifest
 from torch import nn
 
 from cloudckpt import CheckpointManager, Repo, RepoOptions, TransferOptions
@@ -53,7 +54,7 @@ def garble_head(repo: Repo, change: Callable[[dict[str, Any]], Any]) -> str:
     head = repo.resolve("main")
     doc = json.loads(repo.store.get(key(head.id)))
     doc = change(doc) or doc
-    repo.store.put(key(head.id), doc if isinstance(doc, bytes) else json.dumps(doc).encode())
+    forge_manifest(repo, head.id, doc if isinstance(doc, bytes) else json.dumps(doc).encode())
     return key(head.id)
 
 
@@ -207,3 +208,32 @@ def test_a_tebibyte_claim_is_refused_before_allocating(tmp_path: Path, stored: i
     model = net(9)
     assert CheckpointManager(uri, options=OPTIONS).restore(model=model).step == 1
     assert all(torch.equal(model.state_dict()[k], first[k]) for k in first)
+
+
+def test_a_well_formed_edit_of_a_manifest_alone_is_caught_by_its_recorded_hash(
+    tmp_path: Path,
+) -> None:
+    """Swapping two dimensions keeps every size consistent: only the hash versions.json
+    recorded at commit tells the manifest was altered."""
+    uri = f"file://{tmp_path}/repo"
+    repo, _ = two_versions(uri)
+    head = repo.resolve("main")
+    doc = json.loads(repo.store.get(key(head.id)))
+    weight = next(e for e in doc["tensors"] if e["path"] == "model.weight")
+    weight["shape"] = [*weight["shape"][::-1], 1]
+    repo.store.put(key(head.id), json.dumps(doc).encode())
+    with pytest.raises(CorruptCheckpoint, match="altered after its commit"):
+        repo.load()
+    assert CheckpointManager(uri, options=OPTIONS).restore(model=net(9)).step == 1
+
+
+def test_a_row_of_versions_json_that_disagrees_with_its_manifest_is_refused(
+    tmp_path: Path,
+) -> None:
+    uri = f"file://{tmp_path}/repo"
+    repo, _ = two_versions(uri)
+    index = json.loads(repo.store.get("versions.json"))
+    index["versions"][-1]["step"] = 7
+    repo.store.put("versions.json", json.dumps(index).encode())
+    with pytest.raises(CorruptCheckpoint, match="disagree"):
+        repo.load()
