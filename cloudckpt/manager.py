@@ -274,7 +274,8 @@ class CheckpointManager:
             epoch = schema.integer(own.get("epoch", 0), 0)
             if "rng" in own:
                 restore_rng(own["rng"])
-        except (schema.Invalid, TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        except (schema.Invalid, TypeError, ValueError, KeyError, IndexError, RuntimeError,
+                OverflowError) as e:  # fmt: skip
             raise CorruptCheckpoint(
                 f"{self.repo.uri} version {version.id}: its step, epoch or RNG record is "
                 f"malformed ({type(e).__name__}: {str(e)[:200]})"
