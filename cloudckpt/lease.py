@@ -116,6 +116,7 @@ class WriterLease:
         that lost its branch to another must not take it back unawares."""
         if self._lost:
             raise LeaseHeld(self._lost)
+        self.store.check_root()
         waited: str | None = None  # the token of the holder this job waited out once
         for _ in range(16):  # lost races with other acquirers
             found = self.store.read_versioned(self.key)

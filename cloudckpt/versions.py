@@ -190,6 +190,7 @@ def read(store: Store) -> tuple[Index, str | None]:
     """The current index and its ETag (an empty index and None in a new repository)."""
     found = store.read_versioned(KEY)
     if found is None:
+        store.check_root()  # a missing bucket is not an empty repository
         return Index(), None
     return Index.parse(found[0], store.url(KEY)), found[1]
 

@@ -38,6 +38,9 @@ ACTION_OF = {
     "DeleteObject": "s3:DeleteObject",
     "DeleteObjects": "s3:DeleteObject",
     "ListMultipartUploads": "s3:ListBucketMultipartUploads",
+    # The missing-bucket check; under the template's prefix condition AWS denies it, and
+    # the store then learns of a missing bucket from the first NoSuchBucket instead.
+    "HeadBucket": "s3:ListBucket",
 }
 
 

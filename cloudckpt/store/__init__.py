@@ -97,6 +97,13 @@ class Store:
         self.uri = uri.rstrip("/")
         self.options = options or StoreOptions()
         protocol, _ = fsspec.core.split_protocol(self.uri)
+        if protocol is None and not os.path.isabs(self.uri):
+            raise ValueError(
+                f"{uri!r} has no scheme, so it would name a directory on this machine's disk "
+                f"({os.path.abspath(uri)}), lost with the machine. Did you mean "
+                f"'s3://{self.uri}'? For a local directory give an absolute path or "
+                f"'file://{os.path.abspath(uri)}'"
+            )
         protocol = protocol or "file"
         opts = dict(storage_options or {})
         redact.remember(opts)
@@ -115,6 +122,7 @@ class Store:
         # parts; blobs are read whole and in parallel with each other, so one GET each.
         self._get_kwargs = {"max_concurrency": 1} if protocol in ("s3", "s3a") else {}
         self._cond: Conditional = for_filesystem(self.fs)
+        self._root_checked = False
         self._fast: FastPath | None = None
         if self._http and self.options.fast_path:
             self._fast = FastPath.for_s3(
@@ -143,8 +151,12 @@ class Store:
         except CloudCkptError:
             raise  # ours already (not found, lost race, a guard that stopped the call)
         except FileNotFoundError as e:
+            if self._http and _no_such_bucket(e):
+                raise self._missing_bucket() from e
             raise CheckpointNotFound(f"{self.url(key)} does not exist") from e
         except PermissionError as e:
+            if self._http and _no_such_bucket(e):
+                raise self._missing_bucket() from e
             raise StoreError(
                 f"access denied for {what} {self.url(key)}{self._endpoint}: check the "
                 "credentials and the bucket policy for this prefix"
@@ -165,6 +177,36 @@ class Store:
                     f"({hint})"
                 )
             ) from e
+
+    def check_root(self) -> None:
+        """Raise StoreError naming the bucket and the endpoint if the store's bucket does
+        not exist (S3: one HeadBucket per handle; other stores create their root on the
+        first write). A missing bucket must not look like an empty repository."""
+        if not self._http or self._root_checked:
+            return
+        bucket = self.root.split("/", 1)[0]
+
+        def _head_bucket() -> bool:
+            try:
+                sync(self.fs.loop, self.fs._call_s3, "head_bucket", Bucket=bucket)
+            except FileNotFoundError as e:
+                _clear_frames(e)
+                return False
+            except PermissionError as e:  # not allowed to ask: the object calls will tell
+                _clear_frames(e)
+            return True
+
+        if not self._run("head-bucket", "", _head_bucket):
+            raise self._missing_bucket()
+        self._root_checked = True
+
+    def _missing_bucket(self) -> StoreError:
+        bucket = self.root.split("/", 1)[0]
+        return StoreError(
+            f"bucket {bucket!r} does not exist{self._endpoint}: create it (for example "
+            f"`aws s3 mb s3://{bucket}`), or check the URI {redact.redact(self.uri)!r} and the "
+            "endpoint"
+        )
 
     def get(self, key: str) -> bytes:
         """The whole object; CheckpointNotFound if it does not exist."""
@@ -444,6 +486,11 @@ def _clear_frames(exc: BaseException | None) -> None:
         seen.add(id(exc))
         traceback.clear_frames(exc.__traceback__)
         exc = exc.__cause__ or exc.__context__
+
+
+def _no_such_bucket(e: BaseException) -> bool:
+    code, _ = error_code(e)
+    return code == "NoSuchBucket" or "bucket does not exist" in str(e).lower()
 
 
 def _internal(key: str) -> bool:
