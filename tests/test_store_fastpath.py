@@ -95,3 +95,46 @@ def _no_fast_path() -> Any:
     from cloudckpt.repo import RepoOptions
 
     return RepoOptions(store=StoreOptions(fast_path=False))
+
+
+PROFILE_CHILD = """
+import sys, time
+import torch
+from cloudckpt import Repo, RepoOptions, StoreOptions
+from cloudckpt.store import RetryPolicy
+
+opts = RepoOptions(store=StoreOptions(retry=RetryPolicy(attempts=1, total_seconds=10)))
+repo = Repo(sys.argv[1], options=opts)
+fast = repo.store._fast
+start = time.monotonic()
+version = repo.commit({"w": torch.arange(1000.0)})
+assert torch.equal(Repo(sys.argv[1]).load(version.id)["w"], torch.arange(1000.0))
+print(fast is not None and fast.endpoint, repo.store._endpoint, time.monotonic() - start,
+      sep="|")
+"""
+
+
+def test_a_profiles_endpoint_and_region_reach_the_fast_path(seaweedfs: Any, tmp_path) -> None:
+    """Issue 16 item 4: with AWS_PROFILE naming a profile whose config sets endpoint_url
+    and region (as ``aws s3 ls`` honours), blob bytes went to AWS itself."""
+    import os
+    import subprocess
+    import sys
+
+    from cloudckpt.testing.local_s3 import ACCESS_KEY, SECRET_KEY
+
+    (tmp_path / "config").write_text(
+        f"[profile lab]\nendpoint_url = {seaweedfs.endpoint}\nregion = eu-west-3\n"
+    )
+    (tmp_path / "credentials").write_text(
+        f"[lab]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "config"), AWS_PROFILE="lab",
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "credentials"))  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", PROFILE_CHILD, seaweedfs.fresh_uri("profile")],
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    endpoint, named, seconds = out.stdout.strip().split("|")
+    assert endpoint == seaweedfs.endpoint and seaweedfs.endpoint.split("//")[1] in named
+    assert float(seconds) < 10

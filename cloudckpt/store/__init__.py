@@ -128,6 +128,8 @@ class Store:
             self._fast = FastPath.for_s3(
                 self.root, opts, self.options.connect_timeout, self.options.read_timeout
             )
+            if self._fast is not None and self._fast.endpoint:  # from a profile, say
+                self._endpoint = _endpoint_name({"endpoint_url": self._fast.endpoint})
 
     def __repr__(self) -> str:
         return f"Store({redact.redact(self.uri)!r})"

@@ -64,12 +64,14 @@ class S3ResponseError(OSError):
 class FastPath:
     """GET, PUT, HEAD and the ETag-carrying GET for one bucket prefix, through obstore."""
 
-    def __init__(self, store: Any, prefix: str) -> None:
+    def __init__(self, store: Any, prefix: str, endpoint: str | None = None) -> None:
         import obstore
 
         self._obs = obstore
         self._store = store
         self._prefix = prefix
+        #: The endpoint requests go to (None: AWS S3 itself).
+        self.endpoint = endpoint
 
     @classmethod
     def for_s3(cls, root: str, opts: dict[str, Any], connect_timeout: float,
@@ -87,13 +89,17 @@ class FastPath:
         bucket, _, prefix = root.partition("/")
         client = opts.get("client_kwargs") or {}
         endpoint = opts.get("endpoint_url") or client.get("endpoint_url")
+        region = client.get("region_name")
+        if not (endpoint and region):  # what s3fs's botocore would find: profile, env...
+            found_endpoint, found_region = _botocore_settings(opts.get("profile"))
+            endpoint, region = endpoint or found_endpoint, region or found_region
         if endpoint and not _plain_endpoint(endpoint):
             log.debug("s3fs carries blob bytes: obstore takes no userinfo or path in endpoints")
             return None
         style = ((opts.get("config_kwargs") or {}).get("s3") or {}).get("addressing_style")
         virtual = style == "virtual" or (not endpoint and style != "path")
         config: dict[str, Any] = {
-            "region": client.get("region_name") or _region(),
+            "region": region or _region(),
             "unsigned_payload": True,
             "virtual_hosted_style_request": virtual,
         }
@@ -128,7 +134,7 @@ class FastPath:
                 raise
             log.debug("s3fs carries blob bytes: obstore refused the configuration (%s)", e)
             return None
-        return cls(store, prefix)
+        return cls(store, prefix, endpoint)
 
     def _call(self, operation: Any, key: str, *args: Any, **kwargs: Any) -> Any:
         """``operation(store, path, ...)`` with obstore's errors translated."""
@@ -220,6 +226,28 @@ def _plain_endpoint(endpoint: str) -> bool:
 
 def _region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _botocore_settings(profile: str | None) -> tuple[str | None, str | None]:
+    """The S3 endpoint (None: AWS itself) and region botocore resolves, exactly as the
+    s3fs side of the store does: environment, shared config file, profile, services
+    section. Credentials are resolved separately (:func:`_boto3_credentials`)."""
+    try:
+        import botocore.session
+
+        session = botocore.session.Session(profile=profile)
+        region = session.get_config_variable("region")
+        # Placeholder keys: only the endpoint is wanted, not a credential lookup.
+        client = session.create_client(
+            "s3", region_name=region or _region(), aws_access_key_id="-",
+            aws_secret_access_key="-",
+        )  # fmt: skip
+        endpoint = client.meta.endpoint_url
+        host = urllib.parse.urlsplit(endpoint).hostname or ""
+        return (None if host.endswith(".amazonaws.com") else endpoint), client.meta.region_name
+    except Exception as e:  # a broken profile: s3fs reports it on first use
+        log.debug("no botocore settings for obstore (%s)", e)
+        return None, None
 
 
 def _boto3_credentials(profile: str | None) -> Any:
