@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from cloudckpt import loading, manifest, tree
+from cloudckpt import loading, manifest, schema, tree
 from cloudckpt.blobs import TransferStats, iter_chunks
 from cloudckpt.commit import Start, Transaction
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedState
@@ -218,9 +218,10 @@ class CloudStorageReader(StorageReader):
                 if "object" in row:
                     self._where[index] = {"object": row["object"]}
                 else:
-                    self._where[index] = {"entry": self._entries[int(row["entry"])]}
+                    entry = schema.integer(row["entry"], 0, len(self._entries) - 1)
+                    self._where[index] = {"entry": self._entries[entry]}
             planner_data = _tuples(layout.get("planner_data"))
-        except (KeyError, TypeError, ValueError, IndexError) as e:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
             raise CorruptCheckpoint(f"{where}: malformed DCP layout ({e})") from None
         return Metadata(state_md, planner_data=planner_data, storage_data=self._where,
                         version=layout.get("version"))  # fmt: skip

@@ -192,5 +192,5 @@ def _rebuilt(store: Store, rows: dict[str, Version]) -> Index:
     for branch in set(new.branches) | leased:  # a leased branch may have no version yet
         seen = [r.fence or 0 for r in new.versions.values() if r.branch == branch]
         seen.append(lease_fence(store, branch))
-        new.fences[branch] = max(seen) + 1
+        new.fences[branch] = min(max(seen) + 1, schema.MAX_INT)
     return new

@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from cloudckpt import heartbeat, schema, versions
-from cloudckpt.errors import CheckpointNotFound, LeaseHeld, PreconditionFailed
+from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, LeaseHeld, PreconditionFailed
 from cloudckpt.store import Store
 
 log = logging.getLogger("cloudckpt")
@@ -76,8 +76,8 @@ class WriterLease:
     """
 
     def __init__(self, store: Store, branch: str, ttl: float = 60.0) -> None:
-        if ttl <= 0:
-            raise ValueError("ttl must be positive")
+        if not 0 < ttl <= MAX_TTL:
+            raise ValueError(f"ttl must be in (0, {MAX_TTL:.0f}] seconds, not {ttl}")
         self.store, self.branch, self.ttl = store, branch, ttl
         self.key = f"leases/{branch}.json"
         pid = os.getpid()
@@ -162,6 +162,11 @@ class WriterLease:
                 self._lose(holder)
                 raise LeaseHeld(self._lost or "")
             fence = ix.fences.get(self.branch, 0) + 1
+            if fence > schema.MAX_INT:  # only a hostile write gets here
+                raise CorruptCheckpoint(
+                    f"{self.store.url(versions.KEY)}: the fencing token of branch "
+                    f"{self.branch!r} is at its maximum; `repair` rebuilds the index"
+                )
             ix.fences[self.branch] = fence
             self.me = dataclasses.replace(self.me, fence=fence)
 
@@ -293,13 +298,14 @@ def lease_fence(store: Store, branch: str) -> int:
     return holder.fence if holder is not None else 0
 
 
-#: The longest ttl a stored lease may claim: a longer one is treated as unreadable.
-MAX_TTL = 86400.0
+#: The longest ttl a stored lease may claim (a longer one is treated as unreadable):
+#: a replacement job waits at most this long for a holder that stopped renewing.
+MAX_TTL = 3600.0
 
 _HOLDER = {
     "host": schema.text,
-    "pid": lambda v: schema.integer(v, 1, 2**31),
-    "started": schema.number,
+    "pid": lambda v: schema.integer(v, 1, 2**22),  # Linux's largest pid_max
+    "started": schema.timestamp,
     "token": schema.text,
     "ttl": schema.number,
     "boot": schema.text,
@@ -316,8 +322,8 @@ def _parse(data: bytes) -> Holder | None:
     try:
         found = schema.fields(schema.parse_json(data), _HOLDER)
         holder = Holder(**{"ttl": 60.0, **found})  # ttl: leases of older releases lack it
-        if not (0 < holder.ttl <= MAX_TTL and 0 <= holder.started < 2**40):
-            raise schema.Invalid("ttl or start time out of range")
+        if not 0 < holder.ttl <= MAX_TTL:
+            raise schema.Invalid("ttl out of range")
         return holder
     except (schema.Invalid, TypeError):  # TypeError: a required field is missing
         return None

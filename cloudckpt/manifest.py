@@ -101,7 +101,7 @@ class Manifest:
         the state's skeleton; CorruptCheckpoint naming ``where`` if anything is wrong."""
         doc = schema.document(data, where)
         found = doc.get("format") if isinstance(doc, dict) else None
-        if found not in READS:
+        if schema.format_of(doc, READS) is None:
             raise UnsupportedFormat(
                 f"{where}: manifest format {found!r:.40} is not supported (this cloudckpt reads "
                 f"{', '.join(map(str, READS))}); upgrade cloudckpt"
@@ -146,6 +146,9 @@ def check_entry(entry: Any) -> tuple[str, Any, tuple[int, ...]]:
         shape = tuple(found["shape"])
         if len(shape) > MAX_DIMS:
             raise schema.Invalid(f"has {len(shape)} dimensions, more than {MAX_DIMS}")
+        if math.prod(max(d, 1) for d in shape) > schema.MAX_INT // 16:
+            # Even an empty array's strides must fit in 64 bits to be allocated.
+            raise schema.Invalid(f"shape {list(shape)[:8]} has more elements than can exist")
     except schema.Invalid as e:
         raise CorruptCheckpoint(f"{where}: {e}") from None
     kind, name = found["kind"], found["dtype"]
@@ -195,7 +198,7 @@ def read(store: Store, vid: str, expected: Version | None = None) -> Manifest:
     manifest that row recorded."""
     where = store.url(key(vid))
     try:
-        data = store.get(key(vid))
+        data = store.get_buffer(key(vid), limit=schema.MAX_DOCUMENT)
     except CheckpointNotFound:
         raise CorruptCheckpoint(f"{where} is missing: the repository is damaged") from None
     found = Manifest.parse(data, where)

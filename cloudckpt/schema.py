@@ -22,8 +22,12 @@ T = TypeVar("T")
 #: Nesting depth of a stored JSON document (a state's skeleton nests three JSON levels
 #: per level of the user's state: ``{"dict": [[key, value], ...]}``).
 MAX_DEPTH = 200
-#: Largest integer a stored count, size or step may hold.
-MAX_INT = 2**63 - 1
+#: The largest stored JSON document read (parsing takes several times its size in
+#: memory): a versions.json of ~400,000 versions, a manifest of ~1,000,000 arrays.
+MAX_DOCUMENT = 256 << 20
+#: Largest integer a stored count, size, step or fencing token may hold: far beyond any
+#: real value, and one increment of it is still a 64-bit integer.
+MAX_INT = 2**62
 #: Version ids: what :func:`cloudckpt.commit.new_version_id` makes, and nothing that
 #: could name another object (no ``/``, no leading dot).
 VID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
@@ -46,8 +50,10 @@ def document(data: bytes | memoryview, where: str) -> Any:
 
 
 def parse_json(data: bytes | memoryview) -> Any:
-    """Parse JSON; Invalid if it is not valid UTF-8 JSON or nests deeper than
-    :data:`MAX_DEPTH`."""
+    """Parse JSON; Invalid if it is larger than :data:`MAX_DOCUMENT`, not valid UTF-8
+    JSON, or nests deeper than :data:`MAX_DEPTH`."""
+    if len(data) > MAX_DOCUMENT:
+        raise Invalid(f"larger than {MAX_DOCUMENT >> 20} MiB ({len(data)} bytes)")
     try:
         doc = json.loads(bytes(data))
     except (ValueError, RecursionError) as e:
@@ -85,6 +91,25 @@ def number(value: Any) -> float:
     if type(value) not in (int, float) or not math.isfinite(value):
         raise Invalid(f"{value!r:.60} is not a finite number")
     return float(value)
+
+
+#: The latest time a stored timestamp may name (the end of year 9999).
+MAX_TIME = 253402300799.0
+
+
+def timestamp(value: Any) -> float:
+    """Seconds since the epoch, before the year 10000."""
+    found = number(value)
+    if not 0 <= found <= MAX_TIME:
+        raise Invalid(f"{value!r:.60} is not a time")
+    return found
+
+
+def format_of(doc: Any, reads: tuple[int, ...]) -> int | None:
+    """A document's ``format`` if it is one of ``reads`` (a JSON integer, not ``true``
+    or ``2.0``), else None."""
+    found = doc.get("format") if isinstance(doc, dict) else None
+    return found if type(found) is int and found in reads else None
 
 
 def metric(value: Any) -> float:

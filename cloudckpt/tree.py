@@ -24,8 +24,22 @@ import torch
 from cloudckpt import schema
 from cloudckpt.errors import CorruptCheckpoint, UnsupportedState
 
+
+def _storable(d: torch.dtype) -> bool:
+    """Plain numeric dtypes (bool, ints, floats, complex, float8): not quantized, bit or
+    sub-byte dtypes, which no other tool reads back from raw bytes the same way."""
+    name = str(d).removeprefix("torch.")
+    return not (
+        name.startswith(("q", "bits"))
+        or name in {f"{s}int{n}" for s in ("", "u") for n in range(1, 8)}
+        or name.startswith("float4")
+    )
+
+
 _TORCH_DTYPES = {
-    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+    str(d).removeprefix("torch."): d
+    for d in vars(torch).values()
+    if isinstance(d, torch.dtype) and _storable(d)
 }
 _NUMPY_KINDS = set("biufc")
 

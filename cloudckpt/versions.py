@@ -72,7 +72,7 @@ _ROW: dict[str, Callable[[Any], Any]] = {
     "step": schema.optional(schema.integer),
     "metrics": schema.mapping(schema.text, schema.metric),
     "message": schema.optional(schema.text),
-    "created": schema.number,
+    "created": schema.timestamp,
     "logical_bytes": schema.count,
     "stored_bytes": schema.count,
     "uploaded_bytes": schema.count,
@@ -110,7 +110,7 @@ _INDEX: dict[str, Callable[[Any], Any]] = {
     "branches": schema.mapping(schema.name, schema.vid),
     "tags": schema.mapping(schema.name, schema.vid),
     "versions": schema.listing(Version.from_dict),
-    "deleted": schema.mapping(schema.vid, schema.optional(schema.number)),
+    "deleted": schema.mapping(schema.vid, schema.optional(schema.timestamp)),
     "fences": schema.mapping(schema.name, schema.count),
     "gc": lambda doc: schema.fields(doc, _GC),
 }
@@ -154,8 +154,8 @@ class Index:
     def parse(cls, data: bytes | memoryview, where: str) -> Index:
         try:
             doc = schema.parse_json(data)
-            found = doc.get("format") if isinstance(doc, dict) else None
-            if found not in READS:
+            if schema.format_of(doc, READS) is None:
+                found = doc.get("format") if isinstance(doc, dict) else None
                 raise UnsupportedFormat(
                     f"{where}: format {found!r:.40} is not supported by this cloudckpt (it "
                     f"reads formats {', '.join(map(str, READS))}); upgrade cloudckpt"
@@ -166,6 +166,11 @@ class Index:
                     raise schema.Invalid(f"{required}: missing")
             gc = top.get("gc", {})
             rows = top["versions"]
+            known = {row.id for row in rows}
+            for kind in ("branches", "tags"):
+                for ref, vid in top[kind].items():
+                    if vid not in known:
+                        raise schema.Invalid(f"{kind}: {ref!r} names {vid!r}, which has no row")
             rows.sort(key=lambda v: (v.created, v.id))
             return cls(
                 top["branches"],

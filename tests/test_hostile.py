@@ -44,7 +44,7 @@ def test_absurd_shapes_are_refused_before_allocating() -> None:
     repo, doc = committed("bomb-shape")
     doc["tensors"][0]["shape"] = [10**9, 10**9]
     rewrite(repo, doc)
-    with pytest.raises(CorruptCheckpoint, match="needs"):
+    with pytest.raises(CorruptCheckpoint, match=r"needs|more elements than can exist"):
         repo.load()
 
 

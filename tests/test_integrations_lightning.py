@@ -103,3 +103,18 @@ def test_a_pointer_naming_a_path_like_version_is_refused(tmp_path: Path) -> None
     Repo(directory).store.put(name, json.dumps(doc).encode())
     with pytest.raises(CorruptCheckpoint, match="not a cloudckpt checkpoint pointer"):
         io.load_checkpoint(ckpt)
+
+
+def test_a_copied_pointer_keeps_the_version_it_still_names(tmp_path: Path) -> None:
+    """``cp best.ckpt last.ckpt``, then Lightning overwrites last.ckpt: the version
+    best.ckpt names must stay."""
+    from cloudckpt.integrations.lightning import CloudCheckpointIO
+
+    io = CloudCheckpointIO()
+    best, last = f"file://{tmp_path}/run/best.ckpt", f"file://{tmp_path}/run/last.ckpt"
+    io.save_checkpoint({"w": torch.ones(2), "global_step": 1}, best)
+    directory, _ = pointer.split(best)
+    store = Repo(directory).store
+    store.put("last.ckpt", store.get("best.ckpt"))
+    io.save_checkpoint({"w": torch.zeros(2), "global_step": 2}, last)
+    assert torch.equal(io.load_checkpoint(best)["w"], torch.ones(2))

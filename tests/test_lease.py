@@ -284,3 +284,34 @@ def test_a_typod_branch_is_refused_naming_the_branches_that_exist(tmp_path: Path
         mgr.step(1)
     with CheckpointManager(uri, branch="mian") as mgr:
         assert mgr.restore(model=nn.Linear(4, 4)).step == 1
+
+
+@pytest.mark.parametrize(
+    "holder", [{"pid": 2**31}, {"pid": 0}, {"started": 1e12}, {"ttl": 86400.0}, {"fence": -1}]
+)
+def test_a_lease_with_values_out_of_range_is_unreadable_and_taken(tmp_path, holder) -> None:
+    """Same machine, same boot, same pid namespace, as a lease of this machine would be:
+    out-of-range values must not reach os.kill or the date formatting."""
+    store = Store(f"file://{tmp_path}/repo")
+    planted(store, **holder)
+    lease = WriterLease(store, "main", ttl=60).acquire()
+    assert lease.held
+    lease.release()
+
+
+def test_a_fencing_token_at_its_maximum_is_corrupt_not_written_past(tmp_path) -> None:
+    from cloudckpt import Repo, schema
+    from cloudckpt.errors import CorruptCheckpoint
+
+    repo = Repo(f"file://{tmp_path}/repo")
+    repo.commit({"w": nn.Linear(2, 2).weight.detach()})
+    index = json.loads(repo.store.get("versions.json"))
+    index["fences"] = {"main": schema.MAX_INT}
+    repo.store.put("versions.json", json.dumps(index).encode())
+    with pytest.raises(CorruptCheckpoint, match=r"at its maximum.*repair"):
+        WriterLease(repo.store, "main").acquire()
+    assert repo.index().fences["main"] == schema.MAX_INT  # still readable
+    repo.store.put("versions.json", b"garbled")
+    planted(repo.store, fence=schema.MAX_INT, released=True)
+    assert repo.repair().fences["main"] == schema.MAX_INT  # a readable index, not past it
+    assert repo.index().fences["main"] == schema.MAX_INT

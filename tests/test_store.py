@@ -148,3 +148,41 @@ def test_age_is_measured_by_the_stores_clock(backend) -> None:
     assert store.age("nothing-here") is None
     store.put("x", b"1")
     assert 0 <= store.age("x") < 30  # type: ignore[operator]
+
+
+def test_a_pipe_or_directory_where_an_object_should_be_is_refused_not_waited_on(
+    tmp_path,
+) -> None:
+    """file://: a named pipe would block a read forever; a directory is no object."""
+    import os
+
+    from cloudckpt.errors import CorruptCheckpoint
+
+    store = Store(f"file://{tmp_path}/repo")
+    store.put("x/ok", b"1")
+    os.mkfifo(tmp_path / "repo" / "x" / "pipe")
+    (tmp_path / "repo" / "x" / "dir").mkdir()
+    for key in ("x/pipe", "x/dir"):
+        with pytest.raises(CorruptCheckpoint, match="not a regular file"):
+            store.get(key)
+        with pytest.raises(CorruptCheckpoint, match="not a regular file"):
+            store.read_versioned(key)
+
+
+def test_a_symbolic_link_inside_the_root_does_not_lead_outside(tmp_path) -> None:
+    import os
+
+    from cloudckpt.errors import CorruptCheckpoint
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (tmp_path / "repo").mkdir()
+    os.symlink(outside, tmp_path / "repo" / "leases")
+    store = Store(f"file://{tmp_path}/repo")
+    with pytest.raises(CorruptCheckpoint, match="symbolic link"):
+        store.put("leases/main.json", b"{}")
+    with pytest.raises(CorruptCheckpoint, match="symbolic link"):
+        store.put_if_absent("leases/main.json", b"{}")
+    assert list(outside.iterdir()) == []
+    os.symlink(tmp_path / "repo", tmp_path / "alias")  # the root itself may be a link
+    Store(f"file://{tmp_path}/alias").put("blobs/x", b"1")

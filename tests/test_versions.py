@@ -98,3 +98,18 @@ def test_a_path_like_version_id_never_reads_outside_the_root(tmp_path) -> None:
         repo.load()
     with pytest.raises(InvalidKey, match="not a plain relative object key"):
         repo.store.get("manifests/../../outside/x.json")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"branches": {"main": "20261202T000000000Z-99999999"}},
+        {"tags": {"t": "20261202T000000000Z-99999999"}},
+        {"format": True},
+        {"format": 2.0},
+        {"fences": {"main": 2**63}},
+    ],
+)
+def test_dangling_heads_and_loose_formats_are_refused(fields: dict) -> None:
+    with pytest.raises(CorruptCheckpoint, match=r"versions\.json"):
+        Index.parse(index_with(versions=[ROW], **fields), "s3://b/versions.json")

@@ -130,10 +130,24 @@ class CloudCheckpointIO(CheckpointIO):
         """Drop a version no pointer names any more (its data goes at the next gc)."""
         if self.resumed_from and self._pointer(self.resumed_from) == old:
             return
+        if self._named_elsewhere(path, old):  # a copied pointer (cp best.ckpt last.ckpt)
+            log.info("keeping %s: another checkpoint file still names it", old.version)
+            return
         try:
             self.repo_for(path).delete([old.version])
         except (CheckpointNotFound, CommitConflict) as e:  # the branch head stays
             log.debug("not deleting %s (%s): %s", old.version, path, e)
+
+    def _named_elsewhere(self, path: str, old: pointer.Pointer) -> bool:
+        """Whether another checkpoint file of ``path``'s directory points to ``old``."""
+        directory, name = pointer.split(path)
+        store = self._places.store(directory)
+        names = {posixpath.basename(p.rstrip("/")) for p in store.fs.ls(store.root, detail=False)}
+        return any(
+            self._pointer(f"{directory}/{other}") == old
+            for other in names
+            if other != name and other.endswith(".ckpt")
+        )
 
 
 class AsyncCloudCheckpointIO(CloudCheckpointIO):

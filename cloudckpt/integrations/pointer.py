@@ -16,6 +16,8 @@ from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.store import Store
 
 KIND = "cloudckpt-pointer"
+#: A pointer is a few hundred bytes; anything longer is something else, never read whole.
+_MAX_POINTER = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,10 @@ def split(path: str) -> tuple[str, str]:
 def read(store: Store, name: str) -> Pointer:
     """The pointer at ``name``; CheckpointNotFound if absent, CorruptCheckpoint if the
     object there is something else (e.g. a pickled checkpoint, never unpickled here)."""
-    data = store.get(name)
+    try:
+        data = store.get_buffer(name, limit=_MAX_POINTER)
+    except CorruptCheckpoint:  # longer than any pointer: a pickled checkpoint, say
+        data = b""
     try:
         doc = schema.parse_json(data)
         if not isinstance(doc, dict) or doc.get("format") != KIND:

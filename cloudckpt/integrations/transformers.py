@@ -122,6 +122,7 @@ class CloudCheckpointCallback(TrainerCallback):
             raise CorruptCheckpoint(f"{where} is not a Trainer checkpoint (bad {wrong})")
         try:
             json.loads(state["trainer_state"])
+            state["trainer_state"].encode()  # a lone surrogate is valid JSON, not UTF-8
         except ValueError as e:
             raise CorruptCheckpoint(f"{where}: its trainer_state is not JSON ({e})") from None
         loading.apply(trainer.model, state["model"], where)

@@ -30,7 +30,12 @@ from cloudckpt.errors import (
     StoreError,
 )
 from cloudckpt.store import fastpath, multipart
-from cloudckpt.store.conditional import Conditional, for_filesystem, write_temp
+from cloudckpt.store.conditional import (
+    Conditional,
+    for_filesystem,
+    read_regular_file,
+    write_temp,
+)
 from cloudckpt.store.fastpath import FastPath
 from cloudckpt.store.retry import RetryPolicy, error_code, is_retryable
 
@@ -117,6 +122,7 @@ class Store:
             self.fs.retries = 1
         self.root = self.fs._strip_protocol(self.uri).rstrip("/")
         self._local = protocol in ("file", "local")
+        self._real_root = os.path.realpath(self.root) if self._local else ""
         self._http = protocol in ("s3", "s3a")
         # s3fs would first HEAD (and on a miss, LIST) every object it reads in parallel
         # parts; blobs are read whole and in parallel with each other, so one GET each.
@@ -135,7 +141,17 @@ class Store:
         return f"Store({redact.redact(self.uri)!r})"
 
     def path(self, key: str) -> str:
-        return f"{self.root}/{key}"
+        check_key(key)
+        found = f"{self.root}/{key}"
+        if self._local and key:
+            # A symbolic link planted inside the repository must not lead a read or a
+            # write outside it (the root itself may be a link: the user chose it).
+            real = os.path.realpath(found)
+            if real != self._real_root and not real.startswith(self._real_root + os.sep):
+                raise CorruptCheckpoint(
+                    f"{self.url(key)} leads outside {self.uri} through a symbolic link; refused"
+                )
+        return found
 
     def _fast_path(self) -> FastPath | None:
         return self._fast if self._fast is not None and fastpath.usable() else None
@@ -241,15 +257,10 @@ class Store:
         if fast is not None:
             return lambda: fast.get(key, most)
         path = self.path(key)
+        if self._local:
+            return lambda: read_regular_file(path, most)
         if most is None:
             return lambda: self.fs.cat_file(path, **self._get_kwargs)
-        if self._local:
-
-            def _read_file() -> bytes:
-                with open(path, "rb") as f:
-                    return f.read(most)
-
-            return _read_file
         return lambda: _empty_if_unsatisfiable(
             lambda: self.fs.cat_file(path, start=0, end=most, **self._get_kwargs)
         )

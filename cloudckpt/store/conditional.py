@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ import fsspec
 import xxhash
 from fsspec.asyn import sync
 
-from cloudckpt.errors import PreconditionFailed, StoreError
+from cloudckpt.errors import CorruptCheckpoint, PreconditionFailed, StoreError
 from cloudckpt.store.retry import error_code
 
 log = logging.getLogger("cloudckpt.store")
@@ -115,8 +116,7 @@ class LocalConditional:
 
     def read(self, path: str) -> tuple[bytes, str] | None:
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_regular_file(path)
         except FileNotFoundError:
             return None
         return data, local_etag(data)
@@ -160,6 +160,19 @@ class LocalConditional:
                     ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
+
+
+def read_regular_file(path: str, most: int | None = None) -> bytes:
+    """The file's bytes (at most ``most``). Anything but a regular file -- a directory, a
+    named pipe that would block forever, a device -- is refused without reading it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptCheckpoint(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read() if most is None else f.read(most)
+    finally:
+        os.close(fd)
 
 
 def write_temp(path: str, data: bytes | bytearray | memoryview) -> str:
