@@ -50,3 +50,17 @@ def test_a_missing_bucket_is_a_store_error_naming_it(missing: tuple[Any, str]) -
     out = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", uri], env=env,
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 6 and bucket in out.stderr, (out.returncode, out.stderr)
+
+
+def test_a_refused_connection_says_nothing_listens_there_in_one_line(tmp_path) -> None:
+    """Issue 16 item 5: the CLI printed seven retry lines and a misleading hint."""
+    from cloudckpt.testing.local_s3 import free_port
+
+    port = free_port()  # nothing listens there
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", "s3://bucket/run"],
+                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 6, out.stderr
+    assert f"127.0.0.1:{port}" in out.stderr and "nothing is listening" in out.stderr
+    assert out.stderr.count("retrying") <= 1, out.stderr

@@ -37,7 +37,7 @@ from cloudckpt.store.conditional import (
     write_temp,
 )
 from cloudckpt.store.fastpath import FastPath
-from cloudckpt.store.retry import RetryPolicy, error_code, is_retryable
+from cloudckpt.store.retry import RetryPolicy, error_code, is_retryable, refused
 
 __all__ = ["ObjectInfo", "RetryPolicy", "Store", "StoreOptions"]
 
@@ -180,7 +180,12 @@ class Store:
                 "credentials and the bucket policy for this prefix"
             ) from e
         except Exception as e:
-            if is_retryable(e):
+            if refused(e):
+                hint = (
+                    "nothing is listening at the endpoint: check endpoint_url (or "
+                    "AWS_ENDPOINT_URL) and that the server is running"
+                )
+            elif is_retryable(e):
                 hint = "the store kept failing; retry later or raise RetryPolicy limits"
             elif "NoCredentials" in type(e).__name__:
                 hint = (

@@ -110,7 +110,11 @@ class RetryPolicy:
                 )
                 if pause >= left:  # no time left for another attempt
                     raise
-                log.warning("%s failed (attempt %d: %s); retrying", describe, attempt, _short(e))
+                # One warning per call; the later attempts of a store that stays down
+                # are details (logged at INFO), the final error says the rest.
+                level = logging.WARNING if attempt == 1 else logging.INFO
+                log.log(level, "%s failed (attempt %d: %s); retrying", describe, attempt,
+                        _short(e))  # fmt: skip
                 if stop is None:
                     time.sleep(pause)
                 else:
@@ -154,6 +158,16 @@ def _watched(
         if stop is not None and stop.is_set():
             raise Abandoned(f"{describe}: abandoned (the transfer already failed)")
     raise TimeoutError(f"no answer within the call's {budget:g} s budget (RetryPolicy)")
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` says nothing listens at the endpoint (connection refused)."""
+    return any(
+        isinstance(e, ConnectionRefusedError)
+        or "connection refused" in str(e).lower()
+        or "connect call failed" in str(e).lower()
+        for e in _chain(exc)
+    )
 
 
 def _short(exc: BaseException | None) -> str:
