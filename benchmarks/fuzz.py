@@ -93,15 +93,19 @@ def pristine(workdir: Path, builder: Worker | None) -> Path:
         shutil.rmtree(old, ignore_errors=True)
     own = builder is None
     w = builder or Worker(mp.get_context("spawn"), -1, workdir)
+    status, detail = ("failed", "the build timed out")
     try:
         w.conn.send(("build", str(dest)))
-        status, detail = ("failed", "build timed out")
         if w.conn.poll(600):
             status, detail = w.conn.recv()
+    except (EOFError, OSError):
+        status, detail = ("failed", f"the builder died (exit code {w.proc.exitcode})")
     finally:
         if own:
-            w.conn.send(("stop",))
+            with contextlib.suppress(OSError, ValueError):
+                w.conn.send(("stop",))
             w.proc.join(10)
+            w.kill()
     if status != "built":
         raise RuntimeError(f"building the pristine repository failed:\n{detail}")
     return dest
@@ -123,6 +127,7 @@ class Stats:
     rss_raisers: list[tuple[int, str, str]] = field(default_factory=list)
     crashes: int = 0
     source: str = ""
+    library: str = ""  # the commit the workers imported
     seconds: float = 0.0
     total_seconds: float = 0.0
 
@@ -208,7 +213,7 @@ def run(args: argparse.Namespace) -> Stats:
         w.setup(source)
     print(f"pristine repository: {source} ({time.monotonic() - t0:.1f}s)", file=sys.stderr)
     opts = {"hf_rate": args.hf_rate, "op_limit": args.op_limit}
-    stats = Stats(args.seed, source=str(source))
+    stats = Stats(args.seed, source=str(source), library=_commit())
     next_n, end, deadline = args.start, args.start + args.inputs, t0 + args.max_seconds
     start = last_print = time.monotonic()
 
@@ -317,7 +322,7 @@ def markdown(stats: Stats, args: argparse.Namespace, command: str) -> str:
         "# Fuzzing stored objects: hostile bytes, every reader",
         "",
         f"`{command}` ({_when()}; {platform.machine()}, {os.cpu_count()} cores, "
-        f"{args.workers} worker processes; library at {_commit()}).",
+        f"{args.workers} worker processes; library at {stats.library}).",
         "",
         f"**{verdict}: other = {stats.other_total:,}, writes outside the target = {outside:,}** "
         f"(operation runs) over {stats.inputs:,} inputs ({runs:,} operation runs) in "

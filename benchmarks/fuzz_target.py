@@ -20,6 +20,7 @@ them still land in the sandbox, where the snapshot after each operation sees the
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -206,8 +207,12 @@ def _tensors(state: Any) -> dict[str, torch.Tensor]:
 
 
 def _restore(uri: str) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer]:
+    """``restore`` with the manager's defaults, except that a lease that looks live fails
+    fast (LeaseHeld) instead of being waited out: that wait is designed, bounded by the
+    lease's own ttl (at most ``lease.MAX_TTL``, an hour), and would stall the run."""
     model, opt = main_objects()
-    mgr = cloudckpt.CheckpointManager(uri)
+    fail_fast = "lease_wait" in inspect.signature(cloudckpt.CheckpointManager).parameters
+    mgr = cloudckpt.CheckpointManager(uri, **({"lease_wait": False} if fail_fast else {}))
     try:
         resumed = mgr.restore(model=model, optimizer=opt)
     finally:
@@ -548,8 +553,8 @@ def run_op(
                    else Outcome("other", "nothing found", f"op {op}", detail))  # fmt: skip
         else:
             out = Outcome("other", "wrong result", f"op {op}", detail)
-    except OpTimeout:
-        out = Outcome("other", "hang", f"op {op}", f"ran past {limit:.0f}s")
+    except OpTimeout as e:  # where the main thread was, and what every thread was doing
+        out = Outcome("other", "hang", where(e), f"ran past {limit:.0f}s; {_threads()}")
     except CorruptCheckpoint as e:
         out = Outcome("corrupt", type(e).__name__, where(e), str(e)[:300])
     except CheckpointNotFound as e:
@@ -567,6 +572,19 @@ def run_op(
     after = ctx.box.snapshot()
     out.outside = writes_outside(ctx.box, before, after, op)
     return out, after
+
+
+def _threads() -> str:
+    """The innermost library frame (else the innermost frame) of every thread."""
+    import sys
+
+    found = []
+    for ident, frame in sys._current_frames().items():
+        stack = traceback.extract_stack(frame)
+        ours = [f for f in stack if f"{os.sep}cloudckpt{os.sep}" in f.filename]
+        f = (ours or stack)[-1]
+        found.append(f"thread {ident}: {Path(f.filename).name}:{f.lineno} {f.name}")
+    return "; ".join(found)[:1500]
 
 
 def writes_outside(box: Sandbox, before: Listing, after: Listing, op: str) -> list[str]:
