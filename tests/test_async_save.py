@@ -13,7 +13,7 @@ import torch
 from assertions import assert_state_equal
 from processes import reaped, sigkill_when
 
-from cloudckpt import CheckpointManager, HealthCheck, Repo
+from cloudckpt import CheckpointManager, HealthCheck, Repo, SaveFailures
 from cloudckpt.errors import StoreError
 
 CHILD = str(Path(__file__).with_name("child_async.py"))
@@ -53,23 +53,31 @@ def test_async_save_commits_the_snapshot_not_later_updates(tmp_path) -> None:
     assert_state_equal(at_step_2, Repo(f"file://{tmp_path}/r").load()["model"])
 
 
-def test_background_error_is_raised_on_the_next_call(tmp_path) -> None:
+def test_a_background_failure_is_counted_then_raised_by_the_policy(tmp_path) -> None:
+    """A store failure of a background save surfaces at the next call: survived (and
+    counted) until SaveFailures gives up, then raised with the store's error."""
     model, opt = trainer()
     mgr = CheckpointManager(f"file://{tmp_path}/r", save_every_steps=1, async_save=True,
-                            health=HealthCheck(spike_factor=1e9))  # fmt: skip
+                            health=HealthCheck(spike_factor=1e9),
+                            save_failures=SaveFailures(max_consecutive=2))  # fmt: skip
     mgr.restore(model=model, optimizer=opt)
 
     def broken_put(key, data):
         raise StoreError(f"put {key} failed: injected")
 
+    def settle() -> None:
+        deadline = time.monotonic() + 30
+        while not mgr._inflight.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     mgr.repo.store.put = broken_put  # type: ignore[method-assign]
     train(model, opt)
     assert mgr.step(1).saving
-    deadline = time.monotonic() + 30
-    while not mgr._inflight.done() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    with pytest.raises(StoreError, match="injected"):
-        mgr.step(2)
+    settle()
+    assert mgr.step(2).saving and mgr.failed_saves == 1  # survived; the next save started
+    settle()
+    with pytest.raises(StoreError, match=r"2 saves in a row failed.*injected"):
+        mgr.step(3)
 
 
 def test_when_busy_skip_skips_while_a_save_is_uploading(tmp_path) -> None:
