@@ -61,7 +61,7 @@ bench-concurrency: $(STAMP)
 	$(BIN)/python benchmarks/concurrency.py $(CONCURRENCY_ARGS)
 
 # Hostile stored data: 100,000 inputs, each one stored object of a small repository
-# mutated, then every reader run on it (~30 min; FUZZ_ARGS="--inputs 5000" for a look).
+# mutated, then every reader run on it (~35 min on 2 cores; FUZZ_ARGS="--inputs 5000" for a look).
 FUZZ_ARGS ?= --inputs 100000 --seed 1
 bench-fuzz: $(STAMP)
 	$(BIN)/python benchmarks/fuzz.py $(FUZZ_ARGS) --report benchmarks/RESULTS-fuzz.md
