@@ -201,17 +201,18 @@ def read(store: Store, vid: str, expected: Version | None = None) -> Manifest:
         data = store.get_buffer(key(vid), limit=schema.MAX_DOCUMENT)
     except CheckpointNotFound:
         raise CorruptCheckpoint(f"{where} is missing: the repository is damaged") from None
+    # The recorded hash first: an altered manifest is refused before it is even parsed.
+    recorded = expected.manifest_hash if expected is not None else None
+    if recorded and codec.content_hash(data) != recorded:
+        raise CorruptCheckpoint(
+            f"{where} was altered after its commit: its content does not match the hash "
+            "versions.json records for it"
+        )
     found = Manifest.parse(data, where)
     if found.id and found.id != vid:
         raise CorruptCheckpoint(f"{where} names version {found.id!r}, not {vid!r}")
-    if expected is not None and expected.manifest_hash:
-        if found.content_hash != expected.manifest_hash:
-            raise CorruptCheckpoint(
-                f"{where} was altered after its commit: its content does not match the hash "
-                "versions.json records for it"
-            )
-        if found.version != dataclasses.replace(expected, manifest_hash=None):
-            raise CorruptCheckpoint(
-                f"{where} and its row in versions.json disagree: one of them was altered"
-            )
+    if recorded and found.version != dataclasses.replace(expected, manifest_hash=None):
+        raise CorruptCheckpoint(
+            f"{where} and its row in versions.json disagree: one of them was altered"
+        )
     return found

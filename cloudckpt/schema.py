@@ -88,9 +88,10 @@ def count(value: Any) -> int:
 
 def number(value: Any) -> float:
     """A finite JSON number."""
-    if type(value) not in (int, float) or not math.isfinite(value):
+    found = metric(value)
+    if not math.isfinite(found):
         raise Invalid(f"{value!r:.60} is not a finite number")
-    return float(value)
+    return found
 
 
 #: The latest time a stored timestamp may name (the end of year 9999).
@@ -116,7 +117,10 @@ def metric(value: Any) -> float:
     """A JSON number; NaN and infinities allowed (a diverged loss is recorded as is)."""
     if type(value) not in (int, float):
         raise Invalid(f"{value!r:.60} is not a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # a JSON integer past the range of a double
+        raise Invalid(f"{value!r:.60} is out of range") from None
 
 
 def text(value: Any) -> str:

@@ -75,7 +75,7 @@ def torch_dtype(name: str) -> torch.dtype:
 def numpy_dtype(name: str) -> np.dtype[Any]:
     try:
         dt = np.dtype(name)
-    except (TypeError, ValueError):
+    except Exception:  # numpy parses some strings as expressions (SyntaxError, ...)
         raise CorruptCheckpoint(f"unknown numpy dtype {name!r} in manifest") from None
     if dt.kind not in _NUMPY_KINDS or dt.fields is not None or dt.subdtype is not None:
         raise CorruptCheckpoint(f"numpy dtype {name!r} is not a plain numeric dtype")
