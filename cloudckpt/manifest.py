@@ -96,7 +96,7 @@ class Manifest:
         return json.dumps(doc).encode()
 
     @classmethod
-    def parse(cls, data: bytes | memoryview, where: str) -> Manifest:
+    def parse(cls, data: bytes | memoryview, where: str, digest: str | None = None) -> Manifest:
         """Parse and check a stored manifest: every field, entry and chunk reference and
         the state's skeleton; CorruptCheckpoint naming ``where`` if anything is wrong."""
         doc = schema.document(data, where)
@@ -121,7 +121,13 @@ class Manifest:
             raise CorruptCheckpoint(f"{where}: {e}") from None
         extra = {k: v for k, v in doc.items() if k not in row_fields and k not in _OWN}
         return cls(
-            version, doc["state"], tensors, chunk_size, extra, found, codec.content_hash(data)
+            version,
+            doc["state"],
+            tensors,
+            chunk_size,
+            extra,
+            found,
+            digest or codec.content_hash(data),
         )
 
 
@@ -203,12 +209,13 @@ def read(store: Store, vid: str, expected: Version | None = None) -> Manifest:
         raise CorruptCheckpoint(f"{where} is missing: the repository is damaged") from None
     # The recorded hash first: an altered manifest is refused before it is even parsed.
     recorded = expected.manifest_hash if expected is not None else None
-    if recorded and codec.content_hash(data) != recorded:
+    digest = codec.content_hash(data)  # hashed once, here: parse records it
+    if recorded and digest != recorded:
         raise CorruptCheckpoint(
             f"{where} was altered after its commit: its content does not match the hash "
             "versions.json records for it"
         )
-    found = Manifest.parse(data, where)
+    found = Manifest.parse(data, where, digest)
     if found.id and found.id != vid:
         raise CorruptCheckpoint(f"{where} names version {found.id!r}, not {vid!r}")
     if recorded and found.version != dataclasses.replace(expected, manifest_hash=None):
