@@ -58,16 +58,28 @@ def main() -> None:
     tensors = list({id(t): t for t in tensors_by_path(state).values()}.values())
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     buffers = [t.clone() for t in tensors]
-    rows: dict[str, list[float]] = {k: [] for k in (
-        "copy into fresh memory", "copy into existing buffers", "async save: training blocked",
-        "async save: until committed", "sync save")}  # fmt: skip
+    rows: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "copy into fresh memory",
+            "copy into existing buffers",
+            "async save: training blocked",
+            "async save: until committed",
+            "sync save",
+        )
+    }
     with SeaweedFS() as s3:
         bucket = s3.create_bucket()
         health = HealthCheck(spike_factor=1e9)
-        amgr = CheckpointManager(f"s3://{bucket}/async-{uuid.uuid4().hex[:6]}",
-                                 s3.storage_options(), async_save=True, health=health)  # fmt: skip
-        smgr = CheckpointManager(f"s3://{bucket}/sync-{uuid.uuid4().hex[:6]}",
-                                 s3.storage_options(), health=health)  # fmt: skip
+        amgr = CheckpointManager(
+            f"s3://{bucket}/async-{uuid.uuid4().hex[:6]}",
+            s3.storage_options(),
+            async_save=True,
+            health=health,
+        )
+        smgr = CheckpointManager(
+            f"s3://{bucket}/sync-{uuid.uuid4().hex[:6]}", s3.storage_options(), health=health
+        )
         for mgr in (amgr, smgr):
             mgr.restore(model=model, optimizer=opt)
         amgr.step(1)

@@ -35,9 +35,14 @@ def main() -> None:
     with SeaweedFS() as server:
         for rate in (float(r) for r in args.rates.split(",")):
             plan = FaultPlan(rate=rate, seed=args.seed, stall_seconds=1.5)
-            report = chaos.run(server.endpoint, {"key": ACCESS_KEY, "secret": SECRET_KEY},
-                               server.fresh_uri("chaos"), plan, saves=args.saves,
-                               seconds=600)  # fmt: skip
+            report = chaos.run(
+                server.endpoint,
+                {"key": ACCESS_KEY, "secret": SECRET_KEY},
+                server.fresh_uri("chaos"),
+                plan,
+                saves=args.saves,
+                seconds=600,
+            )
             print(f"rate {rate}: {report.summary()}", flush=True)
             rows.append((rate, report))
     lines = [

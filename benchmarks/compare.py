@@ -219,16 +219,23 @@ def contenders(model: GPT, opt: torch.optim.Optimizer, s3: Any, endpoint: str) -
         buf = io.BytesIO()
         client.download_fileobj(*split(uri), buf, Config=transfer)
         with zipfile.ZipFile(buf) as z:
-            load_into({n: torch.load(io.BytesIO(z.read(f"{n}.pt")), weights_only=True)
-                       for n in ("model", "optimizer")})  # fmt: skip
+            load_into(
+                {
+                    n: torch.load(io.BytesIO(z.read(f"{n}.pt")), weights_only=True)
+                    for n in ("model", "optimizer")
+                }
+            )
 
     # s3torchconnector ---------------------------------------------------------------
     def s3tc() -> Any:
         from s3torchconnector import S3Checkpoint
         from s3torchconnector._s3client import S3ClientConfig
 
-        return S3Checkpoint(region="us-east-1", endpoint=endpoint,
-                            s3client_config=S3ClientConfig(force_path_style=True))  # fmt: skip
+        return S3Checkpoint(
+            region="us-east-1",
+            endpoint=endpoint,
+            s3client_config=S3ClientConfig(force_path_style=True),
+        )
 
     def s3tc_save(uri: str) -> None:
         with s3tc().writer(uri) as w:
@@ -355,10 +362,20 @@ def incremental(model: GPT, bucket_uri: str, client: Any, saves: int = 3) -> dic
         opt.step()
         opt.zero_grad(set_to_none=True)
         version = repo.commit(state_of(model, opt), step=i)
-        changed = sum(t.nbytes for p in trainable for t in [p, *opt.state[p].values()]
-                      if isinstance(t, torch.Tensor))  # fmt: skip
-        rows.append({"save": i + 1, "uploaded": version.uploaded_bytes,
-                     "logical": version.logical_bytes, "changed": changed})  # fmt: skip
+        changed = sum(
+            t.nbytes
+            for p in trainable
+            for t in [p, *opt.state[p].values()]
+            if isinstance(t, torch.Tensor)
+        )
+        rows.append(
+            {
+                "save": i + 1,
+                "uploaded": version.uploaded_bytes,
+                "logical": version.logical_bytes,
+                "changed": changed,
+            }
+        )
     for module in frozen:
         module.requires_grad_(True)
     delete_prefix(client, repo.uri)
@@ -366,8 +383,9 @@ def incremental(model: GPT, bucket_uri: str, client: Any, saves: int = 3) -> dic
 
 
 # -- report --------------------------------------------------------------------------------
-def report(args: argparse.Namespace, results: list[Contender], logical: int,
-           inc: dict[str, Any]) -> None:  # fmt: skip
+def report(
+    args: argparse.Namespace, results: list[Contender], logical: int, inc: dict[str, Any]
+) -> None:
     by = {c.name: c for c in results}
     alt = [c for c in results if not c.name.startswith(("cloudckpt", "ceiling")) and c.runs]
     fastest_save = min(alt, key=lambda c: median([r.save for r in c.runs]))
@@ -442,8 +460,10 @@ def report(args: argparse.Namespace, results: list[Contender], logical: int,
         "|---|---|---|---|---|",
     ]
     for r in inc["rows"]:
-        lines.append(f"| {r['save']} | {r['uploaded'] / MB:.1f} | {r['changed'] / MB:.1f} | "
-                     f"{r['uploaded'] / r['changed']:.2f} | {r['logical'] / MB:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['save']} | {r['uploaded'] / MB:.1f} | {r['changed'] / MB:.1f} | "
+            f"{r['uploaded'] / r['changed']:.2f} | {r['logical'] / MB:.1f} |"
+        )
     lines += [
         "",
         "The first save uploads everything; later ones only the chunks whose bytes changed "
@@ -454,8 +474,7 @@ def report(args: argparse.Namespace, results: list[Contender], logical: int,
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "RESULTS.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({"ratios": ratios, "incremental": inc},
-                                                 indent=1))  # fmt: skip
+    (out / "results.json").write_text(json.dumps({"ratios": ratios, "incremental": inc}, indent=1))
     plot(results, out)
     print("\n".join(lines))
 
@@ -535,8 +554,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", choices=["gpt2", "small"], default="gpt2")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", help="comma-separated contender names")
-    p.add_argument("--out", help="where the report goes (default: benchmarks/ for the gpt2 "
-                   "preset, benchmarks/small/ for the other)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        help="where the report goes (default: benchmarks/ for the gpt2 "
+        "preset, benchmarks/small/ for the other)",
+    )
     args = p.parse_args(argv)
     args.out = args.out or str(HERE if args.preset == "gpt2" else HERE / "small")
     model, opt = build(args.preset)
@@ -564,8 +586,11 @@ def main(argv: list[str] | None = None) -> None:
                     traceback.print_exc()
                     continue
                 c.runs.append(run)
-                print(f"rep {rep} {c.name}: save {run.save:.2f}s restore {run.restore:.2f}s "
-                      f"stored {run.stored / MB:.0f} MB", flush=True)  # fmt: skip
+                print(
+                    f"rep {rep} {c.name}: save {run.save:.2f}s restore {run.restore:.2f}s "
+                    f"stored {run.stored / MB:.0f} MB",
+                    flush=True,
+                )
         inc = incremental(model, f"s3://{bucket}", client)
     report(args, todo, logical, inc)
 

@@ -83,15 +83,24 @@ class Actor:
         self.incarnation += 1
         self.name = f"{self.base}.{self.incarnation}"
         logfile = self.workdir / f"{self.name}.jsonl"
-        cfg = {**self.cfg, "name": self.name, "role": self.role, "branch": self.branch,
-               "log": str(logfile)}  # fmt: skip
+        cfg = {
+            **self.cfg,
+            "name": self.name,
+            "role": self.role,
+            "branch": self.branch,
+            "log": str(logfile),
+        }
         path = self.workdir / f"{self.name}.json"
         path.write_text(json.dumps(cfg))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.workdir / f"{self.name}.err", "wb") as err:
-            self.proc = subprocess.Popen([sys.executable, str(WORKER), str(path)], env=env,
-                                         stdout=err, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, str(WORKER), str(path)],
+                env=env,
+                stdout=err,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.tail = LogTail(logfile)
 
     def signal(self, sig: int) -> None:
@@ -141,12 +150,14 @@ class LogTail:
 def in_flight_commit(actor: Actor) -> bool:
     """The actor holds its lease and its last event is a commit's intent."""
     tail = actor.tail.poll() if actor.tail else None
-    return bool(tail and tail.holding and (tail.last["op"], tail.last["phase"]) == (
-        "commit", "intent"))  # fmt: skip
+    return bool(
+        tail and tail.holding and (tail.last["op"], tail.last["phase"]) == ("commit", "intent")
+    )
 
 
-def orchestrate(actors: list[Actor], args: argparse.Namespace, deadline: float,
-                rng: random.Random) -> Chaos:  # fmt: skip
+def orchestrate(
+    actors: list[Actor], args: argparse.Namespace, deadline: float, rng: random.Random
+) -> Chaos:
     """Until ``deadline``: stop a main committer that holds the lease mid-commit for
     2.5 ttl, then resume it; kill the designated victim at random moments and restart it."""
     chaos = Chaos()
@@ -197,30 +208,49 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """Set up, stress, shut down and check; the report as a dict."""
     t_start = time.monotonic()
     rng = random.Random(args.seed)
-    plan = FaultPlan(rate=args.fault_rate, seed=args.seed, kinds=FAULT_KINDS,
-                     stall_seconds=args.read_timeout + 1.0)  # fmt: skip
+    plan = FaultPlan(
+        rate=args.fault_rate,
+        seed=args.seed,
+        kinds=FAULT_KINDS,
+        stall_seconds=args.read_timeout + 1.0,
+    )
     actors: list[Actor] = []
     with SeaweedFS(workdir / "weed") as server, FaultProxy(server.endpoint, plan) as proxy:
         uri = server.fresh_uri("concurrency")
         observed = (uri, server.storage_options())
         setup = Repo(uri, server.storage_options())
-        setup.commit({"shared": torch.arange(4096, dtype=torch.float32)}, branch="main",
-                     step=0, meta={"writer": "setup", "seq": 0})  # fmt: skip
+        setup.commit(
+            {"shared": torch.arange(4096, dtype=torch.float32)},
+            branch="main",
+            step=0,
+            meta={"writer": "setup", "seq": 0},
+        )
         setup.branch("b2", "main")
         stop_file, go_file = workdir / "STOP", workdir / "GO"
         common = {
-            "uri": uri, "storage_options": proxy.storage_options(
-                {"key": ACCESS_KEY, "secret": SECRET_KEY}),
-            "seed": args.seed, "stop_file": str(stop_file), "go_file": str(go_file),
-            "start_timeout": 300, "ttl": args.ttl, "commits_per_lease": [2, 5],
+            "uri": uri,
+            "storage_options": proxy.storage_options({"key": ACCESS_KEY, "secret": SECRET_KEY}),
+            "seed": args.seed,
+            "stop_file": str(stop_file),
+            "go_file": str(go_file),
+            "start_timeout": 300,
+            "ttl": args.ttl,
+            "commits_per_lease": [2, 5],
             "keep": args.keep,
-            "store": {"connect_timeout": args.read_timeout, "read_timeout": args.read_timeout,
-                      "attempts": 12, "total_seconds": 30.0},
-        }  # fmt: skip
-        roles = [*((f"c-main-{i}", "committer", "main") for i in range(args.main_committers)),
-                 *((f"c-b2-{i}", "committer", "b2") for i in range(args.b2_committers)),
-                 ("gc", "gc", None), ("repair", "repair", None),
-                 ("retention", "retention", None)]  # fmt: skip
+            "store": {
+                "connect_timeout": args.read_timeout,
+                "read_timeout": args.read_timeout,
+                "attempts": 12,
+                "total_seconds": 30.0,
+            },
+        }
+        roles = [
+            *((f"c-main-{i}", "committer", "main") for i in range(args.main_committers)),
+            *((f"c-b2-{i}", "committer", "b2") for i in range(args.b2_committers)),
+            ("gc", "gc", None),
+            ("repair", "repair", None),
+            ("retention", "retention", None),
+        ]
         pauses = {"gc": [0.2, 1.0], "repair": [2.0, 4.0], "retention": [1.0, 3.0]}
         for base, role, branch in roles:
             cfg = {**common, "pause": pauses.get(role, [0, 0])}
@@ -256,16 +286,28 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         observer.record(index, time.monotonic(), time.monotonic())
         report = analyze(read_logs(workdir), observer, index, final, chaos)
     report.update(
-        seconds=args.seconds, stress_seconds=round(t_stress, 1),
-        wall_seconds=round(time.monotonic() - t_start, 1), seed=args.seed, faults=faults,
-        fault_plan={"rate": plan.rate, "kinds": list(plan.kinds),
-                    "stall_seconds": plan.stall_seconds},
-        kills=len(chaos.kills), stops=len(chaos.stops), stops_detail=chaos.stops,
+        seconds=args.seconds,
+        stress_seconds=round(t_stress, 1),
+        wall_seconds=round(time.monotonic() - t_start, 1),
+        seed=args.seed,
+        faults=faults,
+        fault_plan={
+            "rate": plan.rate,
+            "kinds": list(plan.kinds),
+            "stall_seconds": plan.stall_seconds,
+        },
+        kills=len(chaos.kills),
+        stops=len(chaos.stops),
+        stops_detail=chaos.stops,
         worker_exits=[x for a in actors for x in a.exits],
-    )  # fmt: skip
+    )
     killed = {k["w"] for k in chaos.kills}
-    crashed = [f"{n} exited {rc}" for a in actors for n, rc in a.exits
-               if rc not in (0, None) and n not in killed]  # fmt: skip
+    crashed = [
+        f"{n} exited {rc}"
+        for a in actors
+        for n, rc in a.exits
+        if rc not in (0, None) and n not in killed
+    ]
     report["harness_problems"] += crashed + [f"{k} x{n}" for k, n in observer.errors.items()]
     return report
 

@@ -61,8 +61,9 @@ def _maybe_deleted(events: list[dict[str, Any]]) -> set[str]:
 
 
 # -- at the end -------------------------------------------------------------------------
-def analyze(events: list[dict[str, Any]], obs: Observer, index: Any, repo: Repo,
-            chaos: Chaos) -> dict[str, Any]:  # fmt: skip
+def analyze(
+    events: list[dict[str, Any]], obs: Observer, index: Any, repo: Repo, chaos: Chaos
+) -> dict[str, Any]:
     """Check I1-I6 on the logged history, the sampled heads and the final index."""
     h = History.parse(events)
     for vid, c in h.acked.items():  # links of versions the sampler never saw
@@ -81,9 +82,14 @@ def analyze(events: list[dict[str, Any]], obs: Observer, index: Any, repo: Repo,
     h.ops["head samples"] = len(obs.samples)
     h.ops["periodic checks"] = obs.periodic_runs
     by_inv = Counter(v["invariant"] for v in violations)
-    return {"operations": dict(sorted(h.ops.items())), "violations": violations,
-            "violations_by_invariant": dict(sorted(by_inv.items())), "notes": notes,
-            "harness_problems": h.crashes, "fence_api": h.fence_api}  # fmt: skip
+    return {
+        "operations": dict(sorted(h.ops.items())),
+        "violations": violations,
+        "violations_by_invariant": dict(sorted(by_inv.items())),
+        "notes": notes,
+        "harness_problems": h.crashes,
+        "fence_api": h.fence_api,
+    }
 
 
 def check_acked(h: History, index: Any, repo: Repo) -> tuple[list[dict[str, str]], dict[str, str]]:
@@ -136,8 +142,13 @@ def check_index(
         except CloudCkptError as e:
             problem = f"{type(e).__name__}: {str(e)[:200]}"
         if problem:
-            how = ("deleted by retention, back in the index" if vid in h.deleted_at else
-                   f"commit outcome {c.outcome}" if c else "no logged commit")  # fmt: skip
+            how = (
+                "deleted by retention, back in the index"
+                if vid in h.deleted_at
+                else f"commit outcome {c.outcome}"
+                if c
+                else "no logged commit"
+            )
             found.append(
                 violation(
                     "I6",
@@ -176,8 +187,9 @@ def check_heads(
     return found
 
 
-def check_fences(h: History, history: dict[str, list[str]], obs: Observer,
-                 notes: list[dict[str, str]]) -> list[dict[str, str]]:  # fmt: skip
+def check_fences(
+    h: History, history: dict[str, list[str]], obs: Observer, notes: list[dict[str, str]]
+) -> list[dict[str, str]]:
     """I3 (order): along the lineage of every head seen, fences never decrease."""
     rank = _fence_ranks(h.leases, h.fence_api)
     notes.append(
@@ -211,16 +223,19 @@ def check_fences(h: History, history: dict[str, list[str]], obs: Observer,
     return list({v["key"]: v for v in found}.values())
 
 
-def check_takeovers(h: History, obs: Observer, chaos: Chaos,
-                    notes: list[dict[str, str]]) -> list[dict[str, str]]:  # fmt: skip
+def check_takeovers(
+    h: History, obs: Observer, chaos: Chaos, notes: list[dict[str, str]]
+) -> list[dict[str, str]]:
     """I3 (takeover): no commit is acknowledged to a writer whose lease was taken over
     before that commit started, or before it was published (not among the versions the
     new holder saw right after acquiring, nor sampled earlier)."""
     takeover: dict[str, Lease] = {}  # old token -> the lease that took over from it
     for held in _held_by_branch(h.leases):
         for i, old in enumerate(held):
-            new = next((n for n in held[i + 1 :] if old.released is None
-                        or old.released > n.acquired), None)  # fmt: skip
+            new = next(
+                (n for n in held[i + 1 :] if old.released is None or old.released > n.acquired),
+                None,
+            )
             if new is not None:
                 takeover[old.token] = new
     killed = {k["w"]: k["t"] for k in chaos.kills}
@@ -233,9 +248,12 @@ def check_takeovers(h: History, obs: Observer, chaos: Chaos,
         if new is None or c.acked <= new.logged:
             continue
         later = c.intent > new.logged
-        unseen = (new.snapshot is not None and vid not in new.snapshot
-                  and obs.first_seen.get(vid, float("inf")) >= new.read_start
-                  and h.deleted_at.get(vid, float("inf")) >= new.logged)  # fmt: skip
+        unseen = (
+            new.snapshot is not None
+            and vid not in new.snapshot
+            and obs.first_seen.get(vid, float("inf")) >= new.read_start
+            and h.deleted_at.get(vid, float("inf")) >= new.logged
+        )
         if later or unseen:
             why = "started" if later else "was published"
             found.append(

@@ -100,8 +100,16 @@ class History:
                 h._commit(e)
             elif op == "lease" and phase == "acquired":
                 snap = None if e["snapshot"] is None else set(e["snapshot"])
-                h.leases[e["token"]] = Lease(e["token"], e["w"], e["branch"], e["acquired"],
-                                             e["t"], e["read_start"], snap, e["fence"])  # fmt: skip
+                h.leases[e["token"]] = Lease(
+                    e["token"],
+                    e["w"],
+                    e["branch"],
+                    e["acquired"],
+                    e["t"],
+                    e["read_start"],
+                    snap,
+                    e["fence"],
+                )
                 h.ops["lease acquisitions"] += 1
                 h.ops["lease waits (LeaseHeld or store error)"] += e["waits"]
             elif op == "lease" and phase == "release" and e["token"] in h.leases:
@@ -124,8 +132,13 @@ class History:
             c.outcome, c.vid, c.parent, c.acked = "ack", e["vid"], e["parent"], e["t"]
         elif c is not None:
             c.error = f"{e['error']}: {e['message']}"
-            c.outcome = ("refused" if e["error"] in REFUSALS else
-                         "store_error" if e["store_error"] else "error")  # fmt: skip
+            c.outcome = (
+                "refused"
+                if e["error"] in REFUSALS
+                else "store_error"
+                if e["store_error"]
+                else "error"
+            )
 
     def _maintenance(self, e: dict[str, Any]) -> None:
         op, phase = e["op"], e["phase"]

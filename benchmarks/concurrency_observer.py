@@ -37,8 +37,10 @@ class Observer:
         self.periodic_runs = 0
         self.errors: Counter[str] = Counter()
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._sample, daemon=True),
-                        threading.Thread(target=self._check, daemon=True)]  # fmt: skip
+        self.threads = [
+            threading.Thread(target=self._sample, daemon=True),
+            threading.Thread(target=self._check, daemon=True),
+        ]
 
     def repo(self) -> Repo:
         uri, opts = self.repo_args
@@ -48,8 +50,12 @@ class Observer:
         with self.lock:
             self.samples.append((start, end, dict(index.branches)))
             with open(self.workdir / "samples.ndjson", "a") as f:
-                row = {"start": start, "end": end, "heads": index.branches,
-                       "vids": sorted(index.versions)}  # fmt: skip
+                row = {
+                    "start": start,
+                    "end": end,
+                    "heads": index.branches,
+                    "vids": sorted(index.versions),
+                }
                 f.write(json.dumps(row) + "\n")
             for v in index.versions.values():
                 self.parents[v.id] = v.parent

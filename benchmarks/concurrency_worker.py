@@ -105,8 +105,14 @@ class Worker:
 
     def emit(self, op: str, phase: str, **fields: Any) -> None:
         """Append one event; line-buffered, so a SIGKILL loses at most this line."""
-        row = {"t": time.monotonic(), "w": self.name, "pid": os.getpid(), "op": op,
-               "phase": phase, **fields}  # fmt: skip
+        row = {
+            "t": time.monotonic(),
+            "w": self.name,
+            "pid": os.getpid(),
+            "op": op,
+            "phase": phase,
+            **fields,
+        }
         if phase != "intent" and (warnings := self.warnings.take()):
             row["warnings"] = warnings
         self.log.write(json.dumps(row) + "\n")
@@ -133,8 +139,14 @@ class Worker:
         return False
 
     def fail(self, op: str, e: BaseException, **fields: Any) -> None:
-        self.emit(op, "error", error=type(e).__name__, message=str(e)[:400],
-                  store_error=isinstance(e, errors.StoreError), **fields)  # fmt: skip
+        self.emit(
+            op,
+            "error",
+            error=type(e).__name__,
+            message=str(e)[:400],
+            store_error=isinstance(e, errors.StoreError),
+            **fields,
+        )
 
 
 # -- committer --------------------------------------------------------------------------
@@ -158,8 +170,13 @@ class Committer:
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
-        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                "step": self.seq, "shared": SHARED, "frozen": self.frozen}  # fmt: skip
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "step": self.seq,
+            "shared": SHARED,
+            "frozen": self.frozen,
+        }
 
     def acquire(self) -> WriterLease | None:
         """The branch's lease, retried on LeaseHeld and store errors until the deadline."""
@@ -181,9 +198,17 @@ class Committer:
             # Which versions exist now: those missing here were published after this.
             with contextlib.suppress(errors.CloudCkptError):
                 snapshot = sorted(self.w.repo.index().versions)
-            self.w.emit("lease", "acquired", branch=self.branch, token=lease.me.token,
-                        fence=_jsonable(fence), acquired=acquired, read_start=read_start,
-                        snapshot=snapshot, waits=waits)  # fmt: skip
+            self.w.emit(
+                "lease",
+                "acquired",
+                branch=self.branch,
+                token=lease.me.token,
+                fence=_jsonable(fence),
+                acquired=acquired,
+                read_start=read_start,
+                snapshot=snapshot,
+                waits=waits,
+            )
             return lease
         return None
 
@@ -212,18 +237,38 @@ class Committer:
         self.seq += 1
         state = self.state()
         digest = state_digest(state)
-        meta = {"writer": self.w.name, "seq": self.seq, "fence": _jsonable(fence),
-                "lease": lease.me.token}  # fmt: skip
+        meta = {
+            "writer": self.w.name,
+            "seq": self.seq,
+            "fence": _jsonable(fence),
+            "lease": lease.me.token,
+        }
         extra = {"fence": fence} if HAS_FENCE and fence is not None else {}
-        self.w.emit("commit", "intent", branch=self.branch, seq=self.seq, sha=digest,
-                    token=lease.me.token, fence=meta["fence"])  # fmt: skip
+        self.w.emit(
+            "commit",
+            "intent",
+            branch=self.branch,
+            seq=self.seq,
+            sha=digest,
+            token=lease.me.token,
+            fence=meta["fence"],
+        )
         try:
             v = self.w.repo.commit(state, branch=self.branch, step=self.seq, meta=meta, **extra)
         except Exception as e:
             self.w.fail("commit", e, branch=self.branch, seq=self.seq, token=lease.me.token)
             return not isinstance(e, FENCED)
-        self.w.emit("commit", "ack", branch=self.branch, seq=self.seq, sha=digest, vid=v.id,
-                    parent=v.parent, token=lease.me.token, fence=meta["fence"])  # fmt: skip
+        self.w.emit(
+            "commit",
+            "ack",
+            branch=self.branch,
+            seq=self.seq,
+            sha=digest,
+            vid=v.id,
+            parent=v.parent,
+            token=lease.me.token,
+            fence=meta["fence"],
+        )
         return True
 
 
@@ -246,8 +291,13 @@ def gc_loop(w: Worker) -> None:
         except Exception as e:
             w.fail("gc", e, grace=grace)
         else:
-            w.emit("gc", "ack", grace=grace, manifests=len(getattr(report, "manifests", ())),
-                   blobs=len(getattr(report, "blobs", ())))  # fmt: skip
+            w.emit(
+                "gc",
+                "ack",
+                grace=grace,
+                manifests=len(getattr(report, "manifests", ())),
+                blobs=len(getattr(report, "blobs", ())),
+            )
         w.nap(*w.cfg["pause"])
 
 
@@ -281,8 +331,11 @@ def retention_loop(w: Worker) -> None:
         pinned = {*index.branches.values(), *index.tags.values()}
         doomed: list[str] = []
         for branch in index.branches:
-            rows = sorted((v for v in index.versions.values() if v.branch == branch),
-                          key=lambda v: (v.created, v.id), reverse=True)  # fmt: skip
+            rows = sorted(
+                (v for v in index.versions.values() if v.branch == branch),
+                key=lambda v: (v.created, v.id),
+                reverse=True,
+            )
             doomed += [v.id for v in rows[keep:] if v.id not in pinned]
         if not doomed:
             continue
@@ -303,8 +356,7 @@ def main() -> None:
     logging.getLogger("cloudckpt").setLevel(logging.WARNING)
     w = Worker(cfg)
     try:
-        w.emit("worker", "ready", role=cfg["role"], branch=cfg.get("branch"),
-               fence_api=HAS_FENCE)  # fmt: skip
+        w.emit("worker", "ready", role=cfg["role"], branch=cfg.get("branch"), fence_api=HAS_FENCE)
         if w.wait_for_go():
             role = cfg["role"]
             if role == "committer":
@@ -313,8 +365,13 @@ def main() -> None:
                 {"gc": gc_loop, "repair": repair_loop, "retention": retention_loop}[role](w)
         w.emit("worker", "exit")
     except BaseException as e:
-        w.emit("worker", "crash", error=type(e).__name__, message=str(e)[:400],
-               trace=traceback.format_exc()[-2000:])  # fmt: skip
+        w.emit(
+            "worker",
+            "crash",
+            error=type(e).__name__,
+            message=str(e)[:400],
+            trace=traceback.format_exc()[-2000:],
+        )
         raise
     finally:
         w.log.close()

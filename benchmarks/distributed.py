@@ -47,8 +47,14 @@ def worker(args: argparse.Namespace) -> None:
             version = commit(repo, state, group, DistributedOptions(write=write), step=rep)
             seconds = time.perf_counter() - t0
             per_rank = version.meta["ranks"].get("uploaded_bytes", [version.uploaded_bytes])
-            rows.append({"write": write, "seconds": seconds, "uploaded": per_rank,
-                         "logical": version.logical_bytes})  # fmt: skip
+            rows.append(
+                {
+                    "write": write,
+                    "seconds": seconds,
+                    "uploaded": per_rank,
+                    "logical": version.logical_bytes,
+                }
+            )
     if group.rank == 0:
         print(json.dumps(rows), flush=True)
     dist.destroy_process_group()
@@ -70,12 +76,31 @@ def main() -> None:
     results: dict[int, list[dict[str, Any]]] = {}
     with SeaweedFS() as server:
         for ranks in (int(r) for r in args.ranks.split(",")):
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={ranks}", __file__, "--worker", "--uri",
-                   server.fresh_uri(f"bench-{ranks}"), "--repeats", str(args.repeats),
-                   "--n-layer", str(args.n_layer), "--n-embd", str(args.n_embd)]  # fmt: skip
-            out = subprocess.run(cmd, env={**os.environ, **server.env()}, capture_output=True,
-                                 text=True, timeout=1800, check=True)  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={ranks}",
+                __file__,
+                "--worker",
+                "--uri",
+                server.fresh_uri(f"bench-{ranks}"),
+                "--repeats",
+                str(args.repeats),
+                "--n-layer",
+                str(args.n_layer),
+                "--n-embd",
+                str(args.n_embd),
+            ]
+            out = subprocess.run(
+                cmd,
+                env={**os.environ, **server.env()},
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=True,
+            )
             results[ranks] = json.loads(out.stdout.strip().splitlines()[-1])
             print(ranks, "ranks:", results[ranks], flush=True)
     write_report(args, results)
@@ -96,13 +121,17 @@ def write_report(args: argparse.Namespace, results: dict[int, list[dict[str, Any
         "|---|---|---|---|---|",
     ]
     for ranks, rows in results.items():
-        median = {w: statistics.median(r["seconds"] for r in rows if r["write"] == w)
-                  for w in ("rank0", "spread")}  # fmt: skip
+        median = {
+            w: statistics.median(r["seconds"] for r in rows if r["write"] == w)
+            for w in ("rank0", "spread")
+        }
         for write in ("rank0", "spread"):
             last = [r for r in rows if r["write"] == write][-1]["uploaded"]
             per_rank = " / ".join(f"{b / 1e6:.0f}" for b in last)
-            lines.append(f"| {ranks} | {write} | {median[write]:.2f} | "
-                         f"{median[write] / median['rank0']:.2f}x | {per_rank} |")  # fmt: skip
+            lines.append(
+                f"| {ranks} | {write} | {median[write]:.2f} | "
+                f"{median[write] / median['rank0']:.2f}x | {per_rank} |"
+            )
     lines += [
         "",
         "On this machine every rank, the S3 server and the network stack share 2 cores, so "

@@ -68,8 +68,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 CLASSES = ("ok", "corrupt", "notfound", "leaseheld", "other")
-HEADERS = ("loaded correctly", "CorruptCheckpoint", "CheckpointNotFound (accepted)",
-           "LeaseHeld (accepted)", "other")  # fmt: skip
+HEADERS = (
+    "loaded correctly",
+    "CorruptCheckpoint",
+    "CheckpointNotFound (accepted)",
+    "LeaseHeld (accepted)",
+    "other",
+)
 OP_ORDER = ("log", "load", "verify", "export", "restore", "lightning", "hf")
 
 
@@ -140,11 +145,17 @@ class Stats:
             self.op_seconds[r["op"]] += r["seconds"]
             if r["cls"] == "other":
                 case = {
-                    "replay": f"{self.seed}:{n}", "object": record["object"],
-                    "rel": record["rel"], "mutation": record["mutation"],
-                    "detail": record["detail"], "op": r["op"], "ref": r["ref"],
-                    "why": r["why"], "where": r["where"], "message": r["message"],
-                }  # fmt: skip
+                    "replay": f"{self.seed}:{n}",
+                    "object": record["object"],
+                    "rel": record["rel"],
+                    "mutation": record["mutation"],
+                    "detail": record["detail"],
+                    "op": r["op"],
+                    "ref": r["ref"],
+                    "why": r["why"],
+                    "where": r["where"],
+                    "message": r["message"],
+                }
                 if len(self.other) < 5000:
                     self.other.append(case)
                 key = (r["op"], r["why"], r["where"])
@@ -152,8 +163,14 @@ class Stats:
                 group["count"] += 1
             if r["outside"]:  # one entry per operation run that wrote outside
                 mutation = f"{record['rel']}: {record['mutation']}: {record['detail']}"
-                self.outside.append({"replay": f"{self.seed}:{n}", "op": r["op"],
-                                     "paths": r["outside"], "mutation": mutation})  # fmt: skip
+                self.outside.append(
+                    {
+                        "replay": f"{self.seed}:{n}",
+                        "op": r["op"],
+                        "paths": r["outside"],
+                        "mutation": mutation,
+                    }
+                )
         rss = record["rss_kb"]
         if rss > self.peak_rss_kb:
             if self.peak_rss_kb and rss - self.peak_rss_kb > 50_000:
@@ -265,9 +282,12 @@ def run(args: argparse.Namespace) -> Stats:
             if not args.quiet and time.monotonic() - last_print > 15:
                 last_print = time.monotonic()
                 rate = stats.inputs / (last_print - start)
-                print(f"{stats.inputs:,}/{args.inputs:,} inputs, {rate:.1f}/s, other "
-                      f"{stats.other_total:,}, outside {len(stats.outside)}", file=sys.stderr,
-                      flush=True)  # fmt: skip
+                print(
+                    f"{stats.inputs:,}/{args.inputs:,} inputs, {rate:.1f}/s, other "
+                    f"{stats.other_total:,}, outside {len(stats.outside)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         for w in workers:
             with contextlib.suppress(OSError, ValueError):
@@ -282,10 +302,28 @@ def run(args: argparse.Namespace) -> Stats:
 
 
 def _lost_input(n: int, why: str, detail: str) -> dict[str, Any]:
-    return {"n": n, "object": "?", "rel": "?", "mutation": "?", "detail": detail,
-            "ops": [{"op": "input", "ref": "", "cls": "other", "why": why, "where": "worker",
-                     "message": detail, "seconds": 0.0, "outside": []}],
-            "rss_kb": 0, "seconds": 0.0, "hang": True}  # fmt: skip
+    return {
+        "n": n,
+        "object": "?",
+        "rel": "?",
+        "mutation": "?",
+        "detail": detail,
+        "ops": [
+            {
+                "op": "input",
+                "ref": "",
+                "cls": "other",
+                "why": why,
+                "where": "worker",
+                "message": detail,
+                "seconds": 0.0,
+                "outside": [],
+            }
+        ],
+        "rss_kb": 0,
+        "seconds": 0.0,
+        "hang": True,
+    }
 
 
 # -- replay ------------------------------------------------------------------------
@@ -343,17 +381,23 @@ def markdown(stats: Stats, args: argparse.Namespace, command: str) -> str:
         c = stats.ops[op]
         runs = sum(c.values())
         ms = 1000 * stats.op_seconds[op] / runs if runs else 0
-        lines.append(f"| {op} | {runs:,} | " + " | ".join(f"{c[k]:,}" for k in CLASSES)
-                     + f" | {ms:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {op} | {runs:,} | " + " | ".join(f"{c[k]:,}" for k in CLASSES) + f" | {ms:.1f} |"
+        )
     lines += ["", "## Other, grouped by operation, what and where", ""]
     if stats.groups:
-        lines += ["| operation | what | where (innermost cloudckpt frame) | count | replay | "
-                  "mutation of the example |", "|---|---|---|---:|---|---|"]  # fmt: skip
+        lines += [
+            "| operation | what | where (innermost cloudckpt frame) | count | replay | "
+            "mutation of the example |",
+            "|---|---|---|---:|---|---|",
+        ]
         for (op, why, where), g in sorted(stats.groups.items(), key=lambda kv: -kv[1]["count"]):
             ex = g["example"]
             mutation = f"`{_rel(ex['rel'])}` {ex['mutation']}: {ex['detail'][:90]}"
-            lines.append(f"| {op} | {why} | `{where}` | {g['count']:,} | `{ex['replay']}` | "
-                         f"{_cell(mutation)} |")  # fmt: skip
+            lines.append(
+                f"| {op} | {why} | `{where}` | {g['count']:,} | `{ex['replay']}` | "
+                f"{_cell(mutation)} |"
+            )
     else:
         lines.append("None.")
     lines += ["", "## Writes outside the target", ""]
@@ -384,8 +428,10 @@ def markdown(stats: Stats, args: argparse.Namespace, command: str) -> str:
     lines += ["", "## Inputs tried, by object and mutation", ""]
     objects = sorted({o for o, _ in stats.by_kind})
     mutations = sorted({m for _, m in stats.by_kind})
-    lines += ["| mutation | " + " | ".join(objects) + " | total |",
-              "|---|" + "---:|" * (len(objects) + 1)]  # fmt: skip
+    lines += [
+        "| mutation | " + " | ".join(objects) + " | total |",
+        "|---|" + "---:|" * (len(objects) + 1),
+    ]
     for m in mutations:
         row = [stats.by_kind[(o, m)] for o in objects]
         lines.append(f"| {m} | " + " | ".join(f"{x:,}" for x in row) + f" | {sum(row):,} |")
@@ -421,10 +467,20 @@ def _when() -> str:
 
 def _commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=HERE, timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "cloudckpt"], capture_output=True,
-                               text=True, cwd=HERE.parent, timeout=10).stdout.strip()  # fmt: skip
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=HERE,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "cloudckpt"],
+            capture_output=True,
+            text=True,
+            cwd=HERE.parent,
+            timeout=10,
+        ).stdout.strip()
         return f"`{head}`" + (" with uncommitted changes in cloudckpt/" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "an unknown commit"
@@ -459,10 +515,18 @@ def main() -> int:
         ),
     )
     p.add_argument("--op-limit", type=float, default=10.0, help="seconds per operation")
-    p.add_argument("--input-limit", type=float, default=120.0,
-                   help="seconds per input before its worker is killed")  # fmt: skip
-    p.add_argument("--hf-rate", type=float, default=1.0,
-                   help="share of versions.json inputs that also run the HF resume")  # fmt: skip
+    p.add_argument(
+        "--input-limit",
+        type=float,
+        default=120.0,
+        help="seconds per input before its worker is killed",
+    )
+    p.add_argument(
+        "--hf-rate",
+        type=float,
+        default=1.0,
+        help="share of versions.json inputs that also run the HF resume",
+    )
     p.add_argument("--max-seconds", type=float, default=float("inf"))
     p.add_argument("--replay", metavar="SEED:N")
     p.add_argument("--quiet", action="store_true")
@@ -477,26 +541,52 @@ def main() -> int:
         print(f"harness failed: {e}", file=sys.stderr)
         return 2
     Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.dump).write_text(json.dumps({
-        "seed": args.seed, "inputs": stats.inputs, "pristine": stats.source,
-        "other": stats.other, "outside": stats.outside,
-    }, indent=1))  # fmt: skip
+    Path(args.dump).write_text(
+        json.dumps(
+            {
+                "seed": args.seed,
+                "inputs": stats.inputs,
+                "pristine": stats.source,
+                "other": stats.other,
+                "outside": stats.outside,
+            },
+            indent=1,
+        )
+    )
     text = markdown(stats, args, command)
     if args.report:
         Path(args.report).write_text(text)
     if args.json:
         ranked = sorted(stats.groups.items(), key=lambda kv: -kv[1]["count"])
-        groups = [{"op": op, "why": why, "where": where, "count": g["count"],
-                   "replay": g["example"]["replay"], "mutation": g["example"]["mutation"],
-                   "detail": g["example"]["detail"], "object": g["example"]["rel"]}
-                  for (op, why, where), g in ranked]  # fmt: skip
-        Path(args.json).write_text(json.dumps({
-            "inputs": stats.inputs, "other": stats.other_total, "outside": stats.outside,
-            "ops": {k: dict(v) for k, v in stats.ops.items()}, "groups": groups,
-            "by_kind": {f"{o}/{m}": c for (o, m), c in stats.by_kind.items()},
-            "peak_rss_kb": stats.peak_rss_kb, "seconds": stats.seconds,
-            "crashes": stats.crashes,
-        }, indent=1))  # fmt: skip
+        groups = [
+            {
+                "op": op,
+                "why": why,
+                "where": where,
+                "count": g["count"],
+                "replay": g["example"]["replay"],
+                "mutation": g["example"]["mutation"],
+                "detail": g["example"]["detail"],
+                "object": g["example"]["rel"],
+            }
+            for (op, why, where), g in ranked
+        ]
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "inputs": stats.inputs,
+                    "other": stats.other_total,
+                    "outside": stats.outside,
+                    "ops": {k: dict(v) for k, v in stats.ops.items()},
+                    "groups": groups,
+                    "by_kind": {f"{o}/{m}": c for (o, m), c in stats.by_kind.items()},
+                    "peak_rss_kb": stats.peak_rss_kb,
+                    "seconds": stats.seconds,
+                    "crashes": stats.crashes,
+                },
+                indent=1,
+            )
+        )
     if not args.quiet:
         print(text if not args.report else f"report: {args.report}", file=sys.stderr)
     return 0 if stats.other_total == 0 and not stats.outside else 1

@@ -18,25 +18,84 @@ from typing import Any
 #: Path-like strings planted in place of stored strings (``{sandbox}`` is replaced by the
 #: absolute path of the input's sandbox, so a write through it would be seen).
 PATH_STRINGS = (
-    "../../x", "/etc/passwd", "a/../../b", "x\x00y", "5/../../../escaped", "..", ".", "",
-    "/", "..\\..\\x", "%2e%2e/x", "{sandbox}/abs-escape", "file:///etc", "a/b", "~/x",
-    "checkpoint-1/../../../../escaped", "x" * 5000,
-)  # fmt: skip
+    "../../x",
+    "/etc/passwd",
+    "a/../../b",
+    "x\x00y",
+    "5/../../../escaped",
+    "..",
+    ".",
+    "",
+    "/",
+    "..\\..\\x",
+    "%2e%2e/x",
+    "{sandbox}/abs-escape",
+    "file:///etc",
+    "a/b",
+    "~/x",
+    "checkpoint-1/../../../../escaped",
+    "x" * 5000,
+)
 #: Strings that climb out of a directory a path is built in (none climbs more than five
 #: levels: the sandbox is six deep).
 TRAVERSALS = (
-    "5/../../../escaped", "checkpoint-1/../../../../escaped", "a/../../b", "../../x",
-    "{sandbox}/abs-escape", "../../../../../escaped", "x/../../../.cloudckpt/evil",
-)  # fmt: skip
+    "5/../../../escaped",
+    "checkpoint-1/../../../../escaped",
+    "a/../../b",
+    "../../x",
+    "{sandbox}/abs-escape",
+    "../../../../../escaped",
+    "x/../../../.cloudckpt/evil",
+)
 #: Fields that name something a reader builds a key or a path from.
-NAMING = frozenset(("id", "parent", "branch", "step", "version", "repo", "path", "message",
-                    "host", "token", "dtype", "kind", "format", "lightning_path"))  # fmt: skip
-HUGE = (1e308, -1e308, 2**70, -(2**70), -1, 2**63, 2**64, -(2**63) - 1, math.inf, -math.inf,
-        math.nan, 0, 5e-324, 10**400)  # fmt: skip
+NAMING = frozenset(
+    (
+        "id",
+        "parent",
+        "branch",
+        "step",
+        "version",
+        "repo",
+        "path",
+        "message",
+        "host",
+        "token",
+        "dtype",
+        "kind",
+        "format",
+        "lightning_path",
+    )
+)
+HUGE = (
+    1e308,
+    -1e308,
+    2**70,
+    -(2**70),
+    -1,
+    2**63,
+    2**64,
+    -(2**63) - 1,
+    math.inf,
+    -math.inf,
+    math.nan,
+    0,
+    5e-324,
+    10**400,
+)
 DEPTHS = (5_000, 100_000)
 BYTE_KINDS = ("bitflip", "truncate", "extend", "splice", "garbage", "empty", "delete")
-JSON_KINDS = ("type_swap", "huge_number", "deep_nesting", "path_string", "traversal",
-              "remove_key", "duplicate_key", "wrong_id", "number_tweak", "swap_items")  # fmt: skip
+JSON_KINDS = (
+    "type_swap",
+    "huge_number",
+    "deep_nesting",
+    "path_string",
+    "traversal",
+    "remove_key",
+    "duplicate_key",
+    "wrong_id",
+    "number_tweak",
+    "swap_items",
+)
 #: How often each JSON mutation is drawn (a climb out of a directory through a naming
 #: field is the one hostile data is after, and needs a precise hit).
 JSON_WEIGHTS = (10, 10, 10, 10, 20, 10, 10, 10, 10, 10)
@@ -95,8 +154,11 @@ def _byte_mutation(kind: str, data: bytes, rng: random.Random, blobs: list[bytes
     if kind == "splice" and n:
         start = rng.randrange(n)
         length = min(n - start, rng.choice((1, 4, 16, 256)))
-        return Mutation(kind, data[:start] + rng.randbytes(length) + data[start + length :],
-                        f"{length} random bytes at {start} of {n}")  # fmt: skip
+        return Mutation(
+            kind,
+            data[:start] + rng.randbytes(length) + data[start + length :],
+            f"{length} random bytes at {start} of {n}",
+        )
     if kind == "garbage":
         size = rng.choice((1, n or 1, 2 * n + 1))
         return Mutation(kind, rng.randbytes(size), f"{size} random bytes for {n}")

@@ -122,10 +122,18 @@ def hf_trainer(output_dir: Path, train: bool = False) -> Any:
             return {"input_ids": data[i], "labels": data[i]}
 
     args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=4, save_steps=2, per_device_train_batch_size=4,
-        learning_rate=1e-3, report_to="none", use_cpu=True, seed=0, logging_steps=2,
-        disable_tqdm=True, save_strategy="steps" if train else "no",
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        logging_steps=2,
+        disable_tqdm=True,
+        save_strategy="steps" if train else "no",
+    )
     return Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=Tokens())
 
 
@@ -196,8 +204,12 @@ def _expectations(dest: Path, repo_dir: Path, main: list[str], hf: list[str]) ->
                 path = CloudCheckpointCallback(uri, branch="hf").resume(hf_trainer(out))
                 hf_files.add(files_fingerprint(Path(path)))
     shutil.rmtree(scratch)
-    return {"load": sorted(load), "export": sorted(export), "restore": sorted(restore),
-            "hf": sorted(hf_files)}  # fmt: skip
+    return {
+        "load": sorted(load),
+        "export": sorted(export),
+        "restore": sorted(restore),
+        "hf": sorted(hf_files),
+    }
 
 
 def _tensors(state: Any) -> dict[str, torch.Tensor]:
@@ -222,17 +234,28 @@ def _restore(uri: str) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer]:
 
 def restore_fingerprint(resumed: Any, model: torch.nn.Module, opt: Any) -> str:
     vid = resumed.version.id if resumed.version is not None else None
-    return fingerprint((vid, resumed.step, resumed.epoch, resumed.extra, model.state_dict(),
-                        opt.state_dict(), torch.get_rng_state(), random.getstate(),
-                        np.random.get_state()))  # fmt: skip
+    return fingerprint(
+        (
+            vid,
+            resumed.step,
+            resumed.epoch,
+            resumed.extra,
+            model.state_dict(),
+            opt.state_dict(),
+            torch.get_rng_state(),
+            random.getstate(),
+            np.random.get_state(),
+        )
+    )
 
 
 def files_fingerprint(directory: Path) -> str:
     """The names and bytes of the files under ``directory``."""
     found = sorted(
         (str(p.relative_to(directory)), hashlib.sha256(p.read_bytes()).hexdigest())
-        for p in directory.rglob("*") if p.is_file()
-    )  # fmt: skip
+        for p in directory.rglob("*")
+        if p.is_file()
+    )
     return fingerprint(found)
 
 
@@ -394,10 +417,12 @@ def _vid(s: Any) -> bool:
 
 def _name(s: Any) -> bool:
     return (
-        isinstance(s, str) and 0 < len(s) <= 200 and s.isprintable()
+        isinstance(s, str)
+        and 0 < len(s) <= 200
+        and s.isprintable()
         and not any(c.isspace() or c == "\\" for c in s)
         and not any(part in ("", ".", "..") for part in s.split("/"))
-    )  # fmt: skip
+    )
 
 
 def _finite(x: Any) -> bool:
@@ -414,17 +439,21 @@ def bad_row(v: Any) -> str | None:
     if not isinstance(v, cloudckpt.Version):
         return f"a {type(v).__name__}, not a Version"
     checks = {
-        "id": _vid(v.id), "branch": _name(v.branch),
+        "id": _vid(v.id),
+        "branch": _name(v.branch),
         "parent": v.parent is None or _vid(v.parent),
         "step": v.step is None or type(v.step) is int,
-        "metrics": isinstance(v.metrics, dict) and all(
-            isinstance(k, str) and type(m) in (int, float) for k, m in v.metrics.items()),
+        "metrics": isinstance(v.metrics, dict)
+        and all(isinstance(k, str) and type(m) in (int, float) for k, m in v.metrics.items()),
         "message": v.message is None or isinstance(v.message, str),
-        "created": _finite(v.created), "seconds": _finite(v.seconds),
-        "logical_bytes": _count(v.logical_bytes), "stored_bytes": _count(v.stored_bytes),
-        "uploaded_bytes": _count(v.uploaded_bytes), "meta": isinstance(v.meta, dict),
+        "created": _finite(v.created),
+        "seconds": _finite(v.seconds),
+        "logical_bytes": _count(v.logical_bytes),
+        "stored_bytes": _count(v.stored_bytes),
+        "uploaded_bytes": _count(v.uploaded_bytes),
+        "meta": isinstance(v.meta, dict),
         "fence": v.fence is None or _count(v.fence),
-    }  # fmt: skip
+    }
     wrong = [k for k, ok in checks.items() if not ok]
     if wrong:
         return f"row {str(v.id)[:40]!r} has ill-typed {', '.join(wrong)}: " + ", ".join(
@@ -516,9 +545,14 @@ def op_hf(ctx: Context, ref: str) -> tuple[str, str]:
 
 
 OPS: dict[str, Callable[[Context, str], tuple[str, str]]] = {
-    "log": op_log, "load": op_load, "verify": op_verify, "export": op_export,
-    "restore": op_restore, "lightning": op_lightning, "hf": op_hf,
-}  # fmt: skip
+    "log": op_log,
+    "load": op_load,
+    "verify": op_verify,
+    "export": op_export,
+    "restore": op_restore,
+    "lightning": op_lightning,
+    "hf": op_hf,
+}
 #: Where an operation may write (under the sandbox's ``deep``): anything else it writes
 #: is a write outside its target.
 WRITES = {"restore": (REPO_REL,), "export": ("out/export",), "hf": ("out/hf",)}
@@ -529,9 +563,15 @@ def _alarm(signum: int, frame: Any) -> None:
 
 
 def run_op(
-    ctx: Context, op: str, ref: str, limit: float, before: Listing, *,
-    accept_notfound: bool, accept_leaseheld: bool,
-) -> tuple[Outcome, Listing]:  # fmt: skip
+    ctx: Context,
+    op: str,
+    ref: str,
+    limit: float,
+    before: Listing,
+    *,
+    accept_notfound: bool,
+    accept_leaseheld: bool,
+) -> tuple[Outcome, Listing]:
     """Run one operation under a time limit; classify it; find its writes outside the
     target (``before``: the sandbox's listing before it). Returns the outcome and the
     listing after it."""
@@ -549,8 +589,11 @@ def run_op(
         elif verdict == "reported":
             out = Outcome("corrupt", "VerifyReport", message=detail)
         elif verdict == "none":
-            out = (Outcome("notfound", "nothing found", message=detail) if accept_notfound
-                   else Outcome("other", "nothing found", f"op {op}", detail))  # fmt: skip
+            out = (
+                Outcome("notfound", "nothing found", message=detail)
+                if accept_notfound
+                else Outcome("other", "nothing found", f"op {op}", detail)
+            )
         else:
             out = Outcome("other", "wrong result", f"op {op}", detail)
     except OpTimeout as e:  # where the main thread was, and what every thread was doing
@@ -558,14 +601,17 @@ def run_op(
     except CorruptCheckpoint as e:
         out = Outcome("corrupt", type(e).__name__, where(e), str(e)[:300])
     except CheckpointNotFound as e:
-        out = Outcome("notfound" if accept_notfound else "other", type(e).__name__, where(e),
-                      str(e)[:300])  # fmt: skip
+        out = Outcome(
+            "notfound" if accept_notfound else "other", type(e).__name__, where(e), str(e)[:300]
+        )
     except LeaseHeld as e:
-        out = Outcome("leaseheld" if accept_leaseheld else "other", type(e).__name__, where(e),
-                      str(e)[:300])  # fmt: skip
+        out = Outcome(
+            "leaseheld" if accept_leaseheld else "other", type(e).__name__, where(e), str(e)[:300]
+        )
     except Exception as e:
-        out = Outcome("other", type(e).__name__, where(e),
-                      f"{str(e)[:300]} [raised at {innermost(e)}]")  # fmt: skip
+        out = Outcome(
+            "other", type(e).__name__, where(e), f"{str(e)[:300]} [raised at {innermost(e)}]"
+        )
         if TRACEBACKS:
             out.message += "\n" + "".join(traceback.format_exception(e)[-12:])
     out.seconds = time.perf_counter() - t0

@@ -66,10 +66,14 @@ class Target:
         index = json.loads(box.pristine[f"{REPO_REL}/versions.json"])
         digests = sorted(r.rsplit("/", 1)[-1] for r in self.by_kind["blob"])
         self.known = Known(
-            {"version": sorted(main + hf), "branch": sorted(index["branches"]),
-             "tag": sorted(index["tags"]), "digest": digests},
+            {
+                "version": sorted(main + hf),
+                "branch": sorted(index["branches"]),
+                "tag": sorted(index["tags"]),
+                "digest": digests,
+            },
             str(box.top),
-        )  # fmt: skip
+        )
 
     def plan(self, rel: str, rng: random.Random, hf_rate: float) -> list[tuple[str, str]]:
         """The operations (and refs) that read this object."""
@@ -77,9 +81,16 @@ class Target:
 
         kind = self.kind[rel]
         if kind == "versions":
-            ops = [("log", "main"), ("load", "main"), ("load", TAG), ("verify", "main"),
-                   ("export", "main"), ("restore", "main"), ("lightning", ""),
-                   ("load", "hf")]  # fmt: skip
+            ops = [
+                ("log", "main"),
+                ("load", "main"),
+                ("load", TAG),
+                ("verify", "main"),
+                ("export", "main"),
+                ("restore", "main"),
+                ("lightning", ""),
+                ("load", "hf"),
+            ]
             return ops + ([("hf", "hf")] if rng.random() < hf_rate else [])
         if kind == "lease":
             return [("restore", "main")]
@@ -89,8 +100,11 @@ class Target:
         for vid in sorted(self.readers[rel]):
             ref = self.refs.get(vid, vid)
             ops += [("load", ref), ("verify", ref)]
-            ops += {"main": [("export", "main"), ("restore", "main")], TAG: [("lightning", "")],
-                    "hf": [("hf", "hf")]}.get(ref, [])  # fmt: skip
+            ops += {
+                "main": [("export", "main"), ("restore", "main")],
+                TAG: [("lightning", "")],
+                "hf": [("hf", "hf")],
+            }.get(ref, [])
         return list(dict.fromkeys(ops))
 
 
@@ -131,9 +145,14 @@ def run_input(ctx: Any, target: Target, seed: int, n: int, opts: dict[str, Any])
     listing = ctx.box.snapshot()
     for op, ref in target.plan(rel, rng, opts["hf_rate"]):
         out, listing = run_op(
-            ctx, op, ref, opts["op_limit"], listing,
-            accept_notfound=kind in ("versions", "pointer"), accept_leaseheld=kind == "lease",
-        )  # fmt: skip
+            ctx,
+            op,
+            ref,
+            opts["op_limit"],
+            listing,
+            accept_notfound=kind in ("versions", "pointer"),
+            accept_leaseheld=kind == "lease",
+        )
         results.append({"op": op, "ref": ref, **asdict(out)})
         if out.why == "hang":
             break  # the process may hold a stuck thread: it is replaced after this input

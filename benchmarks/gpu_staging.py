@@ -108,8 +108,9 @@ def main() -> None:
 
     # The async save path from the GPU: snapshot into reused pinned buffers, upload behind.
     with tempfile.TemporaryDirectory() as tmp:
-        mgr = CheckpointManager(f"file://{tmp}/async", async_save=True,
-                                health=HealthCheck(spike_factor=1e9))  # fmt: skip
+        mgr = CheckpointManager(
+            f"file://{tmp}/async", async_save=True, health=HealthCheck(spike_factor=1e9)
+        )
         mgr.restore(model=model, optimizer=opt)
         mgr.step(1)
         mgr.save("warm-up")

@@ -88,8 +88,11 @@ def main() -> None:
         failing[template] += bool(result.violations)
         runs.append((seed, len(result.steps), bool(result.violations)))
         if n % 500 == 0 or n == args.schedules:
-            print(f"{n} schedules, {steps} steps, {sum(failing.values())} failing, "
-                  f"{time.monotonic() - t0:.0f}s", flush=True)  # fmt: skip
+            print(
+                f"{n} schedules, {steps} steps, {sum(failing.values())} failing, "
+                f"{time.monotonic() - t0:.0f}s",
+                flush=True,
+            )
     seconds = time.monotonic() - t0
     feats = s.features()
     how = "carry `fence=`" if feats.fencing else "call `lease.check()` before each commit"
@@ -119,12 +122,16 @@ def main() -> None:
     if not broken:
         lines.append("None.")
     else:
-        lines += ["| invariant | schedules | first seed | shortest failing seed (steps) |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "| invariant | schedules | first seed | shortest failing seed (steps) |",
+            "|---|---|---|---|",
+        ]
         for inv, results in sorted(broken.items()):
             short = min(results, key=lambda r: len(r.steps))
-            lines.append(f"| {inv} | {len(results)} | {results[0].seed} | {short.seed} "
-                         f"({len(short.steps)}) |")  # fmt: skip
+            lines.append(
+                f"| {inv} | {len(results)} | {results[0].seed} | {short.seed} "
+                f"({len(short.steps)}) |"
+            )
         for inv, results in sorted(broken.items()):
             short = min(results, key=lambda r: len(r.steps))
             seeds = [str(r.seed) for r in results]

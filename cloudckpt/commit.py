@@ -172,9 +172,12 @@ class Transaction:
         while tries < _ATTEMPTS and moves < _MOVES:
             stats.seconds = time.perf_counter() - self.t0
             row = dataclasses.replace(
-                base, id=new_version_id(), parent=parent, created=time.time(),
+                base,
+                id=new_version_id(),
+                parent=parent,
+                created=time.time(),
                 seconds=stats.seconds,
-            )  # fmt: skip
+            )
             doc = Manifest(row, skeleton, entries, self.transfer.chunk_size, dict(extra or {}))
             data = doc.encode()
             if not self.store.put_if_absent(manifest.key(row.id), data):
@@ -182,8 +185,9 @@ class Transaction:
             row = dataclasses.replace(row, manifest_hash=codec.content_hash(data))
             while tries < _ATTEMPTS:
                 try:
-                    versions.update(self.store, lambda ix, r=row, e=epoch, c=checked: self._add(
-                        ix, r, e, c))  # fmt: skip
+                    versions.update(
+                        self.store, lambda ix, r=row, e=epoch, c=checked: self._add(ix, r, e, c)
+                    )
                     self._acknowledge(row)
                     return row
                 except _Unchecked:
@@ -197,8 +201,9 @@ class Transaction:
                             f"{moved.head} while this commit was uploading; commit again (its "
                             "blobs are reused), pass fast_forward=True, or use another branch"
                         ) from None
-                    log.info("branch %s moved to %s; committing on top of it", req.branch,
-                             moved.head)  # fmt: skip
+                    log.info(
+                        "branch %s moved to %s; committing on top of it", req.branch, moved.head
+                    )
                     parent, moves = moved.head, moves + 1
                     break
         if moves >= _MOVES:
@@ -245,8 +250,10 @@ class Transaction:
                     f"{self.store.uri}: a garbage collection removed {len(missing)} blobs this "
                     "commit had uploaded or reused before it could publish; commit again"
                 )
-            log.warning("a garbage collection swept %d blobs of this commit; storing them again",
-                        len(missing))  # fmt: skip
+            log.warning(
+                "a garbage collection swept %d blobs of this commit; storing them again",
+                len(missing),
+            )
             restore(missing)
         key = manifest.key(doc.id)
         if self.store.stat(key) is None:
@@ -258,10 +265,12 @@ class Transaction:
         try:
             self.store.put(manifest.marker_key(row.id), marker)
         except CloudCkptError as e:  # published all the same; only repair reads markers
-            log.warning("version %s is published but its marker could not be written: %s",
-                        row.id, e)  # fmt: skip
-        log.debug("published %s on %s (parent %s, fence %s)", row.id, row.branch, row.parent,
-                  row.fence)  # fmt: skip
+            log.warning(
+                "version %s is published but its marker could not be written: %s", row.id, e
+            )
+        log.debug(
+            "published %s on %s (parent %s, fence %s)", row.id, row.branch, row.parent, row.fence
+        )
 
 
 def present_blobs(store: Store, digests: set[str]) -> set[str]:
@@ -293,9 +302,12 @@ def wait_for_sweeps(store: Store, timeout: float = 3600.0) -> int:
             log.info(
                 "waiting for %d garbage collection sweep(s) on %s to end before publishing "
                 "(%.0fs so far; a sweep that stops renewing is dead after its ttl, at most "
-                "%.0fs)", len(index.sweeps), store.uri, now - started,
+                "%.0fs)",
+                len(index.sweeps),
+                store.uri,
+                now - started,
                 max(s.ttl for s in index.sweeps.values()),
-            )  # fmt: skip
+            )
         dead = {}
         for token, sweep in index.sweeps.items():
             seq, since = seen.get(token, (-1, now))
@@ -304,8 +316,11 @@ def wait_for_sweeps(store: Store, timeout: float = 3600.0) -> int:
             elif now - since > sweep.ttl:
                 dead[token] = sweep.seq
         if dead:
-            log.warning("garbage collection sweeps %s were not renewed within their ttl; "
-                        "treating them as dead", ", ".join(dead))  # fmt: skip
+            log.warning(
+                "garbage collection sweeps %s were not renewed within their ttl; "
+                "treating them as dead",
+                ", ".join(dead),
+            )
             versions.update(store, lambda ix, dead=dead: _drop_sweeps(ix, dead))
             continue
         if now > deadline:

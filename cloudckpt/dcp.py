@@ -104,9 +104,13 @@ class CloudStorageWriter(StorageWriter):
 
     def _transaction(self) -> Transaction:
         return self.repo.transaction(
-            branch=self.branch, step=self.step, metrics=self.metrics, message=self.message,
-            meta={"dcp": True, **self.meta}, fence=self.fence,
-        )  # fmt: skip
+            branch=self.branch,
+            step=self.step,
+            metrics=self.metrics,
+            message=self.message,
+            meta={"dcp": True, **self.meta},
+            fence=self.fence,
+        )
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         txn = self._txn
@@ -223,8 +227,12 @@ class CloudStorageReader(StorageReader):
             planner_data = _tuples(layout.get("planner_data"))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as e:
             raise CorruptCheckpoint(f"{where}: malformed DCP layout ({e})") from None
-        return Metadata(state_md, planner_data=planner_data, storage_data=self._where,
-                        version=layout.get("version"))  # fmt: skip
+        return Metadata(
+            state_md,
+            planner_data=planner_data,
+            storage_data=self._where,
+            version=layout.get("version"),
+        )
 
     def set_up_storage_reader(
         self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any
@@ -252,8 +260,9 @@ class CloudStorageReader(StorageReader):
                 _deliver_object(planner, req, stored["object"])
                 continue
             saved = needed[id(stored["entry"])][1]
-            for dim, (start, length) in enumerate(zip(req.storage_offsets, req.lengths,
-                                                      strict=True)):  # fmt: skip
+            for dim, (start, length) in enumerate(
+                zip(req.storage_offsets, req.lengths, strict=True)
+            ):
                 saved = saved.narrow(dim, start, length)
             target = planner.resolve_tensor(req).detach()
             if target.size() != saved.size():
@@ -311,8 +320,9 @@ def _describe(md: Any) -> dict[str, Any]:
 def _parse_md(doc: dict[str, Any]) -> Any:
     if doc.get("bytes"):
         return BytesStorageMetadata()
-    props = TensorProperties(dtype=tree.torch_dtype(doc["dtype"]),
-                             requires_grad=bool(doc.get("requires_grad", False)))  # fmt: skip
+    props = TensorProperties(
+        dtype=tree.torch_dtype(doc["dtype"]), requires_grad=bool(doc.get("requires_grad", False))
+    )
     chunks = [ChunkStorageMetadata(_size(o), _size(s)) for o, s in doc["chunks"]]
     return TensorStorageMetadata(props, _size(doc["size"]), chunks)  # type: ignore[arg-type]
 

@@ -22,8 +22,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("cloudckpt")
 
 Format = Literal["safetensors", "torch"]
-_CASTS = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16}  # fmt: skip
+_CASTS = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def export(
@@ -46,8 +50,12 @@ def export(
     version = repo.resolve(ref)
     state = repo.load(version.id, keys=keys)
     cast = _cast(dtype)
-    meta = {"cloudckpt_version": version.id, "cloudckpt_uri": repo.uri,
-            "step": str(version.step), "dtype_cast": dtype or "none"}  # fmt: skip
+    meta = {
+        "cloudckpt_version": version.id,
+        "cloudckpt_uri": repo.uri,
+        "step": str(version.step),
+        "dtype_cast": dtype or "none",
+    }
     if format == "safetensors":
         from safetensors.torch import save
 
@@ -97,8 +105,9 @@ def import_file(
                 "unpickle arbitrary objects"
             ) from None
     note = message or f"imported from {source}"
-    return repo.commit(state, branch=branch, step=step, message=note,
-                       meta={"imported_from": source})  # fmt: skip
+    return repo.commit(
+        state, branch=branch, step=step, message=note, meta={"imported_from": source}
+    )
 
 
 def _cast(dtype: str | None) -> torch.dtype | None:

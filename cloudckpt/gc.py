@@ -98,9 +98,13 @@ def collect(
         sweep.finish(now, report.expired)
     log.info(
         "gc %s: %d manifests, %d blobs, %.1f MB %s; %d blobs kept",
-        store.uri, len(report.manifests), len(report.blobs), report.freed_bytes / 1e6,
-        "would be freed" if dry_run else "freed", report.kept_blobs,
-    )  # fmt: skip
+        store.uri,
+        len(report.manifests),
+        len(report.blobs),
+        report.freed_bytes / 1e6,
+        "would be freed" if dry_run else "freed",
+        report.kept_blobs,
+    )
     return report
 
 
@@ -119,15 +123,19 @@ class _Listing:
             found = store.list_info(prefix)
             kept = {k: info for k, info in found.items() if layout(k)}
             if len(kept) < len(found):
-                log.warning("gc: leaving %d objects under %s/ that are not cloudckpt's: %s",
-                            len(found) - len(kept), prefix,
-                            ", ".join(sorted(set(found) - set(kept))[:5]))  # fmt: skip
+                log.warning(
+                    "gc: leaving %d objects under %s/ that are not cloudckpt's: %s",
+                    len(found) - len(kept),
+                    prefix,
+                    ", ".join(sorted(set(found) - set(kept))[:5]),
+                )
             return kept
 
         return cls(
-            ours(manifest.PREFIX, manifest.is_key), ours(manifest.MARKERS, manifest.is_marker_key),
+            ours(manifest.PREFIX, manifest.is_key),
+            ours(manifest.MARKERS, manifest.is_marker_key),
             ours("blobs", lambda k: _BLOB_KEY.fullmatch(k) is not None),
-        )  # fmt: skip
+        )
 
 
 _BLOB_KEY = re.compile(r"blobs/([0-9a-f]{2})/\1[0-9a-f]{30}")

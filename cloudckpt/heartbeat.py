@@ -30,8 +30,9 @@ def start(claim: Renewable, stop: threading.Event, name: str) -> threading.Threa
     """A daemon thread calling ``claim.renew()`` every ttl/3 until ``stop`` is set, the
     claim is lost, or nothing else holds it. A failed renewal is logged and retried: the
     claim lasts its ttl, and its owner's guard decides when that is over."""
-    thread = threading.Thread(target=_beat, args=(weakref.ref(claim), stop, name), name=name,
-                              daemon=True)  # fmt: skip
+    thread = threading.Thread(
+        target=_beat, args=(weakref.ref(claim), stop, name), name=name, daemon=True
+    )
     thread.start()
     return thread
 

@@ -91,8 +91,9 @@ def repair(store: Store, attempts: int = 16) -> Index:
             log.warning(
                 "repair: %s does not parse; rebuilding it (tags are lost; commits wait up to "
                 "%.0fs for any garbage collection that was sweeping to stop)",
-                versions.KEY, MAX_SWEEP_TTL,
-            )  # fmt: skip
+                versions.KEY,
+                MAX_SWEEP_TTL,
+            )
             new = _rebuilt(store, found_rows)
         else:
             new = _merged(store, current, found_rows)
@@ -103,8 +104,9 @@ def repair(store: Store, attempts: int = 16) -> Index:
             store.put_if_match(versions.KEY, new.dumps(), found[1] if found else None)
         except PreconditionFailed:
             continue
-        log.info("repaired %s: %d versions, %d branches", store.uri, len(new.versions),
-                 len(new.branches))  # fmt: skip
+        log.info(
+            "repaired %s: %d versions, %d branches", store.uri, len(new.versions), len(new.branches)
+        )
         return new
     raise CommitConflict(f"{store.url(versions.KEY)} kept changing while repair ran; retry")
 
@@ -133,8 +135,11 @@ def _complete(store: Store, rows: list[Version]) -> list[Version]:
     present = present_blobs(store, set().union(*needed.values())) if needed else set()
     for r in rows:
         if not needed[r.id] <= present:
-            log.warning("repair: not restoring %s: %d of its blobs are gone", r.id,
-                        len(needed[r.id] - present))  # fmt: skip
+            log.warning(
+                "repair: not restoring %s: %d of its blobs are gone",
+                r.id,
+                len(needed[r.id] - present),
+            )
     return [r for r in rows if needed[r.id] <= present]
 
 
@@ -168,8 +173,9 @@ def _merged(store: Store, current: Index, rows: dict[str, Version]) -> Index | N
         head = new.branches.get(row.branch)
         if head is None or versions.descends(new, row.id, head):
             new.branches[row.branch] = row.id
-    log.info("repair: restoring %d published versions: %s", len(lost),
-             ", ".join(r.id for r in lost))  # fmt: skip
+    log.info(
+        "repair: restoring %d published versions: %s", len(lost), ", ".join(r.id for r in lost)
+    )
     return new
 
 

@@ -81,8 +81,16 @@ class WriterLease:
         self.store, self.branch, self.ttl = store, branch, ttl
         self.key = f"leases/{branch}.json"
         pid = os.getpid()
-        self.me = Holder(socket.gethostname(), pid, time.time(), secrets.token_hex(8), ttl,
-                         _boot_id(), _pid_namespace(), _start_ticks(pid))  # fmt: skip
+        self.me = Holder(
+            socket.gethostname(),
+            pid,
+            time.time(),
+            secrets.token_hex(8),
+            ttl,
+            _boot_id(),
+            _pid_namespace(),
+            _start_ticks(pid),
+        )
         self._etag: str | None = None
         self._lost: str | None = None
         self._stop = threading.Event()
@@ -254,8 +262,12 @@ class WriterLease:
             "%s: branch %r is leased by %s, not renewed for %.0fs; waiting up to %.0fs for "
             "the lease to expire before taking over (it raises LeaseHeld if the holder "
             "renews; wait=False / CheckpointManager(lease_wait=False) fails fast instead)",
-            self.store.url(self.key), self.branch, holder.describe(), self._age(), left + 1,
-        )  # fmt: skip
+            self.store.url(self.key),
+            self.branch,
+            holder.describe(),
+            self._age(),
+            left + 1,
+        )
         deadline = time.monotonic() + max(left, 0) + 2 * _CLOCK_RESOLUTION
         step = min(1.0, holder.ttl / 10)
         while time.monotonic() < deadline:

@@ -60,8 +60,16 @@ def apply(into: Any, state: Any, where: str) -> None:
             raise CheckpointNotFound(f"{where}: the state has no entry {prefix!r} to load into")
         try:
             obj.load_state_dict(part)
-        except (RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-                OverflowError, AssertionError) as e:  # fmt: skip
+        except (
+            RuntimeError,
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            OverflowError,
+            AssertionError,
+        ) as e:
             # Stored data is not trusted: a state that does not fit is refused like any
             # corrupt version (restore then tries an older one).
             raise CorruptCheckpoint(

@@ -274,8 +274,15 @@ class CheckpointManager:
             epoch = schema.integer(own.get("epoch", 0), 0)
             if "rng" in own:
                 restore_rng(own["rng"])
-        except (schema.Invalid, TypeError, ValueError, KeyError, IndexError, RuntimeError,
-                OverflowError) as e:  # fmt: skip
+        except (
+            schema.Invalid,
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            RuntimeError,
+            OverflowError,
+        ) as e:
             raise CorruptCheckpoint(
                 f"{self.repo.uri} version {version.id}: its step, epoch or RNG record is "
                 f"malformed ({type(e).__name__}: {str(e)[:200]})"
@@ -319,9 +326,14 @@ class CheckpointManager:
         if self.group.distributed:  # one collective: rank 0's policies, anyone's alarms
             running, broken = self._inflight_state()
             save, preempted_any, failed_any, busy_any, broken_any = self.group.agree(
-                [float(bool(reasons) and self.group.rank == 0), float(preempted),
-                 float(problem is not None), float(running), float(broken)]
-            )  # fmt: skip
+                [
+                    float(bool(reasons) and self.group.rank == 0),
+                    float(preempted),
+                    float(problem is not None),
+                    float(running),
+                    float(broken),
+                ]
+            )
             if broken_any:  # every rank takes the background save's error at this step
                 reached, self.step_count = self.step_count, previous
                 self._raise_agreed_background_error()
@@ -396,11 +408,19 @@ class CheckpointManager:
         for warning in self.health.resource_warnings(resources) if self.health else []:
             log.warning("%s: %s", self.repo.uri, warning)
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
-        state[META_KEY] = {"rng": capture_rng(), "step": self.step_count, "epoch": self.epoch,
-                           "extra": self.extra}  # fmt: skip
+        state[META_KEY] = {
+            "rng": capture_rng(),
+            "step": self.step_count,
+            "epoch": self.epoch,
+            "extra": self.extra,
+        }
         background = not sync if sync is not None else self.async_save
-        info = {"reason": reason, "mode": "async" if background else "sync",
-                "resources": resources, **(meta or {})}  # fmt: skip
+        info = {
+            "reason": reason,
+            "mode": "async" if background else "sync",
+            "resources": resources,
+            **(meta or {}),
+        }
         if self._events:
             info["events"] = self._events
             self._events = []
@@ -433,30 +453,47 @@ class CheckpointManager:
             rank = self.group.rank  # creates both groups on first use
             assert self._commit_group is not None
             version = replicated.commit(
-                self.repo, state, self._commit_group, self.distributed, branch=self.branch,
-                step=job.step, metrics=job.metrics, meta=job.meta,
+                self.repo,
+                state,
+                self._commit_group,
+                self.distributed,
+                branch=self.branch,
+                step=job.step,
+                metrics=job.metrics,
+                meta=job.meta,
                 lease=self._lease if rank == 0 else None,
                 before_publish=self._check_lease,
-            )  # fmt: skip
+            )
             if self.group.rank == 0:
                 try:
                     self._prune()
                 except CloudCkptError as e:  # the commit landed; the next pruning catches up
-                    log.warning("retention after step %d failed (the save landed): %s",
-                                job.step, e)  # fmt: skip
+                    log.warning("retention after step %d failed (the save landed): %s", job.step, e)
         seconds = time.perf_counter() - job.started
         blocked = seconds if job.blocked is None else job.blocked
         self._committed_step = max(self._committed_step or 0, job.step)
         self.failed_saves, self._last_success = 0, self.clock()
-        self.last_save = SaveReport(version, job.reason, version.logical_bytes,
-                                    version.stored_bytes, version.uploaded_bytes, seconds,
-                                    blocked)  # fmt: skip
+        self.last_save = SaveReport(
+            version,
+            job.reason,
+            version.logical_bytes,
+            version.stored_bytes,
+            version.uploaded_bytes,
+            seconds,
+            blocked,
+        )
         log.info(
             "saved step %d (%s) as %s: %.1f MB logical, %.1f MB stored, %.1f MB uploaded, "
             "%.2fs, training blocked %.2fs",
-            job.step, job.reason, version.id, version.logical_bytes / 1e6,
-            version.stored_bytes / 1e6, version.uploaded_bytes / 1e6, seconds, blocked,
-        )  # fmt: skip
+            job.step,
+            job.reason,
+            version.id,
+            version.logical_bytes / 1e6,
+            version.stored_bytes / 1e6,
+            version.uploaded_bytes / 1e6,
+            seconds,
+            blocked,
+        )
         return self.last_save
 
     def wait(self) -> SaveReport | None:
@@ -482,8 +519,9 @@ class CheckpointManager:
         """Count a failed periodic save and go on, or raise once the run gives up."""
         self.failed_saves += 1
         down = self.clock() - self._last_success
-        self._events.append({"action": "save_failed", "at_step": self.step_count,
-                             "error": str(error)[:500]})  # fmt: skip
+        self._events.append(
+            {"action": "save_failed", "at_step": self.step_count, "error": str(error)[:500]}
+        )
         policy = self.save_failures
         if policy.gives_up(self.failed_saves, down):
             raise StoreError(
@@ -493,8 +531,11 @@ class CheckpointManager:
         log.error(
             "a save failed (%d in a row; training goes on and the next save point tries "
             "again; the run stops after %d in a row or %.0f min without a save): %s",
-            self.failed_saves, policy.max_consecutive, policy.max_minutes, error,
-        )  # fmt: skip
+            self.failed_saves,
+            policy.max_consecutive,
+            policy.max_minutes,
+            error,
+        )
         return str(error)
 
     def _inflight_state(self) -> tuple[bool, bool]:
@@ -541,23 +582,33 @@ class CheckpointManager:
             log.warning(
                 "preemption (%s): a full save took %.1fs last time but only %.1fs are left; "
                 "committing the snapshot already uploading first, then trying the final save",
-                notice.source, estimate, left,
-            )  # fmt: skip
+                notice.source,
+                estimate,
+                left,
+            )
         t0 = time.perf_counter()
         self._wait_inflight()
         waited = time.perf_counter() - t0
         report = self.save(
             f"preemption ({notice.source})",
             sync=True,
-            meta={"preemption": {"source": notice.source, "seconds_left": round(left, 3),
-                                 "waited_for_inflight_seconds": round(waited, 3)}},
-        )  # fmt: skip
+            meta={
+                "preemption": {
+                    "source": notice.source,
+                    "seconds_left": round(left, 3),
+                    "waited_for_inflight_seconds": round(waited, 3),
+                }
+            },
+        )
         assert report is not None
         self.preempted = True
         log.warning(
             "preemption (%s): final checkpoint %s at step %d committed in %.2fs; stop training",
-            notice.source, report.version.id, report.version.step, waited + report.seconds,
-        )  # fmt: skip
+            notice.source,
+            report.version.id,
+            report.version.step,
+            waited + report.seconds,
+        )
         return report
 
     # -- retention -------------------------------------------------------------------
@@ -604,13 +655,24 @@ class CheckpointManager:
             objects.pop("sampler", None)
         state = self._load(target.id, objects)
         self._apply(target, state)
-        event = {"action": "rollback", "reason": problem, "at_step": bad_step,
-                 "to_version": target.id, "to_step": self.step_count,
-                 "skipped_batches": self.health.skip_batches}  # fmt: skip
+        event = {
+            "action": "rollback",
+            "reason": problem,
+            "at_step": bad_step,
+            "to_version": target.id,
+            "to_step": self.step_count,
+            "skipped_batches": self.health.skip_batches,
+        }
         self._events.append(event)
         skipping = ", skipping the offending batches" if self.health.skip_batches else ""
-        log.warning("%s at step %d: rolled back to %s (step %d)%s", problem, bad_step,
-                    target.id, self.step_count, skipping)  # fmt: skip
+        log.warning(
+            "%s at step %d: rolled back to %s (step %d)%s",
+            problem,
+            bad_step,
+            target.id,
+            self.step_count,
+            skipping,
+        )
         return StepResult(self.step_count, rolled_back=target)
 
     def _head(self) -> str | None:
@@ -663,15 +725,19 @@ class CheckpointManager:
             log.error(
                 "%s raised on rank %d; not saving (the other ranks may never reach a "
                 "collective save). The last committed step is %s.",
-                type(exc).__name__, self.group.rank, self._committed_step,
-            )  # fmt: skip
+                type(exc).__name__,
+                self.group.rank,
+                self._committed_step,
+            )
             return
         if self._tracked_versions() != self._versions_at_step:
             log.error(
                 "%s raised mid-step (the state changed after step %d completed); not saving a "
                 "half-updated state. The last committed step is %s.",
-                type(exc).__name__, self._completed, self._committed_step,
-            )  # fmt: skip
+                type(exc).__name__,
+                self._completed,
+                self._committed_step,
+            )
             return
         if self._committed_step == self.step_count:
             log.info("%s raised; step %d is already committed", type(exc).__name__, self.step_count)

@@ -69,8 +69,12 @@ def aws_poller(endpoint: str = AWS_ENDPOINT, timeout: float = 1.0) -> Callable[[
     """AWS EC2 spot ``instance-action`` (IMDSv2: a session token first); 2-minute notice."""
 
     def poll() -> Notice | None:
-        token = _get(f"{endpoint}/latest/api/token",
-                     {"X-aws-ec2-metadata-token-ttl-seconds": "60"}, timeout, "PUT")  # fmt: skip
+        token = _get(
+            f"{endpoint}/latest/api/token",
+            {"X-aws-ec2-metadata-token-ttl-seconds": "60"},
+            timeout,
+            "PUT",
+        )
         headers = {"X-aws-ec2-metadata-token": token} if token else {}
         body = _get(f"{endpoint}/latest/meta-data/spot/instance-action", headers, timeout)
         if not body:
@@ -90,8 +94,11 @@ def gcp_poller(endpoint: str = GCP_ENDPOINT, timeout: float = 1.0) -> Callable[[
     """GCP ``instance/preempted`` metadata value; about 30 seconds of notice."""
 
     def poll() -> Notice | None:
-        body = _get(f"{endpoint}/computeMetadata/v1/instance/preempted",
-                    {"Metadata-Flavor": "Google"}, timeout)  # fmt: skip
+        body = _get(
+            f"{endpoint}/computeMetadata/v1/instance/preempted",
+            {"Metadata-Flavor": "Google"},
+            timeout,
+        )
         if body and body.strip().upper() == "TRUE":
             return Notice("gcp", time.monotonic() + 30.0, "preempted=TRUE")
         return None
@@ -105,8 +112,11 @@ def azure_poller(
     """Azure Scheduled Events with ``EventType: Preempt``; about 30 seconds of notice."""
 
     def poll() -> Notice | None:
-        body = _get(f"{endpoint}/metadata/scheduledevents?api-version=2020-07-01",
-                    {"Metadata": "true"}, timeout)  # fmt: skip
+        body = _get(
+            f"{endpoint}/metadata/scheduledevents?api-version=2020-07-01",
+            {"Metadata": "true"},
+            timeout,
+        )
         if not body:
             return None
         try:
@@ -115,8 +125,9 @@ def azure_poller(
             return None
         for event in events:
             if event.get("EventType") == "Preempt":
-                return Notice("azure", _deadline_from(event.get("NotBefore"), 30.0),
-                              json.dumps(event))  # fmt: skip
+                return Notice(
+                    "azure", _deadline_from(event.get("NotBefore"), 30.0), json.dumps(event)
+                )
         return None
 
     return poll
@@ -189,8 +200,9 @@ class PreemptionWatcher:
         elif self.signals:
             log.warning("PreemptionWatcher started off the main thread: signals not handled")
         if self.pollers and self._thread is None:
-            self._thread = threading.Thread(target=self._poll_loop, name="cloudckpt-preemption",
-                                            daemon=True)  # fmt: skip
+            self._thread = threading.Thread(
+                target=self._poll_loop, name="cloudckpt-preemption", daemon=True
+            )
             self._thread.start()
         return self
 
@@ -216,9 +228,11 @@ class PreemptionWatcher:
         if after > self.repeat_window:
             os._exit(128 + signum)  # a deliberate second interrupt: leave now
         self.repeats += 1
-        _say(f"cloudckpt: {name} {after:.2f}s after the first signal: ignored as a repeat "
-             f"(within {self.repeat_window:g}s); the final checkpoint goes on. Send it again "
-             f"after that to exit at once.\n")  # fmt: skip
+        _say(
+            f"cloudckpt: {name} {after:.2f}s after the first signal: ignored as a repeat "
+            f"(within {self.repeat_window:g}s); the final checkpoint goes on. Send it again "
+            f"after that to exit at once.\n"
+        )
 
     def _poll_loop(self) -> None:
         while not self._stop.is_set() and not self._event.is_set():

@@ -16,11 +16,27 @@ from typing import Any
 MASK = "***"
 #: storage_options entries (at any depth) whose values are credentials.
 SECRET_OPTIONS = frozenset(
-    {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key",
-     "aws_session_token", "account_key", "sas_token", "client_secret", "credentials"}
-)  # fmt: skip
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-              "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN")  # fmt: skip
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "credentials",
+    }
+)
+SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+)
 _URL_PARAMS = re.compile(
     r"(?i)\b((?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)"
     r"|Signature|AWSAccessKeyId|GoogleAccessId|sig|skoid|sktid)=)[^&\s\"'<>]+"

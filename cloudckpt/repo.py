@@ -129,9 +129,14 @@ class Repo:
         """
         skeleton, leaves = tree.flatten(state)
         txn = self.transaction(
-            branch=branch, step=step, metrics=metrics, message=message, meta=meta,
-            fast_forward=fast_forward, fence=fence,
-        ).begin()  # fmt: skip
+            branch=branch,
+            step=step,
+            metrics=metrics,
+            message=message,
+            meta=meta,
+            fast_forward=fast_forward,
+            fence=fence,
+        ).begin()
         entries, stats = txn.writer().write(leaves)
 
         def restore(missing: set[str]) -> None:
@@ -143,10 +148,16 @@ class Repo:
         log.debug(
             "committed %s on %s: %d arrays, %.1f MB logical, %.1f MB stored, %.1f MB uploaded "
             "(%d new blobs, %d reused) in %.2fs",
-            version.id, branch, len(entries), stats.logical_bytes / 1e6,
-            stats.stored_bytes / 1e6, stats.transferred_bytes / 1e6, stats.transferred_blobs,
-            stats.reused_blobs, stats.seconds,
-        )  # fmt: skip
+            version.id,
+            branch,
+            len(entries),
+            stats.logical_bytes / 1e6,
+            stats.stored_bytes / 1e6,
+            stats.transferred_bytes / 1e6,
+            stats.transferred_blobs,
+            stats.reused_blobs,
+            stats.seconds,
+        )
         return version
 
     def transaction(
@@ -338,9 +349,11 @@ class Repo:
         self.last_stats = (fetch or self.reader().read)(targets)
         log.info(
             "loaded %s: %d arrays, %.1f MB in %.2fs",
-            version.id, len(targets), self.last_stats.logical_bytes / 1e6,
+            version.id,
+            len(targets),
+            self.last_stats.logical_bytes / 1e6,
             self.last_stats.seconds,
-        )  # fmt: skip
+        )
         loading.apply(into, state, f"{self.uri} version {version.id}")
         return state
 

@@ -88,8 +88,13 @@ class ResumableSampler(Sampler[int]):
         self.position = 0
 
     def state_dict(self) -> dict[str, int | bool]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "n": self.n, "shuffle": self.shuffle}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "n": self.n,
+            "shuffle": self.shuffle,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["n"] != self.n:

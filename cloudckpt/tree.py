@@ -97,9 +97,13 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
         key = None
         if t.numel() > 0:
             key = (
-                t.device, t.untyped_storage().data_ptr(), t.storage_offset(),
-                tuple(t.shape), t.stride(), t.dtype,
-            )  # fmt: skip
+                t.device,
+                t.untyped_storage().data_ptr(),
+                t.storage_offset(),
+                tuple(t.shape),
+                t.stride(),
+                t.dtype,
+            )
             if key in aliases:
                 return aliases[key]
         leaves.append(Leaf(path, "torch", str(t.dtype).removeprefix("torch."), tuple(t.shape), t))

@@ -51,15 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.steps)
     dataset = Windows(corpus(), cfg.block_size)
     sampler = cloudckpt.ResumableSampler(dataset, seed=args.seed, rank=rank, world_size=world)
-    loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler,
-                        generator=torch.Generator())  # fmt: skip
+    loader = DataLoader(
+        dataset, batch_size=args.batch, sampler=sampler, generator=torch.Generator()
+    )
 
     mgr = cloudckpt.CheckpointManager(
-        args.uri, save_every_steps=args.save_every, keep_last=args.keep_last,
-        keep_every=10 * args.save_every, async_save=args.async_save,
+        args.uri,
+        save_every_steps=args.save_every,
+        keep_last=args.keep_last,
+        keep_every=10 * args.save_every,
+        async_save=args.async_save,
         preemption=not args.no_preemption_watcher,
         distributed=DistributedOptions(write=args.write, read=args.read),
-    )  # fmt: skip
+    )
     start = mgr.restore(model=model, optimizer=opt, scheduler=sched, sampler=sampler)
     if rank == 0:
         print("fresh run" if start.fresh else f"resumed at step {start.step}", flush=True)
@@ -89,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                         break
                 if mgr.preempted:
                     if rank == 0:
-                        print(f"preempted: final checkpoint at step {step} is committed",
-                              flush=True)  # fmt: skip
+                        print(
+                            f"preempted: final checkpoint at step {step} is committed", flush=True
+                        )
                     break
             if not mgr.preempted and mgr.committed_step != step:
                 mgr.save("final", sync=True)

@@ -33,8 +33,18 @@ HERE = Path(__file__).resolve().parent
 def run_training(
     args: argparse.Namespace, env: dict[str, str], uri: str, log: Path, workdir: Path
 ) -> subprocess.Popen[str]:
-    cmd = [sys.executable, str(HERE / "train_gpt.py"), "--uri", uri, "--steps", str(args.steps),
-           "--save-every", str(args.save_every), "--log", str(log)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(HERE / "train_gpt.py"),
+        "--uri",
+        uri,
+        "--steps",
+        str(args.steps),
+        "--save-every",
+        str(args.save_every),
+        "--log",
+        str(log),
+    ]
     return subprocess.Popen(cmd, env=env, cwd=workdir, text=True)
 
 
@@ -65,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             log = root / "steps.jsonl"
             print(f"endpoint {s3.endpoint}, repository {uri}")
 
-            banner(f"machine 1: training to step {args.steps}, a checkpoint every "
-                   f"{args.save_every} steps")  # fmt: skip
+            banner(
+                f"machine 1: training to step {args.steps}, a checkpoint every "
+                f"{args.save_every} steps"
+            )
             first = root / "machine1"
             first.mkdir()
             proc = run_training(args, env, uri, log, first)
@@ -89,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             repo = Repo(uri, s3.storage_options())
             durable = repo.resolve("main")
             banner(f"machine 1 exited 0 after step {lost_at}")
-            print(f"final checkpoint: {durable.id} at step {durable.step} "
-                  f"({durable.meta.get('reason')})")  # fmt: skip
+            print(
+                f"final checkpoint: {durable.id} at step {durable.step} "
+                f"({durable.meta.get('reason')})"
+            )
 
             banner("machine 2: a fresh process in an empty directory resumes from the bucket")
             second = root / "machine2"
@@ -124,13 +138,19 @@ def report(repo: Repo, lost_at: int, resumed_from: int, log: Path) -> None:
     stored = sum(info.size for info in blobs.values())
     steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
     print()
-    print(f"stopped at step {lost_at}; resumed from step {resumed_from} in a fresh process; "
-          f"{lost_at - resumed_from} steps redone; trained to step {max(steps)}")  # fmt: skip
-    print(f"final loss {versions[-1].metrics['loss']:.4f}; retention kept {len(versions)} "
-          "versions (the last 3 and the one the run resumed from)")  # fmt: skip
+    print(
+        f"stopped at step {lost_at}; resumed from step {resumed_from} in a fresh process; "
+        f"{lost_at - resumed_from} steps redone; trained to step {max(steps)}"
+    )
+    print(
+        f"final loss {versions[-1].metrics['loss']:.4f}; retention kept {len(versions)} "
+        "versions (the last 3 and the one the run resumed from)"
+    )
     naive = len(buf.getvalue()) * len(versions)
-    print(f"gc freed {freed.freed_bytes / 1e6:.2f} MB of pruned versions; the bucket holds "
-          f"{len(blobs)} blobs, {stored / 1e6:.2f} MB")  # fmt: skip
+    print(
+        f"gc freed {freed.freed_bytes / 1e6:.2f} MB of pruned versions; the bucket holds "
+        f"{len(blobs)} blobs, {stored / 1e6:.2f} MB"
+    )
     print(f"torch.save of the same {len(versions)} versions: {naive / 1e6:.2f} MB")
     print("nothing was pickled; every chunk was verified by its hash on load")
 

@@ -89,15 +89,22 @@ def arguments(doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=25, help="save every K steps")
     p.add_argument("--keep-last", type=int, default=3, help="versions to keep (plus milestones)")
     # --log-file too: torchrun takes --log for an abbreviation of its own --log-dir.
-    p.add_argument("--log", "--log-file", dest="log",
-                   help="append one JSON line per completed step to this file")  # fmt: skip
+    p.add_argument(
+        "--log",
+        "--log-file",
+        dest="log",
+        help="append one JSON line per completed step to this file",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=64)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--async-save", action="store_true", help="upload in the background")
-    p.add_argument("--no-preemption-watcher", action="store_true",
-                   help="do not turn SIGTERM/SIGINT into a final checkpoint")  # fmt: skip
+    p.add_argument(
+        "--no-preemption-watcher",
+        action="store_true",
+        help="do not turn SIGTERM/SIGINT into a final checkpoint",
+    )
     return p
 
 
@@ -125,14 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     dataset = Windows(corpus(), cfg.block_size)
     sampler = cloudckpt.ResumableSampler(dataset, seed=args.seed)
     # Its own generator: a DataLoader otherwise draws from the global RNG per epoch.
-    loader = DataLoader(dataset, batch_size=args.batch, sampler=sampler,
-                        generator=torch.Generator())  # fmt: skip
+    loader = DataLoader(
+        dataset, batch_size=args.batch, sampler=sampler, generator=torch.Generator()
+    )
 
     mgr = cloudckpt.CheckpointManager(
-        args.uri, save_every_steps=args.save_every, keep_last=args.keep_last,
-        keep_every=10 * args.save_every, async_save=args.async_save,
+        args.uri,
+        save_every_steps=args.save_every,
+        keep_last=args.keep_last,
+        keep_every=10 * args.save_every,
+        async_save=args.async_save,
         preemption=not args.no_preemption_watcher,
-    )  # fmt: skip
+    )
     start = mgr.restore(model=model, optimizer=opt, scheduler=sched, sampler=sampler)
     print("fresh run" if start.fresh else f"resumed at step {start.step}", flush=True)
 

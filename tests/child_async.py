@@ -24,8 +24,9 @@ class Holder:
 def main() -> None:
     holder = Holder()
     options = RepoOptions(transfer=TransferOptions(chunk_size=1 << 20))
-    mgr = CheckpointManager(sys.argv[1], async_save=True, options=options,
-                            health=HealthCheck(spike_factor=1e9))  # fmt: skip
+    mgr = CheckpointManager(
+        sys.argv[1], async_save=True, options=options, health=HealthCheck(spike_factor=1e9)
+    )
     mgr.restore(holder=holder)
     mgr.step(1)
     mgr.save("small", sync=True)

@@ -75,8 +75,13 @@ def replicated(uri: str) -> dict[str, Any]:
     for write, (version, state) in versions.items():
         for read in ("each", "rank0", "spread"):
             fresh, fresh_opt, _ = ddp_trainer(seed=99)
-            loaded = load(repo, version.id, group, DistributedOptions(read=read),
-                          into={"model": fresh, "optimizer": fresh_opt})  # fmt: skip
+            loaded = load(
+                repo,
+                version.id,
+                group,
+                DistributedOptions(read=read),
+                into={"model": fresh, "optimizer": fresh_opt},
+            )
             assert_state_equal(state["model"], fresh.state_dict(), f"{write}/{read} model")
             assert_state_equal(
                 state["optimizer"], fresh_opt.state_dict(), f"{write}/{read} optimizer"
@@ -85,9 +90,10 @@ def replicated(uri: str) -> dict[str, Any]:
     # The last rank's uploads fail for good: nobody may publish.
     before = [v.id for v in repo.versions()]
     failing = group.rank == group.world - 1
-    with FaultProxy(os.environ["AWS_ENDPOINT_URL"],
-                    FaultPlan(rate=1.0 if failing else 0.0, kinds=("internal",),
-                              only=r"^PUT .*/blobs/")) as proxy:  # fmt: skip
+    with FaultProxy(
+        os.environ["AWS_ENDPOINT_URL"],
+        FaultPlan(rate=1.0 if failing else 0.0, kinds=("internal",), only=r"^PUT .*/blobs/"),
+    ) as proxy:
         options = RepoOptions(
             transfer=OPTIONS.transfer,
             store=StoreOptions(retry=RetryPolicy(attempts=2, initial_backoff=0.01)),
@@ -183,9 +189,15 @@ def async_skew(uri: str) -> dict[str, Any]:
     (its retention takes longer): the ranks must agree on which saves to skip, or one
     commit pairs the shares of two steps; and on one version to roll back to."""
     model = nn.Linear(8, 8)
-    mgr = CheckpointManager(uri, options=OPTIONS, save_every_steps=2, async_save=True,
-                            when_busy="skip", keep_last=2,
-                            distributed=DistributedOptions(write="spread"))  # fmt: skip
+    mgr = CheckpointManager(
+        uri,
+        options=OPTIONS,
+        save_every_steps=2,
+        async_save=True,
+        when_busy="skip",
+        keep_last=2,
+        distributed=DistributedOptions(write="spread"),
+    )
     mgr.restore(model=model)
     if dist.get_rank() == 0:
         prune = mgr._prune
@@ -201,8 +213,14 @@ def async_skew(uri: str) -> dict[str, Any]:
         rolled = mgr.step(21, metrics={"loss": float("nan")}).rolled_back
     mgr.close()
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, {"started": started, "weight": model.weight[0, 0].item(),
-                                      "rolled": rolled.id if rolled else None})  # fmt: skip
+    dist.all_gather_object(
+        everyone,
+        {
+            "started": started,
+            "weight": model.weight[0, 0].item(),
+            "rolled": rolled.id if rolled else None,
+        },
+    )
     assert all(e == everyone[0] for e in everyone), everyone
     for v in mgr.repo.versions():  # each version holds its own step's state, whole
         w = mgr.repo.load(v.id)["model"]["weight"]
@@ -215,8 +233,13 @@ def main() -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     try:
-        run = {"replicated": replicated, "dcp_save": dcp_save, "dcp_load": dcp_load,
-               "lease_held": lease_held, "async_skew": async_skew}[scenario]  # fmt: skip
+        run = {
+            "replicated": replicated,
+            "dcp_save": dcp_save,
+            "dcp_load": dcp_load,
+            "lease_held": lease_held,
+            "async_skew": async_skew,
+        }[scenario]
         found = run(uri)
     except CloudCkptError as e:
         print(f"rank {dist.get_rank()}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

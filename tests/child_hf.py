@@ -54,18 +54,29 @@ def main() -> None:
     config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     model = GPT2LMHeadModel(config)
     args = TrainingArguments(
-        output_dir="out", max_steps=24, save_steps=5, per_device_train_batch_size=4,
-        learning_rate=1e-3, lr_scheduler_type="linear", report_to="none", use_cpu=True,
-        seed=0, logging_steps=5, disable_tqdm=True, save_total_limit=2,
-    )  # fmt: skip
+        output_dir="out",
+        max_steps=24,
+        save_steps=5,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        logging_steps=5,
+        disable_tqdm=True,
+        save_total_limit=2,
+    )
     callback = CloudCheckpointCallback(a.uri)
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens(),
-                      callbacks=[callback, KillAt(a.kill_at)])  # fmt: skip
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Tokens(), callbacks=[callback, KillAt(a.kill_at)]
+    )
     start = callback.resume(trainer) if a.resume else None
     print(f"resuming from {start}", flush=True)
     trainer.train(resume_from_checkpoint=start)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k},
-              a.out)  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items() if "lm_head" not in k}, a.out
+    )
 
 
 if __name__ == "__main__":

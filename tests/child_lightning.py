@@ -57,12 +57,20 @@ def main() -> None:
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
     io = AsyncCloudCheckpointIO() if a.use_async else CloudCheckpointIO()
     trainer = pl.Trainer(
-        default_root_dir=a.root, max_epochs=a.epochs, logger=False, plugins=[io],
-        callbacks=[ModelCheckpoint(save_last=True, save_top_k=1, monitor="epoch",
-                                   mode="max", every_n_epochs=1)],
-        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=a.root,
+        max_epochs=a.epochs,
+        logger=False,
+        plugins=[io],
+        callbacks=[
+            ModelCheckpoint(
+                save_last=True, save_top_k=1, monitor="epoch", mode="max", every_n_epochs=1
+            )
+        ],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
         deterministic=True,
-    )  # fmt: skip
+    )
     model = Regression(a.kill_in_epoch)
     trainer.fit(model, data, ckpt_path="last" if a.resume else None)
     print(f"resumed from {io.resumed_from}", flush=True)

@@ -64,9 +64,11 @@ class S3Requests:
     them: s3fs's through botocore's events, the fast path's (obstore) at its three calls."""
 
     _FAST: ClassVar[dict[str, tuple[str, str]]] = {
-        "get": ("GET", "GetObject"), "get_versioned": ("GET", "GetObject"),
-        "put": ("PUT", "PutObject"), "head": ("HEAD", "HeadObject"),
-    }  # fmt: skip
+        "get": ("GET", "GetObject"),
+        "get_versioned": ("GET", "GetObject"),
+        "put": ("PUT", "PutObject"),
+        "head": ("HEAD", "HeadObject"),
+    }
 
     def __init__(self, store: Any) -> None:
         from fsspec.asyn import sync
@@ -82,8 +84,9 @@ class S3Requests:
         self._prefix = f"/{store.root}/"
         if store._fast is not None:
             for name, (method, operation) in self._FAST.items():
-                setattr(store._fast, name, self._recorded(getattr(store._fast, name), method,
-                                                          operation))  # fmt: skip
+                setattr(
+                    store._fast, name, self._recorded(getattr(store._fast, name), method, operation)
+                )
 
     def _recorded(self, call: Any, method: str, operation: str) -> Any:
         def recorded(key: str, *args: Any) -> Any:

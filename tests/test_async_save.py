@@ -35,8 +35,12 @@ def train(model, opt) -> float:
 
 def test_async_save_commits_the_snapshot_not_later_updates(tmp_path) -> None:
     model, opt = trainer()
-    mgr = CheckpointManager(f"file://{tmp_path}/r", save_every_steps=2, async_save=True,
-                            health=HealthCheck(spike_factor=1e9))  # fmt: skip
+    mgr = CheckpointManager(
+        f"file://{tmp_path}/r",
+        save_every_steps=2,
+        async_save=True,
+        health=HealthCheck(spike_factor=1e9),
+    )
     mgr.restore(model=model, optimizer=opt)
     train(model, opt)
     mgr.step(1)
@@ -57,9 +61,13 @@ def test_a_background_failure_is_counted_then_raised_by_the_policy(tmp_path) -> 
     """A store failure of a background save surfaces at the next call: survived (and
     counted) until SaveFailures gives up, then raised with the store's error."""
     model, opt = trainer()
-    mgr = CheckpointManager(f"file://{tmp_path}/r", save_every_steps=1, async_save=True,
-                            health=HealthCheck(spike_factor=1e9),
-                            save_failures=SaveFailures(max_consecutive=2))  # fmt: skip
+    mgr = CheckpointManager(
+        f"file://{tmp_path}/r",
+        save_every_steps=1,
+        async_save=True,
+        health=HealthCheck(spike_factor=1e9),
+        save_failures=SaveFailures(max_consecutive=2),
+    )
     mgr.restore(model=model, optimizer=opt)
 
     def broken_put(key, data):
@@ -82,8 +90,13 @@ def test_a_background_failure_is_counted_then_raised_by_the_policy(tmp_path) -> 
 
 def test_when_busy_skip_skips_while_a_save_is_uploading(tmp_path) -> None:
     model, opt = trainer()
-    mgr = CheckpointManager(f"file://{tmp_path}/r", save_every_steps=1, async_save=True,
-                            when_busy="skip", health=HealthCheck(spike_factor=1e9))  # fmt: skip
+    mgr = CheckpointManager(
+        f"file://{tmp_path}/r",
+        save_every_steps=1,
+        async_save=True,
+        when_busy="skip",
+        health=HealthCheck(spike_factor=1e9),
+    )
     mgr.restore(model=model, optimizer=opt)
     original = mgr.repo.commit
 
@@ -100,8 +113,12 @@ def test_when_busy_skip_skips_while_a_save_is_uploading(tmp_path) -> None:
 
 def test_context_exit_flushes_the_save_in_flight(tmp_path) -> None:
     model, opt = trainer()
-    with CheckpointManager(f"file://{tmp_path}/r", save_every_steps=1, async_save=True,
-                           health=HealthCheck(spike_factor=1e9)) as mgr:  # fmt: skip
+    with CheckpointManager(
+        f"file://{tmp_path}/r",
+        save_every_steps=1,
+        async_save=True,
+        health=HealthCheck(spike_factor=1e9),
+    ) as mgr:
         mgr.restore(model=model, optimizer=opt)
         train(model, opt)
         mgr.step(1)
@@ -111,8 +128,9 @@ def test_context_exit_flushes_the_save_in_flight(tmp_path) -> None:
 def test_sigkill_during_an_async_upload_leaves_no_torn_version(seaweedfs) -> None:
     uri = seaweedfs.fresh_uri("async")
     env = {**os.environ, **seaweedfs.env()}
-    proc = subprocess.Popen([sys.executable, CHILD, uri], env=env, stdout=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, CHILD, uri], env=env, stdout=subprocess.PIPE, text=True
+    )
     repo = Repo(uri, seaweedfs.storage_options())
     with reaped(proc):
         assert proc.stdout.readline().strip() == "uploading"

@@ -16,15 +16,32 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_compare_writes_a_report_with_every_contender_and_the_floor(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--preset", "small",
-         "--repeats", "1", "--only", "torch.save + boto3", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "compare.py"),
+            "--preset",
+            "small",
+            "--repeats",
+            "1",
+            "--only",
+            "torch.save + boto3",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = (tmp_path / "RESULTS.md").read_text()
-    for row in ("| cloudckpt |", "| cloudckpt async |", "| torch.save + boto3 |",
-                "| ceiling: memory copy |"):  # fmt: skip
+    for row in (
+        "| cloudckpt |",
+        "| cloudckpt async |",
+        "| torch.save + boto3 |",
+        "| ceiling: memory copy |",
+    ):
         assert row in report
     assert "error:" not in report
     assert "## What bounds save and restore on this machine" in report

@@ -102,10 +102,20 @@ def test_plot_writes_a_png(repo, capsys, tmp_path) -> None:
 
 def test_console_script_help_and_exit_code(repo) -> None:
     env = {**os.environ}
-    helptext = subprocess.run([sys.executable, "-m", "cloudckpt", "gc", "--help"],
-                              capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    helptext = subprocess.run(
+        [sys.executable, "-m", "cloudckpt", "gc", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert helptext.returncode == 0 and "example:" in helptext.stdout
-    proc = subprocess.run([sys.executable, "-m", "cloudckpt", "show", repo.uri, "nope"],
-                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "cloudckpt", "show", repo.uri, "nope"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode == 3
     assert "cloudckpt-local-secret" not in proc.stderr + proc.stdout

@@ -111,9 +111,12 @@ def test_a_commit_between_gc_listing_and_delete_keeps_its_reused_blob(root, grac
     committed: list[Any] = []
     collector = repo_at(root)
     before_first(
-        collector.store, "list_info", lambda: committed.append(repo_at(root).commit(mine)),
-        lambda prefix="": prefix == "blobs", after=True,
-    )  # fmt: skip
+        collector.store,
+        "list_info",
+        lambda: committed.append(repo_at(root).commit(mine)),
+        lambda prefix="": prefix == "blobs",
+        after=True,
+    )
     collector.gc(grace=grace)
     assert committed and repo.resolve("main").id == committed[0].id
     assert_loads(root, mine)
@@ -127,9 +130,11 @@ def test_a_collection_during_a_commit_makes_it_store_swept_blobs_again(root) -> 
     writer = repo_at(root)
     swept: list[list[str]] = []
     before_first(
-        writer.store, "put_if_absent", lambda: swept.append(repo_at(root).gc(grace=0).blobs),
+        writer.store,
+        "put_if_absent",
+        lambda: swept.append(repo_at(root).gc(grace=0).blobs),
         lambda key, data: key.startswith("manifests/"),
-    )  # fmt: skip
+    )
     version = writer.commit(mine)
     shared_blob = {blob_key(c[0]) for e in writer.manifest(version).tensors for c in e["chunks"]}
     assert shared_blob & set(swept[0]), "the collection should have swept the reused orphan"
@@ -168,8 +173,10 @@ def test_a_frozen_writer_is_fenced_out_after_a_takeover(request, root) -> None:
     ttl = 2.0
     proc = subprocess.Popen(
         [sys.executable, CHILD, "commit", root[0], "main", str(ttl)],
-        stdout=subprocess.PIPE, text=True, env=child_env(request, root),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(request, root),
+    )
     with reaped(proc):
         assert proc.stdout is not None
         first = json.loads(proc.stdout.readline())["acked"]

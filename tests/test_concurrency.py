@@ -24,11 +24,28 @@ def test_a_minute_of_concurrent_commits_gc_repair_and_retention_violates_nothing
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "report.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "concurrency.py"), "--seconds", "60",
-           "--seed", "7", "--out", str(tmp_path / "RESULTS.md"), "--json", str(out),
-           "--workdir", str(tmp_path / "work")]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "concurrency.py"),
+        "--seconds",
+        "60",
+        "--seed",
+        "7",
+        "--out",
+        str(tmp_path / "RESULTS.md"),
+        "--json",
+        str(out),
+        "--workdir",
+        str(tmp_path / "work"),
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert out.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["harness_problems"] == [], report["harness_problems"]
@@ -83,32 +100,66 @@ def test_the_checker_flags_each_invariant(tmp_path: Path, monkeypatch: Any) -> N
     def row(vid: str, parent: str | None, writer: str, seq: int, token: str) -> Row:
         return Row(vid, "main", parent, {"writer": writer, "seq": seq, "lease": token})
 
-    def commit(w: str, seq: int, t: float, token: str, vid: str | None = None,
-               parent: str | None = None, error: str = "") -> list[dict[str, Any]]:  # fmt: skip
+    def commit(
+        w: str,
+        seq: int,
+        t: float,
+        token: str,
+        vid: str | None = None,
+        parent: str | None = None,
+        error: str = "",
+    ) -> list[dict[str, Any]]:
         base = {"op": "commit", "w": w, "seq": seq, "branch": "main", "token": token}
         out = [{**base, "phase": "intent", "t": t, "sha": sha}]
         if vid:
             out.append({**base, "phase": "ack", "t": t + 0.5, "vid": vid, "parent": parent})
         if error:
-            out.append({**base, "phase": "error", "t": t + 0.5, "error": error,
-                        "message": "", "store_error": False})  # fmt: skip
+            out.append(
+                {
+                    **base,
+                    "phase": "error",
+                    "t": t + 0.5,
+                    "error": error,
+                    "message": "",
+                    "store_error": False,
+                }
+            )
         return out
 
     def lease(w: str, token: str, t: float, fence: int, snap: list[str]) -> dict[str, Any]:
-        return {"op": "lease", "phase": "acquired", "w": w, "branch": "main", "token": token,
-                "acquired": t, "t": t, "read_start": t, "snapshot": snap, "fence": fence,
-                "waits": 0}  # fmt: skip
+        return {
+            "op": "lease",
+            "phase": "acquired",
+            "w": w,
+            "branch": "main",
+            "token": token,
+            "acquired": t,
+            "t": t,
+            "read_start": t,
+            "snapshot": snap,
+            "fence": fence,
+            "waits": 0,
+        }
 
     events = [
         {"op": "worker", "phase": "ready", "w": "A", "fence_api": True},
-        lease("A", "ta", 1, 1, ["v0"]), *commit("A", 1, 2, "ta", "a1", "v0"),
-        lease("B", "tb", 5, 2, ["v0", "a1"]), *commit("B", 1, 6, "tb", "b1", "a1"),
+        lease("A", "ta", 1, 1, ["v0"]),
+        *commit("A", 1, 2, "ta", "a1", "v0"),
+        lease("B", "tb", 5, 2, ["v0", "a1"]),
+        *commit("B", 1, 6, "tb", "b1", "a1"),
         *commit("A", 2, 7, "ta", "a2", "b1"),  # after the takeover, on top of fence 2
         *commit("A", 3, 9, "ta", error="FencedOut"),  # refused, yet "a3" shows up
         *commit("B", 2, 10, "tb", "b2", "a2"),  # acknowledged, then lost
-        {"op": "gc", "phase": "error", "w": "gc", "t": 11, "error": "CorruptCheckpoint",
-         "message": "", "store_error": False},
-    ]  # fmt: skip
+        {
+            "op": "gc",
+            "phase": "error",
+            "w": "gc",
+            "t": 11,
+            "error": "CorruptCheckpoint",
+            "message": "",
+            "store_error": False,
+        },
+    ]
     v0 = Row("v0", "main", None, {"writer": "setup", "seq": 0})
     a1, b1 = row("a1", "v0", "A", 1, "ta"), row("b1", "a1", "B", 1, "tb")
     a2, a3 = row("a2", "b1", "A", 2, "ta"), row("a3", "v0", "A", 3, "ta")

@@ -40,8 +40,12 @@ COMMIT_POINTS: list[Any] = [
     ["put_if_absent", 1, "after"],
     ["put_if_match", 1, "before"],
     ["put_if_match", 1, "after"],
-    0.05, 0.15, 0.3, 0.6, 1.0,  # seconds after the commit process started
-]  # fmt: skip
+    0.05,
+    0.15,
+    0.3,
+    0.6,
+    1.0,  # seconds after the commit process started
+]
 COLLECT_POINTS: list[Any] = [
     ["put_if_match", 1, "before"],  # the delete's swap
     ["put_if_match", 1, "after"],

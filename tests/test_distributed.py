@@ -28,15 +28,24 @@ DDP_TRAIN = str(HERE.parent / "examples" / "ddp_train.py")
 
 
 def torchrun(ranks: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={ranks}", *args]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        *args,
+    ]
 
 
 def run_job(server: Any, ranks: int, *args: str, env: dict[str, str] | None = None) -> str:
     out = subprocess.run(
-        torchrun(ranks, *args), env={**os.environ, **server.env(), **(env or {})},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        torchrun(ranks, *args),
+        env={**os.environ, **server.env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return out.stdout
 
@@ -88,18 +97,38 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_final_checkpoint(
     seaweedfs: Any, tmp_path: Path
 ) -> None:
     """And a new job resumes from it exactly: the losses match an uninterrupted run."""
-    common = ["--steps", "60", "--save-every", "5", "--seed", "3", "--write", "spread",
-              "--read", "spread"]  # fmt: skip
+    common = [
+        "--steps",
+        "60",
+        "--save-every",
+        "5",
+        "--seed",
+        "3",
+        "--write",
+        "spread",
+        "--read",
+        "spread",
+    ]
     reference = tmp_path / "reference.jsonl"
-    run_job(seaweedfs, 2, DDP_TRAIN, "--uri", seaweedfs.fresh_uri("ref"), "--log-file",
-            str(reference), *common)  # fmt: skip
+    run_job(
+        seaweedfs,
+        2,
+        DDP_TRAIN,
+        "--uri",
+        seaweedfs.fresh_uri("ref"),
+        "--log-file",
+        str(reference),
+        *common,
+    )
 
     uri, log = seaweedfs.fresh_uri("spot"), tmp_path / "spot.jsonl"
     job = subprocess.Popen(
         torchrun(2, DDP_TRAIN, "--uri", uri, "--log-file", str(log), *common),
-        env={**os.environ, **seaweedfs.env()}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        env={**os.environ, **seaweedfs.env()},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     with reaped(job):
         deadline = time.monotonic() + 120
         while len(read_log(log)) < 8 and time.monotonic() < deadline and job.poll() is None:
@@ -149,8 +178,20 @@ def test_async_saves_on_two_ranks_do_not_deadlock_with_the_training_steps(
     """The background commit's collectives and step()'s agreement ran on one gloo group
     and paired wrongly: the example hung after its first async save."""
     log = tmp_path / "async.jsonl"
-    run_job(seaweedfs, 2, DDP_TRAIN, "--uri", seaweedfs.fresh_uri("async"), "--steps", "12",
-            "--save-every", "2", "--async-save", "--log-file", str(log))  # fmt: skip
+    run_job(
+        seaweedfs,
+        2,
+        DDP_TRAIN,
+        "--uri",
+        seaweedfs.fresh_uri("async"),
+        "--steps",
+        "12",
+        "--save-every",
+        "2",
+        "--async-save",
+        "--log-file",
+        str(log),
+    )
     assert len(read_log(log)) == 12  # every step ran, and the job ended
 
 

@@ -15,10 +15,20 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 
 def test_the_demo_runs_briefly_and_reports() -> None:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "spot_resume.py"), "--steps", "40",
-         "--save-every", "10", "--kill-at", "25"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "examples" / "spot_resume.py"),
+            "--steps",
+            "40",
+            "--save-every",
+            "10",
+            "--kill-at",
+            "25",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     stopped = re.search(r"stopped at step (\d+); resumed from step (\d+)", out.stdout)
     assert stopped and int(stopped[1]) == int(stopped[2]), out.stdout[-2000:]  # none redone

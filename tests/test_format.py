@@ -20,10 +20,12 @@ FIXTURE = Path(__file__).with_name("fixtures") / "format1"
 
 def st(k: int) -> dict[str, Any]:
     return {
-        "model": {"w": torch.arange(64, dtype=torch.float32).reshape(8, 8) * k,
-                  "b": torch.ones(8) * k},
+        "model": {
+            "w": torch.arange(64, dtype=torch.float32).reshape(8, 8) * k,
+            "b": torch.ones(8) * k,
+        },
         "step": k,
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture

@@ -44,12 +44,31 @@ def test_hostile_stored_objects_end_in_a_clear_error_and_nothing_escapes(
     tmp_path: Path, workdir: Path
 ) -> None:
     summary = tmp_path / "summary.json"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "fuzz.py"), "--inputs", str(INPUTS),
-           "--seed", str(SEED), "--workdir", str(workdir), "--json", str(summary),
-           "--report", str(tmp_path / "RESULTS-fuzz.md"), "--dump", str(tmp_path / "other.json"),
-           "--quiet"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "fuzz.py"),
+        "--inputs",
+        str(INPUTS),
+        "--seed",
+        str(SEED),
+        "--workdir",
+        str(workdir),
+        "--json",
+        str(summary),
+        "--report",
+        str(tmp_path / "RESULTS-fuzz.md"),
+        "--dump",
+        str(tmp_path / "other.json"),
+        "--quiet",
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert summary.exists(), proc.stdout[-2000:] + proc.stderr[-4000:]
     s = json.loads(summary.read_text())
     assert s["inputs"] == INPUTS and s["crashes"] == 0, s

@@ -90,8 +90,10 @@ def test_a_frozen_collection_stops_before_deleting_what_a_commit_reused(request,
     repo, shared = orphan(root)
     proc = subprocess.Popen(
         [sys.executable, CHILD, "gc", root[0], "1.5"],
-        stdout=subprocess.PIPE, text=True, env=child_env(request, root),
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(request, root),
+    )
     with reaped(proc):
         assert proc.stdout is not None
         assert json.loads(proc.stdout.readline()) == {"paused": True}
@@ -160,8 +162,13 @@ def test_a_version_deleted_after_the_listing_keeps_its_tombstone(root) -> None:
         repo.delete(late)
 
     collector = repo_at(root)
-    before_first(collector.store, "list_info", commit_and_delete,
-                 lambda prefix="": prefix == "blobs", after=True)  # fmt: skip
+    before_first(
+        collector.store,
+        "list_info",
+        commit_and_delete,
+        lambda prefix="": prefix == "blobs",
+        after=True,
+    )
     collector.gc(grace=0)
     assert late[0] in repo.index().deleted
     assert late[0] not in repo.repair().versions
@@ -192,9 +199,18 @@ def test_a_malformed_unpublished_manifest_does_not_stop_gc(root, caplog) -> None
     repo = repo_at(root)
     kept = state(1)
     repo.commit(kept)
-    repo.store.put("manifests/20261201T000000000Z-deadbeef.json", json.dumps({
-        "format": 2, "id": "20261201T000000000Z-deadbeef", "branch": "main", "state": {},
-        "tensors": [{"path": "x", "chunks": 5}]}).encode())  # fmt: skip
+    repo.store.put(
+        "manifests/20261201T000000000Z-deadbeef.json",
+        json.dumps(
+            {
+                "format": 2,
+                "id": "20261201T000000000Z-deadbeef",
+                "branch": "main",
+                "state": {},
+                "tensors": [{"path": "x", "chunks": 5}],
+            }
+        ).encode(),
+    )
     repo.gc(grace=3600)
     assert "skipping unreadable manifest" in caplog.text
     assert_loads(root, kept)
@@ -209,8 +225,13 @@ def test_objects_not_of_the_layout_are_left_alone_not_a_failure(caplog) -> None:
     dropped = repo.commit({"w": torch.zeros(3)})
     kept = repo.commit({"w": torch.arange(10.0)})
     repo.delete([dropped.id])
-    foreign = ["blobs/ab/not-a-hash", "manifests/sub/x.json", "published/.hidden",
-               "blobs/../outside", "manifests/../../x.json"]  # fmt: skip
+    foreign = [
+        "blobs/ab/not-a-hash",
+        "manifests/sub/x.json",
+        "published/.hidden",
+        "blobs/../outside",
+        "manifests/../../x.json",
+    ]
     for key in foreign:  # written past Store's key check, as another client could
         repo.store.fs.pipe_file(f"{repo.store.root}/{key}", b"theirs")
     report = repo.gc(grace=0)

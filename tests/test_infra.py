@@ -73,8 +73,9 @@ def granted_actions() -> set[str]:
 def test_iam_policy_grants_exactly_what_the_store_calls(seaweedfs: Any) -> None:
     """Every kind of call cloudckpt makes -- commit with multipart, load, verify, delete,
     gc with a stale upload to abort, a writer lease -- recorded at each client's level."""
-    options = RepoOptions(transfer=TransferOptions(chunk_size=16 << 20),
-                          store=StoreOptions(part_size=5 << 20))  # fmt: skip
+    options = RepoOptions(
+        transfer=TransferOptions(chunk_size=16 << 20), store=StoreOptions(part_size=5 << 20)
+    )
     repo = Repo(seaweedfs.fresh_uri("iam"), seaweedfs.storage_options(), options=options)
     operations = S3Requests(repo.store).operations
     first = repo.commit({"big": torch.randn(4 << 20), "small": torch.ones(3)})
@@ -95,9 +96,11 @@ def test_iam_policy_grants_exactly_what_the_store_calls(seaweedfs: Any) -> None:
 def test_local_s3_script_serves_until_stopped(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         ["bash", str(ROOT / "infra" / "local-s3.sh"), "--moto"],
-        stdout=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
         env={**os.environ, "PYTHON": sys.executable},
-    )  # fmt: skip
+    )
     with reaped(proc):
         assert proc.stdout is not None
         env = {}
@@ -110,8 +113,11 @@ def test_local_s3_script_serves_until_stopped(tmp_path: Path) -> None:
             if line.startswith("# Ctrl-C"):
                 break
         assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-        opts = {"endpoint_url": env["AWS_ENDPOINT_URL"], "key": env["AWS_ACCESS_KEY_ID"],
-                "secret": env["AWS_SECRET_ACCESS_KEY"]}  # fmt: skip
+        opts = {
+            "endpoint_url": env["AWS_ENDPOINT_URL"],
+            "key": env["AWS_ACCESS_KEY_ID"],
+            "secret": env["AWS_SECRET_ACCESS_KEY"],
+        }
         repo = Repo("s3://checkpoints/runs/x", opts)
         repo.commit({"w": torch.ones(2)})
         assert json.loads(json.dumps([v.id for v in repo.versions()]))

@@ -25,9 +25,13 @@ CHILD = str(Path(__file__).with_name("child_lightning.py"))
 def run(server: Any, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        [sys.executable, CHILD, *args], cwd=cwd, env={**os.environ, **server.env()},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, CHILD, *args],
+        cwd=cwd,
+        env={**os.environ, **server.env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +49,23 @@ def test_killed_run_resumes_from_last_on_a_new_machine(
 ) -> None:
     extra = ["--async"] if mode == "async" else []
     root = seaweedfs.fresh_uri("pl")
-    killed = run(seaweedfs, tmp_path / "b", root, "4", str(tmp_path / "x"),
-                 "--kill-in-epoch", "2", *extra)  # fmt: skip
+    killed = run(
+        seaweedfs, tmp_path / "b", root, "4", str(tmp_path / "x"), "--kill-in-epoch", "2", *extra
+    )
     assert killed.returncode == -9
     last = f"{root}/checkpoints/last.ckpt"
     places = pointer.Places(seaweedfs.storage_options(), None)
     assert places.pointer(last) is not None
 
-    resumed = run(seaweedfs, tmp_path / "c", root, "4", str(tmp_path / "resumed.safetensors"),
-                  "--resume", *extra)  # fmt: skip
+    resumed = run(
+        seaweedfs,
+        tmp_path / "c",
+        root,
+        "4",
+        str(tmp_path / "resumed.safetensors"),
+        "--resume",
+        *extra,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {last}" in resumed.stdout
     got = load_file(tmp_path / "resumed.safetensors")

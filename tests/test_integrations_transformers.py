@@ -24,9 +24,13 @@ CHILD = str(Path(__file__).with_name("child_hf.py"))
 def run(server: Any, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     cwd.mkdir(parents=True)
     return subprocess.run(
-        [sys.executable, CHILD, *args], cwd=cwd, env={**os.environ, **server.env()},
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [sys.executable, CHILD, *args],
+        cwd=cwd,
+        env={**os.environ, **server.env()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_killed_trainer_resumes_on_a_new_machine(seaweedfs: Any, tmp_path: Path) -> None:

@@ -22,10 +22,12 @@ def test_repair_racing_a_committer_keeps_every_acknowledged_commit(root) -> None
     acked = [repo.commit(state(0)).id]
     fixer = repo_at(root)
     before_first(
-        fixer.store, "list_keys",
+        fixer.store,
+        "list_keys",
         lambda: acked.extend(repo.commit(state(i)).id for i in (1, 2, 3)),
-        lambda prefix="": prefix == manifest.PREFIX, after=True,
-    )  # fmt: skip
+        lambda prefix="": prefix == manifest.PREFIX,
+        after=True,
+    )
     repaired = fixer.repair()
     index = repo.index()
     assert set(acked) <= set(index.versions) and set(acked) <= set(repaired.versions)
@@ -67,9 +69,11 @@ def rejected_commit(root: tuple[str, dict[str, Any]]) -> tuple[str, str]:
     loser = repo_at(root)
     won: list[str] = []
     before_first(
-        loser.store, "put_if_absent", lambda: won.append(repo.commit(state(1)).id),
+        loser.store,
+        "put_if_absent",
+        lambda: won.append(repo.commit(state(1)).id),
         lambda key, data: key.startswith("manifests/"),
-    )  # fmt: skip
+    )
     with pytest.raises(CommitConflict, match="moved"):
         loser.commit(state(2))
     left = set(repo.store.list_keys(manifest.PREFIX)) - {
@@ -167,9 +171,18 @@ def test_a_malformed_manifest_is_skipped_by_repair(root) -> None:
     repo = repo_at(root)
     kept = repo.commit(state(1))
     bad = "20261201T000000000Z-deadbeef"
-    repo.store.put(manifest.key(bad), json.dumps({
-        "format": 2, "id": bad, "branch": "main", "state": {},
-        "tensors": [{"path": "x", "chunks": 5}]}).encode())  # fmt: skip
+    repo.store.put(
+        manifest.key(bad),
+        json.dumps(
+            {
+                "format": 2,
+                "id": bad,
+                "branch": "main",
+                "state": {},
+                "tensors": [{"path": "x", "chunks": 5}],
+            }
+        ).encode(),
+    )
     repo.store.put(manifest.marker_key(bad), b"{}")
     repo.store.put(versions.KEY, b"{garbled")
     assert set(repo.repair().versions) == {kept.id}

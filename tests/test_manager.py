@@ -85,8 +85,9 @@ def test_every_minutes_with_an_injected_clock(s3) -> None:
 def test_best_metric_min_and_max_and_nan_is_never_best(s3, mode, expected) -> None:
     uri, opts = s3
     t = Trainer()
-    mgr = CheckpointManager(uri, opts, best_metric="val", best_mode=mode,
-                            health=HealthCheck(metric="loss"))  # fmt: skip
+    mgr = CheckpointManager(
+        uri, opts, best_metric="val", best_mode=mode, health=HealthCheck(metric="loss")
+    )
     mgr.restore(**t.objects())
     for step, val in enumerate([5.0, 6.0, 4.0, 7.0, 3.0, math.nan, math.inf, -math.inf], start=1):
         t.train()
@@ -98,17 +99,20 @@ def test_best_metric_min_and_max_and_nan_is_never_best(s3, mode, expected) -> No
 def test_keep_last_k_prunes_the_index_then_gc_frees_unshared_blobs(s3) -> None:
     uri, opts = s3
     t = Trainer()
-    mgr = CheckpointManager(uri, opts, save_every_steps=1, keep_last=2, gc_every=1,
-                            gc_grace=0, health=quiet())  # fmt: skip
+    mgr = CheckpointManager(
+        uri, opts, save_every_steps=1, keep_last=2, gc_every=1, gc_grace=0, health=quiet()
+    )
     mgr.restore(**t.objects())
     for step in range(1, 6):
         mgr.step(step, metrics={"loss": t.train()})
     repo = mgr.repo
     assert steps_of(repo) == [4, 5]
     live_blobs = {
-        blob_key(c[0]) for v in repo.versions() for e in repo.manifest(v.id).tensors
+        blob_key(c[0])
+        for v in repo.versions()
+        for e in repo.manifest(v.id).tensors
         for c in e["chunks"]
-    }  # fmt: skip
+    }
     assert set(repo.store.list_keys("blobs")) == live_blobs
     assert len(repo.store.list_keys("manifests")) == 2
     assert_state_equal(t.model.state_dict(), repo.load()["model"])
@@ -118,9 +122,12 @@ def test_keep_best_and_milestones_combine(s3) -> None:
     uri, opts = s3
     t = Trainer()
     mgr = CheckpointManager(
-        uri, opts, save_every_steps=1,
-        retention=[KeepLast(1), KeepBest(2, "val"), KeepEvery(4)], health=quiet(),
-    )  # fmt: skip
+        uri,
+        opts,
+        save_every_steps=1,
+        retention=[KeepLast(1), KeepBest(2, "val"), KeepEvery(4)],
+        health=quiet(),
+    )
     mgr.restore(**t.objects())
     vals = [9, 1, 8, 7, 2, 6, 5, 4, 3]
     for step, val in enumerate(vals, start=1):
@@ -163,8 +170,9 @@ def test_restore_loads_everything_and_returns_step_epoch_extra(s3) -> None:
 
     fresh = Trainer(seed=7)
     sched2 = torch.optim.lr_scheduler.StepLR(fresh.opt, step_size=2, gamma=0.5)
-    start = CheckpointManager(uri, opts).restore(model=fresh.model, optimizer=fresh.opt,
-                                                scheduler=sched2)  # fmt: skip
+    start = CheckpointManager(uri, opts).restore(
+        model=fresh.model, optimizer=fresh.opt, scheduler=sched2
+    )
     assert (start.step, start.epoch, start.extra) == (3, 1, {"tokens": 300})
     assert start.metrics == {"loss": 0.5}
     assert_state_equal(t.model.state_dict(), fresh.model.state_dict())
@@ -223,8 +231,9 @@ def test_exception_mid_update_never_saves_a_half_updated_state(s3) -> None:
 def test_loss_spike_rolls_back_to_the_last_good_version_and_training_continues(s3) -> None:
     uri, opts = s3
     t = Trainer()
-    mgr = CheckpointManager(uri, opts, save_every_steps=5,
-                            health=HealthCheck(spike_factor=3.0, warmup=5))  # fmt: skip
+    mgr = CheckpointManager(
+        uri, opts, save_every_steps=5, health=HealthCheck(spike_factor=3.0, warmup=5)
+    )
     mgr.restore(**t.objects())
     step = 0
     for _ in range(10):
@@ -253,8 +262,9 @@ def test_loss_spike_rolls_back_to_the_last_good_version_and_training_continues(s
 def test_nan_loss_is_never_committed(s3) -> None:
     uri, opts = s3
     t = Trainer()
-    mgr = CheckpointManager(uri, opts, save_every_steps=1, best_metric="loss",
-                            health=HealthCheck(warmup=100))  # fmt: skip
+    mgr = CheckpointManager(
+        uri, opts, save_every_steps=1, best_metric="loss", health=HealthCheck(warmup=100)
+    )
     mgr.restore(**t.objects())
     mgr.step(1, metrics={"loss": t.train()})
     result = mgr.step(2, metrics={"loss": math.nan})

@@ -30,9 +30,12 @@ from cloudckpt.testing.local_s3 import free_port
 ROOT = Path(__file__).resolve().parent.parent
 #: A store that is down refuses connections: two quick attempts, then the save fails.
 QUICK = RepoOptions(
-    store=StoreOptions(connect_timeout=2, read_timeout=15,
-                       retry=RetryPolicy(attempts=2, total_seconds=15, initial_backoff=0.05)),
-)  # fmt: skip
+    store=StoreOptions(
+        connect_timeout=2,
+        read_timeout=15,
+        retry=RetryPolicy(attempts=2, total_seconds=15, initial_backoff=0.05),
+    ),
+)
 
 
 class Outage:
@@ -128,10 +131,22 @@ def test_a_training_run_survives_the_store_stopped_for_30_seconds(
     env = {**os.environ, **seaweedfs.env(), "AWS_ENDPOINT_URL": outage.endpoint}
     steps = 120
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "examples" / "train_gpt.py"), "--uri", uri,
-         "--steps", str(steps), "--save-every", "20", "--no-preemption-watcher"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train_gpt.py"),
+            "--uri",
+            uri,
+            "--steps",
+            str(steps),
+            "--save-every",
+            "20",
+            "--no-preemption-watcher",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     first_save = threading.Event()
 

@@ -22,8 +22,18 @@ STEPS, SAVE_EVERY, KILL_AFTER = 60, 10, 33
 def train(server, uri: str, log: Path, cwd: Path) -> subprocess.Popen[bytes]:
     cwd.mkdir(exist_ok=True)
     env = {**os.environ, **server.env(), "PYTHONHASHSEED": "0"}
-    cmd = [sys.executable, TRAIN, "--uri", uri, "--steps", str(STEPS),
-           "--save-every", str(SAVE_EVERY), "--log", str(log)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        TRAIN,
+        "--uri",
+        uri,
+        "--steps",
+        str(STEPS),
+        "--save-every",
+        str(SAVE_EVERY),
+        "--log",
+        str(log),
+    ]
     out = open(cwd / "output.txt", "wb")  # noqa: SIM115 (the child holds it)
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
 

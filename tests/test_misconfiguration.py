@@ -24,8 +24,13 @@ def test_a_uri_without_a_scheme_is_refused_saying_what_was_meant(uri: str, tmp_p
 
 
 def test_the_cli_refuses_a_uri_without_a_scheme(tmp_path) -> None:
-    out = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", "ckpt/runs/gpt"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "cloudckpt.cli", "ls", "ckpt/runs/gpt"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert out.returncode != 0 and "s3://ckpt/runs/gpt" in out.stderr, out.stderr
     assert not (tmp_path / "ckpt").exists()
 
@@ -47,8 +52,13 @@ def test_a_missing_bucket_is_a_store_error_naming_it(missing: tuple[Any, str]) -
         with pytest.raises(StoreError, match=pattern):
             CheckpointManager(uri, opts, exclusive=exclusive).restore(model=nn.Linear(2, 2))
     env = {**os.environ, **server.env()}
-    out = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", uri], env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "cloudckpt.cli", "ls", uri],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 6 and bucket in out.stderr, (out.returncode, out.stderr)
 
 
@@ -57,10 +67,19 @@ def test_a_refused_connection_says_nothing_listens_there_in_one_line(tmp_path) -
     from cloudckpt.testing.local_s3 import free_port
 
     port = free_port()  # nothing listens there
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "cloudckpt.cli", "ls", "s3://bucket/run"],
-                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "k",
+        "AWS_SECRET_ACCESS_KEY": "s",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "cloudckpt.cli", "ls", "s3://bucket/run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 6, out.stderr
     assert f"127.0.0.1:{port}" in out.stderr and "nothing is listening" in out.stderr
     assert out.stderr.count("retrying") <= 1, out.stderr

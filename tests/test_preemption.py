@@ -85,8 +85,9 @@ POLLERS = {"aws": aws_poller, "gcp": gcp_poller, "azure": azure_poller}
 @pytest.mark.parametrize("cloud", ["aws", "gcp", "azure"])
 def test_cloud_notice_stops_training_with_a_final_checkpoint(cloud, tmp_path) -> None:
     with metadata(cloud) as server:
-        watcher = PreemptionWatcher(signals=(), pollers=[POLLERS[cloud](server.endpoint)],
-                                    interval=0.05).start()  # fmt: skip
+        watcher = PreemptionWatcher(
+            signals=(), pollers=[POLLERS[cloud](server.endpoint)], interval=0.05
+        ).start()
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -133,10 +134,24 @@ def test_sigterm_at_a_random_step_commits_the_last_completed_step_and_exits_0(
     log = tmp_path / "steps.jsonl"
     env = {**os.environ, **seaweedfs.env()}
     proc = subprocess.Popen(
-        [sys.executable, TRAIN, "--uri", uri, "--steps", "100000", "--save-every", "100000",
-         "--log", str(log)],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            TRAIN,
+            "--uri",
+            uri,
+            "--steps",
+            "100000",
+            "--save-every",
+            "100000",
+            "--log",
+            str(log),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     target = random.Random(trial).randint(3, 40)
     deadline = time.monotonic() + 120
     while last_step(log) < target and proc.poll() is None and time.monotonic() < deadline:
@@ -164,8 +179,9 @@ def test_a_repeat_within_the_window_is_ignored_and_a_later_interrupt_exits_at_on
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     with reaped(proc):
         assert proc.stdout and proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
@@ -190,10 +206,25 @@ def test_a_repeated_sigterm_does_not_abort_the_final_async_save(seaweedfs, tmp_p
     log = tmp_path / "steps.jsonl"
     env = {**os.environ, **seaweedfs.env()}
     proc = subprocess.Popen(
-        [sys.executable, TRAIN, "--uri", uri, "--steps", "100000", "--save-every", "3",
-         "--async-save", "--log", str(log)],
-        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            TRAIN,
+            "--uri",
+            uri,
+            "--steps",
+            "100000",
+            "--save-every",
+            "3",
+            "--async-save",
+            "--log",
+            str(log),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while last_step(log) < 4 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)

@@ -80,9 +80,13 @@ def test_shell_commands_run(seaweedfs: Any, tmp_path: Path) -> None:
         argv[argv.index("--log-file") + 1] = str(tmp_path / f"train-{ran}.jsonl")
         for run in (1, 2):
             out = subprocess.run(
-                argv, cwd=ROOT, env={**os.environ, **seaweedfs.env()},
-                capture_output=True, text=True, timeout=300,
-            )  # fmt: skip
+                argv,
+                cwd=ROOT,
+                env={**os.environ, **seaweedfs.env()},
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             assert out.returncode == 0, (command, run, out.stderr[-3000:])
             said = "fresh run" if run == 1 else "resumed at step 4"
             assert said in out.stdout, (command, run, out.stdout[-2000:])
@@ -123,10 +127,22 @@ def test_install_commands_name_real_extras_and_pip_accepts_them() -> None:
             continue
         argv = shlex.split(command.replace(REPO_URL, f"git+file://{ROOT}"))
         out = subprocess.run(
-            [sys.executable, "-m", "pip", *argv[1:], "--dry-run", "--no-deps",
-             "--no-build-isolation", "--no-index", "--quiet"],
-            cwd=ROOT, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                *argv[1:],
+                "--dry-run",
+                "--no-deps",
+                "--no-build-isolation",
+                "--no-index",
+                "--quiet",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 0, (command, out.stderr[-2000:])
 
 
@@ -155,9 +171,11 @@ def shape(line: str) -> str:
 
 
 def test_cli_transcript_replays(
-    seaweedfs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    seaweedfs: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+) -> None:
     for name, value in seaweedfs.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
@@ -190,6 +208,7 @@ def test_cli_transcript_replays(
         got = (out.out + out.err).splitlines()[: int(head[1]) if head else None]
         assert shape(got[0]) == shape(expected.splitlines()[0]), (command, got[:3])
         if argv[0] == "branch":  # the transcript's run trained on the new branch meanwhile
-            ids[theirs[50]] = repo.commit(train_state(cfg, 1, seed=50), branch=argv[2],
-                                          step=50, metrics={"loss": 2.71}).id  # fmt: skip
+            ids[theirs[50]] = repo.commit(
+                train_state(cfg, 1, seed=50), branch=argv[2], step=50, metrics={"loss": 2.71}
+            ).id
     assert last_code == 0 and (tmp_path / "model-bf16.safetensors").exists()

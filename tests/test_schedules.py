@@ -52,13 +52,31 @@ def test_every_public_store_method_is_one_step() -> None:
         Scenario("calls", [s.ActorSpec("a", "calls", _calls)]), s.RandomChooser(0)
     )
     assert [(st.method, st.key) for st in result.steps] == [
-        ("start", ""), ("put", "x/a"), ("get", "x/a"), ("stat", "x/a"), ("list_keys", "x"),
-        ("put_if_absent", "x/b"), ("read_versioned", "x/b"), ("put_if_match", "x/b"),
+        ("start", ""),
+        ("put", "x/a"),
+        ("get", "x/a"),
+        ("stat", "x/a"),
+        ("list_keys", "x"),
+        ("put_if_absent", "x/b"),
+        ("read_versioned", "x/b"),
+        ("put_if_match", "x/b"),
         ("delete", "x/a +1"),
-    ]  # fmt: skip
+    ]
     assert result.violations == []
-    known = {"get", "get_buffer", "get_range", "stat", "put", "put_if_absent", "read_versioned",
-             "put_if_match", "list_keys", "list_info", "delete", "abort_stale_uploads"}  # fmt: skip
+    known = {
+        "get",
+        "get_buffer",
+        "get_range",
+        "stat",
+        "put",
+        "put_if_absent",
+        "read_versioned",
+        "put_if_match",
+        "list_keys",
+        "list_info",
+        "delete",
+        "abort_stale_uploads",
+    }
     assert known <= set(result.wrapped)
     public = {n for n in dir(Repo("memory://x").store) if not n.startswith("_") and n != "fs"}
     methods = {n for n in public if callable(getattr(Repo("memory://x").store, n))}

@@ -45,8 +45,9 @@ def test_logs_errors_and_stored_objects_hold_no_credentials(
     plan = FaultPlan(rate=0.3, seed=5, kinds=("slowdown", "internal", "reset"))
     with FaultProxy(seaweedfs.endpoint, plan) as proxy:  # retries log their failures
         opts = proxy.storage_options(CREDENTIALS)
-        with CheckpointManager(uri, opts, save_every_steps=1,
-                               options=RepoOptions(store=PATIENT)) as mgr:  # fmt: skip
+        with CheckpointManager(
+            uri, opts, save_every_steps=1, options=RepoOptions(store=PATIENT)
+        ) as mgr:
             mgr.restore(model=nn.Linear(64, 64))
             for step in range(1, 4):
                 mgr.step(step, metrics={"loss": 1.0 / step})
@@ -71,8 +72,12 @@ def test_logs_errors_and_stored_objects_hold_no_credentials(
 def test_cli_output_holds_no_credentials(seaweedfs: Any) -> None:
     uri = seaweedfs.fresh_uri("secrets")
     Repo(uri, {**seaweedfs.storage_options(), **CREDENTIALS}).commit({"w": torch.ones(4)})
-    env = {**os.environ, **seaweedfs.env(), "AWS_ACCESS_KEY_ID": KEY,
-           "AWS_SECRET_ACCESS_KEY": SECRET}  # fmt: skip
+    env = {
+        **os.environ,
+        **seaweedfs.env(),
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+    }
     refused = f"http://{KEY}:{SECRET}@127.0.0.1:{free_port()}"
     script = (
         "import sys; from cloudckpt.cli import main; "

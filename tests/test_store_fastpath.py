@@ -130,10 +130,18 @@ def test_a_profiles_endpoint_and_region_reach_the_fast_path(seaweedfs: Any, tmp_
         f"[lab]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env.update(AWS_CONFIG_FILE=str(tmp_path / "config"), AWS_PROFILE="lab",
-               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "credentials"))  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", PROFILE_CHILD, seaweedfs.fresh_uri("profile")],
-                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    env.update(
+        AWS_CONFIG_FILE=str(tmp_path / "config"),
+        AWS_PROFILE="lab",
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "credentials"),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", PROFILE_CHILD, seaweedfs.fresh_uri("profile")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     endpoint, named, seconds = out.stdout.strip().split("|")
     assert endpoint == seaweedfs.endpoint and seaweedfs.endpoint.split("//")[1] in named

@@ -33,8 +33,15 @@ def test_a_newer_format_says_upgrade() -> None:
 
 
 def test_format_1_reads_and_writes_back_as_format_2() -> None:
-    old = json.dumps({"format": 1, "branches": {"main": "v"}, "tags": {}, "versions": [
-        {"id": "v", "branch": "main"}], "deleted": {"d": 1.5}}).encode()  # fmt: skip
+    old = json.dumps(
+        {
+            "format": 1,
+            "branches": {"main": "v"},
+            "tags": {},
+            "versions": [{"id": "v", "branch": "main"}],
+            "deleted": {"d": 1.5},
+        }
+    ).encode()
     index = Index.parse(old, "versions.json")
     assert index.fences == {} and index.gc_epoch == 0 and index.deleted == {"d": 1.5}
     again = Index.parse(index.dumps(), "versions.json")

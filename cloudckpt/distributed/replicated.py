@@ -76,8 +76,9 @@ def commit(
     it is not held yet and its fencing token goes with the commit. ``before_publish``
     runs on rank 0 just before the version is published (e.g. a lease check)."""
     options = options or DistributedOptions()
-    kwargs: dict[str, Any] = dict(branch=branch, step=step, metrics=metrics, message=message,
-                                  fast_forward=fast_forward)  # fmt: skip
+    kwargs: dict[str, Any] = dict(
+        branch=branch, step=step, metrics=metrics, message=message, fast_forward=fast_forward
+    )
     meta = dict(meta or {})
 
     def on_rank0() -> Version:

@@ -93,9 +93,12 @@ class CloudCheckpointIO(CheckpointIO):
         repo = self.repo_for(path)
         old = self._pointer(path)
         version = repo.commit(
-            checkpoint, step=checkpoint.get("global_step"), fast_forward=True,
-            message=pointer.split(path)[1], meta={"lightning_path": path},
-        )  # fmt: skip
+            checkpoint,
+            step=checkpoint.get("global_step"),
+            fast_forward=True,
+            message=pointer.split(path)[1],
+            meta={"lightning_path": path},
+        )
         directory, name = pointer.split(path)
         self._places.store(directory).put(name, pointer.Pointer(repo.uri, version.id).dumps())
         if old is not None and old.version != version.id:
@@ -110,8 +113,9 @@ class CloudCheckpointIO(CheckpointIO):
         state = self.repo_for(path).load(found.version)
         self.resumed_from = str(path)
         if map_location is not None and not callable(map_location):
-            state = map_arrays(state, lambda t, _: t.to(map_location) if isinstance(
-                t, torch.Tensor) else t)  # fmt: skip
+            state = map_arrays(
+                state, lambda t, _: t.to(map_location) if isinstance(t, torch.Tensor) else t
+            )
         return state
 
     def remove_checkpoint(self, path: _PATH) -> None:

@@ -81,10 +81,13 @@ class CloudCheckpointCallback(TrainerCallback):
         }
         losses = [h["loss"] for h in state.log_history if "loss" in h]
         version = self.repo.commit(
-            snapshot, branch=self.branch, step=state.global_step, fast_forward=True,
+            snapshot,
+            branch=self.branch,
+            step=state.global_step,
+            fast_forward=True,
             metrics={"loss": losses[-1]} if losses else None,
             message=f"checkpoint-{state.global_step}",
-        )  # fmt: skip
+        )
         log.info("committed checkpoint-%d as %s", state.global_step, version.id)
 
     def resume(self, trainer: Trainer) -> str | None:
@@ -115,8 +118,13 @@ class CloudCheckpointCallback(TrainerCallback):
         if out.parent != root:  # the step is an int; this holds, and is checked all the same
             raise CorruptCheckpoint(f"{where}: {out} is not a checkpoint directory of {root}")
         state = self.repo.load(version.id)
-        parts = {"model": dict, "optimizer": dict, "scheduler": dict, "trainer_state": str,
-                 "rng": dict}  # fmt: skip
+        parts = {
+            "model": dict,
+            "optimizer": dict,
+            "scheduler": dict,
+            "trainer_state": str,
+            "rng": dict,
+        }
         wrong = [k for k, kind in parts.items() if not isinstance(state.get(k), kind)]
         if not isinstance(state, dict) or wrong:
             raise CorruptCheckpoint(f"{where} is not a Trainer checkpoint (bad {wrong})")

@@ -363,12 +363,14 @@ class Store:
             return self._remove_stale_temporaries(older_than)
         if not self._http:
             return 0
-        stale = self._run("list-uploads", "", lambda: multipart.stale_uploads(
-            self.fs, self.root, older_than))  # fmt: skip
+        stale = self._run(
+            "list-uploads", "", lambda: multipart.stale_uploads(self.fs, self.root, older_than)
+        )
         for path, upload_id in stale:
             key = path[len(self.root) + 1 :]
-            self._run("abort-upload", key, lambda p=path, u=upload_id: multipart.abort(
-                self.fs, p, u))  # fmt: skip
+            self._run(
+                "abort-upload", key, lambda p=path, u=upload_id: multipart.abort(self.fs, p, u)
+            )
         return len(stale)
 
     def _file_clock(self) -> float:
@@ -427,8 +429,9 @@ class Store:
 
             def _head() -> float | None:
                 try:
-                    resp = sync(self.fs.loop, self.fs._call_s3, "head_object", Bucket=bucket,
-                                Key=path)  # fmt: skip
+                    resp = sync(
+                        self.fs.loop, self.fs._call_s3, "head_object", Bucket=bucket, Key=path
+                    )
                 except FileNotFoundError as e:
                     _clear_frames(e)
                     return None

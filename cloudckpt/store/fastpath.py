@@ -26,8 +26,18 @@ from typing import Any
 log = logging.getLogger("cloudckpt.store")
 
 #: storage_options keys (and nested keys) that mean the same thing to obstore.
-_TOP = {"key", "secret", "token", "endpoint_url", "anon", "profile", "client_kwargs",
-        "config_kwargs", "skip_instance_cache", "use_listings_cache"}  # fmt: skip
+_TOP = {
+    "key",
+    "secret",
+    "token",
+    "endpoint_url",
+    "anon",
+    "profile",
+    "client_kwargs",
+    "config_kwargs",
+    "skip_instance_cache",
+    "use_listings_cache",
+}
 _CLIENT = {"endpoint_url", "region_name"}
 _CONFIG = {"connect_timeout", "read_timeout", "retries", "s3"}
 
@@ -74,8 +84,9 @@ class FastPath:
         self.endpoint = endpoint
 
     @classmethod
-    def for_s3(cls, root: str, opts: dict[str, Any], connect_timeout: float,
-               read_timeout: float) -> FastPath | None:  # fmt: skip
+    def for_s3(
+        cls, root: str, opts: dict[str, Any], connect_timeout: float, read_timeout: float
+    ) -> FastPath | None:
         """The fast path for ``root`` (``bucket/prefix``) and s3fs ``opts``, or None if
         obstore is missing or an option has no obstore equivalent."""
         unknown = _unmapped(opts)
@@ -127,8 +138,13 @@ class FastPath:
         }
         retry = {"max_retries": 0, "retry_timeout": datetime.timedelta(seconds=read_timeout)}
         try:
-            store = S3Store(bucket, config=config, client_options=client_options,
-                            retry_config=retry, credential_provider=provider)  # fmt: skip
+            store = S3Store(
+                bucket,
+                config=config,
+                client_options=client_options,
+                retry_config=retry,
+                credential_provider=provider,
+            )
         except BaseException as e:  # obstore may panic on a configuration it rejects
             if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
                 raise
@@ -239,9 +255,11 @@ def _botocore_settings(profile: str | None) -> tuple[str | None, str | None]:
         region = session.get_config_variable("region")
         # Placeholder keys: only the endpoint is wanted, not a credential lookup.
         client = session.create_client(
-            "s3", region_name=region or _region(), aws_access_key_id="-",
+            "s3",
+            region_name=region or _region(),
+            aws_access_key_id="-",
             aws_secret_access_key="-",
-        )  # fmt: skip
+        )
         endpoint = client.meta.endpoint_url
         host = urllib.parse.urlsplit(endpoint).hostname or ""
         return (None if host.endswith(".amazonaws.com") else endpoint), client.meta.region_name

@@ -54,8 +54,13 @@ def upload(fs: Any, path: str, data: bytes | memoryview, part_size: int, run: Ru
 
 def _complete(fs: Any, path: str, upload_id: str, parts: list[dict[str, Any]], size: int) -> None:
     try:
-        _s3(fs, "complete_multipart_upload", path, UploadId=upload_id,
-            MultipartUpload={"Parts": parts})  # fmt: skip
+        _s3(
+            fs,
+            "complete_multipart_upload",
+            path,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
     except OSError as e:
         # A retried complete whose first attempt took effect finds no upload; the
         # object is then there with its full size.
@@ -78,8 +83,14 @@ def stale_uploads(fs: Any, root: str, older_than: float) -> list[tuple[str, str]
     found: list[tuple[str, str]] = []
     marker: dict[str, str] = {}
     for _ in range(10_000):  # pages of 1000
-        page = sync(fs.loop, fs._call_s3, "list_multipart_uploads", Bucket=bucket,
-                    Prefix=prefix.rstrip("/") + "/", **marker)  # fmt: skip
+        page = sync(
+            fs.loop,
+            fs._call_s3,
+            "list_multipart_uploads",
+            Bucket=bucket,
+            Prefix=prefix.rstrip("/") + "/",
+            **marker,
+        )
         for up in page.get("Uploads", []):
             started = up.get("Initiated")
             if isinstance(started, datetime.datetime) and int(started.timestamp()) <= older_than:

@@ -113,8 +113,7 @@ class RetryPolicy:
                 # One warning per call; the later attempts of a store that stays down
                 # are details (logged at INFO), the final error says the rest.
                 level = logging.WARNING if attempt == 1 else logging.INFO
-                log.log(level, "%s failed (attempt %d: %s); retrying", describe, attempt,
-                        _short(e))  # fmt: skip
+                log.log(level, "%s failed (attempt %d: %s); retrying", describe, attempt, _short(e))
                 if stop is None:
                     time.sleep(pause)
                 else:

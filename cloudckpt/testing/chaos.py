@@ -124,8 +124,9 @@ def run(
     committed: dict[str, dict[str, Any]] = {}
     try:
         with FaultProxy(upstream, plan) as proxy:
-            repo = Repo(uri, proxy.storage_options(credentials),
-                        options=RepoOptions(store=CHAOS_STORE))  # fmt: skip
+            repo = Repo(
+                uri, proxy.storage_options(credentials), options=RepoOptions(store=CHAOS_STORE)
+            )
             model, opt = _model(plan.seed)
             for step in range(saves):
                 if time.monotonic() - start > seconds:

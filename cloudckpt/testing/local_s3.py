@@ -178,11 +178,21 @@ class SeaweedFS(_Server):
         s3, master, volume, filer = ports
         self.endpoint = f"http://{HOST}:{s3}"
         cmd = [
-            _find_binary("weed"), "server", f"-dir={data}",
-            "-s3", f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}",
-            f"-filer.port={filer}", f"-ip={HOST}", f"-ip.bind={HOST}", "-volume.max=0",
-            "-master.volumeSizeLimitMB=256", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        ]  # fmt: skip
+            _find_binary("weed"),
+            "server",
+            f"-dir={data}",
+            "-s3",
+            f"-s3.port={s3}",
+            f"-master.port={master}",
+            f"-volume.port={volume}",
+            f"-filer.port={filer}",
+            f"-ip={HOST}",
+            f"-ip.bind={HOST}",
+            "-volume.max=0",
+            "-master.volumeSizeLimitMB=256",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ]
         self._log = open(data / "weed.log", "wb")  # noqa: SIM115 (lives as long as the server)
         self._proc = subprocess.Popen(
             cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True

@@ -119,10 +119,12 @@ class Checker:
                 self.add("I2", step, branch, f"branch {branch} lost its head {old}")
             elif new != old and not self._descends(new, old):
                 self.add(
-                    "I2", step, branch,
+                    "I2",
+                    step,
+                    branch,
                     f"head of {branch} moved from {old} ({self.writers.get(old)}) to {new} "
                     f"({self.writers.get(new)}), not a descendant",
-                )  # fmt: skip
+                )
         self.heads = dict(index.branches)
 
     def _descends(self, vid: str | None, ancestor: str) -> bool:
@@ -145,10 +147,12 @@ class Checker:
                     took = self.visible.get(a.token, -1)
                     if a.actor == old.actor and a.status == "acked" and took > new.step:
                         self.add(
-                            "I3", step, f"{a.token}>{new.actor}",
+                            "I3",
+                            step,
+                            f"{a.token}>{new.actor}",
                             f"{a.token} of {old.actor} took effect at step {took}, after "
                             f"{new.actor} took the lease of {new.branch} at step {new.step}",
-                        )  # fmt: skip
+                        )
                 for vid in index.versions:
                     if self.writers.get(vid) == old.actor:
                         self._descends_from(vid, old.actor, new.actor, step)
@@ -160,9 +164,11 @@ class Checker:
                 return
             if self.writers.get(current) == new:
                 self.add(
-                    "I3", step, f"{vid}<{new}",
+                    "I3",
+                    step,
+                    f"{vid}<{new}",
                     f"version {vid} of superseded holder {old} descends from {current} of {new}",
-                )  # fmt: skip
+                )
                 return
             current = self.parents.get(current)
 
@@ -180,9 +186,11 @@ class Checker:
             a = attempts[token]
             if a.status in ("rejected", "error"):
                 self.add(
-                    "I4", step, token,
+                    "I4",
+                    step,
+                    token,
                     f"commit {token} raised ({a.error}) but was in the index after step {first}",
-                )  # fmt: skip
+                )
 
 
 def _blob_keys(doc: Any) -> set[str]:

@@ -224,8 +224,9 @@ def run_random(seed: int, *, deep_every: int = 8, **kwargs: Any) -> ScheduleResu
     """The schedule seed ``seed`` stands for (scenario, backend and every choice)."""
     scenario, backend = random_scenario(seed)
     chooser = RandomChooser(seed)
-    return run_schedule(scenario, chooser, backend=backend, seed=seed, deep_every=deep_every,
-                        **kwargs)  # fmt: skip
+    return run_schedule(
+        scenario, chooser, backend=backend, seed=seed, deep_every=deep_every, **kwargs
+    )
 
 
 def run_many(seeds: Iterable[int], **kwargs: Any) -> Iterator[ScheduleResult]:

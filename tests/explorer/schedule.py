@@ -167,9 +167,17 @@ def run_schedule(
             said = ["killed before its first store call"]
         outcomes[spec.name] = "; ".join(said)
     return ScheduleResult(
-        scenario.describe(), backend, seed, run.steps, checker.violations, outcomes, run.ops,
-        time.monotonic() - t0, run.pruned, wrapped,
-    )  # fmt: skip
+        scenario.describe(),
+        backend,
+        seed,
+        run.steps,
+        checker.violations,
+        outcomes,
+        run.ops,
+        time.monotonic() - t0,
+        run.pruned,
+        wrapped,
+    )
 
 
 @dataclass
