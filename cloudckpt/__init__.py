@@ -1,35 +1,57 @@
-"""cloudckpt: durable, compressed, content-addressed PyTorch checkpoints in any object store."""
+"""cloudckpt: durable, compressed, content-addressed PyTorch checkpoints in any object store.
 
-from cloudckpt.blobs import TransferOptions, TransferStats
-from cloudckpt.errors import (
-    CheckpointNotFound,
-    CloudCkptError,
-    CommitConflict,
-    CorruptCheckpoint,
-    FencedOut,
-    LeaseHeld,
-    StoreError,
-    UnsupportedState,
-)
-from cloudckpt.health import HealthCheck
-from cloudckpt.manager import CheckpointManager
-from cloudckpt.policies import (
-    EveryMinutes,
-    EveryNSteps,
-    KeepBest,
-    KeepEvery,
-    KeepLast,
-    OnBestMetric,
-    SaveFailures,
-)
-from cloudckpt.preemption import PreemptionWatcher
-from cloudckpt.repo import Repo, RepoOptions
-from cloudckpt.reports import Resumed, SaveReport, StepResult
-from cloudckpt.resume import ResumableSampler
-from cloudckpt.store import RetryPolicy, StoreOptions
-from cloudckpt.versions import Version
+The names below are the public API. They are imported on first use, so that
+``import cloudckpt`` (and the metadata layer: ``cloudckpt.store``, ``cloudckpt.versions``)
+does not pull in torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: Public name -> the module that defines it.
+_WHERE: dict[str, str] = {
+    "CheckpointManager": "cloudckpt.manager",
+    "CheckpointNotFound": "cloudckpt.errors",
+    "CloudCkptError": "cloudckpt.errors",
+    "CommitConflict": "cloudckpt.errors",
+    "CorruptCheckpoint": "cloudckpt.errors",
+    "Diff": "cloudckpt.diff",
+    "DistributedOptions": "cloudckpt.distributed.replicated",
+    "EveryMinutes": "cloudckpt.policies",
+    "EveryNSteps": "cloudckpt.policies",
+    "FencedOut": "cloudckpt.errors",
+    "GCReport": "cloudckpt.gc",
+    "HealthCheck": "cloudckpt.health",
+    "Index": "cloudckpt.versions",
+    "KeepBest": "cloudckpt.policies",
+    "KeepEvery": "cloudckpt.policies",
+    "KeepLast": "cloudckpt.policies",
+    "LeaseHeld": "cloudckpt.errors",
+    "OnBestMetric": "cloudckpt.policies",
+    "PreemptionWatcher": "cloudckpt.preemption",
+    "Repo": "cloudckpt.repo",
+    "RepoOptions": "cloudckpt.repo",
+    "ResumableSampler": "cloudckpt.resume",
+    "Resumed": "cloudckpt.reports",
+    "RetentionPolicy": "cloudckpt.policies",
+    "RetryPolicy": "cloudckpt.store",
+    "SaveFailures": "cloudckpt.policies",
+    "SavePolicy": "cloudckpt.policies",
+    "SaveReport": "cloudckpt.reports",
+    "StepResult": "cloudckpt.reports",
+    "Store": "cloudckpt.store",
+    "StoreError": "cloudckpt.errors",
+    "StoreOptions": "cloudckpt.store",
+    "TransferOptions": "cloudckpt.blobs",
+    "TransferStats": "cloudckpt.blobs",
+    "UnsupportedState": "cloudckpt.errors",
+    "VerifyReport": "cloudckpt.integrity",
+    "Version": "cloudckpt.versions",
+}
 
 __all__ = [
     "CheckpointManager",
@@ -37,10 +59,14 @@ __all__ = [
     "CloudCkptError",
     "CommitConflict",
     "CorruptCheckpoint",
+    "Diff",
+    "DistributedOptions",
     "EveryMinutes",
     "EveryNSteps",
     "FencedOut",
+    "GCReport",
     "HealthCheck",
+    "Index",
     "KeepBest",
     "KeepEvery",
     "KeepLast",
@@ -51,14 +77,68 @@ __all__ = [
     "RepoOptions",
     "ResumableSampler",
     "Resumed",
+    "RetentionPolicy",
     "RetryPolicy",
     "SaveFailures",
+    "SavePolicy",
     "SaveReport",
     "StepResult",
+    "Store",
     "StoreError",
     "StoreOptions",
     "TransferOptions",
     "TransferStats",
     "UnsupportedState",
+    "VerifyReport",
     "Version",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cloudckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])
+
+
+if TYPE_CHECKING:
+    from cloudckpt.blobs import TransferOptions, TransferStats
+    from cloudckpt.diff import Diff
+    from cloudckpt.distributed.replicated import DistributedOptions
+    from cloudckpt.errors import (
+        CheckpointNotFound,
+        CloudCkptError,
+        CommitConflict,
+        CorruptCheckpoint,
+        FencedOut,
+        LeaseHeld,
+        StoreError,
+        UnsupportedState,
+    )
+    from cloudckpt.gc import GCReport
+    from cloudckpt.health import HealthCheck
+    from cloudckpt.integrity import VerifyReport
+    from cloudckpt.manager import CheckpointManager
+    from cloudckpt.policies import (
+        EveryMinutes,
+        EveryNSteps,
+        KeepBest,
+        KeepEvery,
+        KeepLast,
+        OnBestMetric,
+        RetentionPolicy,
+        SaveFailures,
+        SavePolicy,
+    )
+    from cloudckpt.preemption import PreemptionWatcher
+    from cloudckpt.repo import Repo, RepoOptions
+    from cloudckpt.reports import Resumed, SaveReport, StepResult
+    from cloudckpt.resume import ResumableSampler
+    from cloudckpt.store import RetryPolicy, Store, StoreOptions
+    from cloudckpt.versions import Index, Version

@@ -31,7 +31,7 @@ from typing import Any
 
 from cloudckpt import codec, manifest, schema, versions
 from cloudckpt.blobs import BlobWriter, TransferOptions, TransferStats
-from cloudckpt.blobs.layout import blob_key
+from cloudckpt.blobs.chunks import blob_key
 from cloudckpt.errors import CloudCkptError, CommitConflict, CorruptCheckpoint
 from cloudckpt.manifest import Manifest
 from cloudckpt.store import Store

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from cloudckpt import loading, manifest, schema, tree
+from cloudckpt import load_into, manifest, schema, tree
 from cloudckpt.blobs import TransferStats, iter_chunks
 from cloudckpt.commit import Start, Transaction
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedState
@@ -251,7 +251,7 @@ class CloudStorageReader(StorageReader):
             if req.type != LoadItemType.BYTE_IO:
                 entry = self._stored(req.storage_index)["entry"]
                 if id(entry) not in needed:
-                    needed[id(entry)] = (entry, loading.allocate(entry, None))
+                    needed[id(entry)] = (entry, load_into.allocate(entry, None))
         # Only the saved chunks this rank's plan needs, fetched in parallel.
         self.repo.reader().read(list(needed.values()))
         for req in plan.items:

@@ -19,7 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, Literal
 
-from cloudckpt import loading, schema, tree, versions
+from cloudckpt import fallback, schema, tree, versions
 from cloudckpt.distributed import replicated
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
@@ -243,7 +243,7 @@ class CheckpointManager:
         def attempt(candidate: Version) -> None:
             self._apply(candidate, self._load(candidate.id, self.objects))
 
-        version, _, bad = loading.first_good(
+        version, _, bad = fallback.first_good(
             versions.lineage(index, head.id), attempt, f"{self.repo.uri} branch {self.branch!r}"
         )
         skipped.update(bad)

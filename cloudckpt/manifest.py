@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudckpt import codec, schema, tree
-from cloudckpt.blobs.layout import iter_chunks
+from cloudckpt.blobs.chunks import iter_chunks
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, UnsupportedFormat
 from cloudckpt.store import Store
 from cloudckpt.versions import Version

@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from cloudckpt import exchange, integrity, loading, manifest, schema, tree, versions
+from cloudckpt import fallback, integrity, load_into, manifest, schema, single_file, tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats
 from cloudckpt.commit import CommitRequest, Transaction, new_version_id
 from cloudckpt.diff import Diff, diff_versions
@@ -35,6 +35,7 @@ from cloudckpt.versions import Index, Version
 __all__ = ["LATEST", "Repo", "RepoOptions", "new_version_id"]
 
 log = logging.getLogger("cloudckpt")
+T = TypeVar("T")
 
 LATEST = "latest"
 #: Fills arrays from their manifest entries: ``[(entry, destination), ...] -> stats``.
@@ -97,6 +98,19 @@ class Repo:
                 f"{self.uri}: no branch, tag or version named {ref!r} (branches: {known})"
             )
         return found
+
+    def newest_good(
+        self, ref: str, attempt: Callable[[Version], T], index: Index | None = None
+    ) -> tuple[Version, T, dict[str, str]]:
+        """Restore's fallback: the newest version of ``ref``'s lineage for which
+        ``attempt(version)`` does not raise CorruptCheckpoint (one that does not verify or
+        does not fit is passed over for its parent, and logged), what ``attempt``
+        returned, and version id -> why for each version passed over."""
+        index = index or self.index()
+        head = self.resolve(ref, index)
+        kind = "branch" if ref in index.branches else "tag" if ref in index.tags else "version"
+        where = f"{self.uri} {kind} {ref!r}"
+        return fallback.first_good(versions.lineage(index, head.id), attempt, where)
 
     def manifest(self, ref: str | Version = "main") -> Manifest:
         """The parsed manifest of a version (a ref, or a Version already resolved)."""
@@ -239,12 +253,12 @@ class Repo:
 
     # -- single files --------------------------------------------------------------------
     def export(self, ref: str, destination: str, **kwargs: Any) -> dict[str, str]:
-        """Write a version as one safetensors or torch file (see :func:`exchange.export`)."""
-        return exchange.export(self, ref, destination, **kwargs)
+        """Write a version as one safetensors or torch file (see :func:`single_file.export`)."""
+        return single_file.export(self, ref, destination, **kwargs)
 
     def import_file(self, source: str, **kwargs: Any) -> Version:
         """Commit an existing safetensors or weights-only torch file as a new version."""
-        return exchange.import_file(self, source, **kwargs)
+        return single_file.import_file(self, source, **kwargs)
 
     # -- deleting ----------------------------------------------------------------------
     def delete(
@@ -322,12 +336,12 @@ class Repo:
         skeleton = doc.state
         if keys is not None:
             patterns = list(keys)
-            skeleton = tree.select(skeleton, lambda p: loading.matches(p, patterns))
+            skeleton = tree.select(skeleton, lambda p: load_into.matches(p, patterns))
             if skeleton is None:
                 raise CheckpointNotFound(
                     f"{self.uri}: nothing in version {version.id} matches keys {patterns}"
                 )
-        destinations = loading.destinations(into)
+        destinations = load_into.destinations(into)
         entries = doc.tensors
         # Which arrays this load needs, and whether the store holds what their entries
         # claim, before anything is allocated (one HEAD per blob).
@@ -340,7 +354,7 @@ class Repo:
         def array(index: int, path: str) -> Any:
             if index not in arrays:
                 entry = entries[index]  # in range: the manifest's skeleton was checked
-                dest = loading.allocate(entry, destinations.get(entry.get("path", path)))
+                dest = load_into.allocate(entry, destinations.get(entry.get("path", path)))
                 arrays[index] = dest
                 targets.append((entry, dest))
             return arrays[index]
@@ -354,7 +368,7 @@ class Repo:
             self.last_stats.logical_bytes / 1e6,
             self.last_stats.seconds,
         )
-        loading.apply(into, state, f"{self.uri} version {version.id}")
+        load_into.apply(into, state, f"{self.uri} version {version.id}")
         return state
 
 

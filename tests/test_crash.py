@@ -21,7 +21,7 @@ from processes import reaped
 
 from cloudckpt import Repo
 from cloudckpt.blobs import iter_chunks
-from cloudckpt.blobs.layout import blob_key
+from cloudckpt.blobs.chunks import blob_key
 
 COMMIT_POINTS: list[Any] = [
     ["read_versioned", 1, "before"],

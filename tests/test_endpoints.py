@@ -13,7 +13,7 @@ import torch
 from tcp_proxy import REFUSE, SILENT, DyingEndpoint
 
 from cloudckpt import Repo, RepoOptions, RetryPolicy, StoreOptions, TransferOptions
-from cloudckpt.blobs.layout import Batch, ByteBudget
+from cloudckpt.blobs.batch import Batch, ByteBudget
 from cloudckpt.errors import CorruptCheckpoint, StoreError
 from cloudckpt.store import Store
 from cloudckpt.store.retry import Abandoned, abandon_when

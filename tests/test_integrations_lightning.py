@@ -54,8 +54,8 @@ def test_killed_run_resumes_from_last_on_a_new_machine(
     )
     assert killed.returncode == -9
     last = f"{root}/checkpoints/last.ckpt"
-    places = pointer.Places(seaweedfs.storage_options(), None)
-    assert places.pointer(last) is not None
+    clients = pointer.ClientCache(seaweedfs.storage_options(), None)
+    assert clients.pointer(last) is not None
 
     resumed = run(
         seaweedfs,

@@ -22,10 +22,8 @@ class TransferOptions:
     ``max_inflight_bytes`` bounds the memory the pipeline holds. A chunk in flight is
     charged twice its raw size (scratch and output while compressing; the blob and the
     HTTP client's copy while uploading), so the default lets eight 16 MiB chunks move at
-    once. Measured on a 2-core machine to a local S3 (a 1.6 GB GPT-2 + AdamW state): 16
-    MiB chunks save 16-20% faster than 64 MiB ones (two in flight) with the same budget,
-    at a peak of live + ~425 MiB for a 1 GiB state. Raise it on machines with memory to
-    spare and fast networks.
+    once (the measurements behind these defaults are in the design notes). Raise it on
+    machines with memory to spare and fast networks.
     """
 
     chunk_size: int = 16 * MiB

@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from cloudckpt import codec
-from cloudckpt.blobs.layout import CHARGE, Batch, ChunkRef, Progress, blob_key, iter_chunks
+from cloudckpt.blobs.batch import CHARGE, Batch
+from cloudckpt.blobs.chunks import ChunkRef, blob_key, iter_chunks
 from cloudckpt.blobs.options import TransferOptions, TransferStats
+from cloudckpt.blobs.progress import Progress
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from cloudckpt.store import Store
 

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from cloudckpt import codec
-from cloudckpt.blobs.layout import CHARGE, Batch, Progress, blob_key
+from cloudckpt.blobs.batch import CHARGE, Batch
+from cloudckpt.blobs.chunks import blob_key
 from cloudckpt.blobs.options import TransferOptions, TransferStats
+from cloudckpt.blobs.progress import Progress
 from cloudckpt.store import Store
 from cloudckpt.tree import Leaf
 

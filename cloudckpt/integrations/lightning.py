@@ -59,16 +59,16 @@ class CloudCheckpointIO(CheckpointIO):
         super().__init__()
         self.repo_uri = repo_uri
         self.resumed_from: str | None = None
-        self._places = pointer.Places(storage_options, options)
+        self._clients = pointer.ClientCache(storage_options, options)
 
     def repo_for(self, path: _PATH) -> Repo:
-        return self._places.repo(self.repo_uri or f"{pointer.split(str(path))[0]}/.cloudckpt")
+        return self._clients.repo(self.repo_uri or f"{pointer.split(str(path))[0]}/.cloudckpt")
 
     def _pointer(self, path: str) -> pointer.Pointer | None:
         """The pointer at ``path`` if it is one of ours; None if there is none, or if the
         object there is something else (overwritten or removed, never followed)."""
         try:
-            found = self._places.pointer(path)
+            found = self._clients.pointer(path)
             return None if found is None else self._check(path, found)
         except CorruptCheckpoint as e:
             log.warning("%s: %s", path, e)
@@ -100,7 +100,7 @@ class CloudCheckpointIO(CheckpointIO):
             meta={"lightning_path": path},
         )
         directory, name = pointer.split(path)
-        self._places.store(directory).put(name, pointer.Pointer(repo.uri, version.id).dumps())
+        self._clients.store(directory).put(name, pointer.Pointer(repo.uri, version.id).dumps())
         if old is not None and old.version != version.id:
             self._forget(path, old)  # an overwritten last.ckpt
 
@@ -109,7 +109,7 @@ class CloudCheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         """Load the version ``path`` points to (never unpickles, whatever ``weights_only``)."""
         directory, name = pointer.split(str(path))
-        found = self._check(str(path), pointer.read(self._places.store(directory), name))
+        found = self._check(str(path), pointer.read(self._clients.store(directory), name))
         state = self.repo_for(path).load(found.version)
         self.resumed_from = str(path)
         if map_location is not None and not callable(map_location):
@@ -127,7 +127,7 @@ class CloudCheckpointIO(CheckpointIO):
         if found is None:
             return
         directory, name = pointer.split(path)
-        self._places.store(directory).delete([name])
+        self._clients.store(directory).delete([name])
         self._forget(path, found)
 
     def _forget(self, path: str, old: pointer.Pointer) -> None:
@@ -145,7 +145,7 @@ class CloudCheckpointIO(CheckpointIO):
     def _named_elsewhere(self, path: str, old: pointer.Pointer) -> bool:
         """Whether another checkpoint file of ``path``'s directory points to ``old``."""
         directory, name = pointer.split(path)
-        store = self._places.store(directory)
+        store = self._clients.store(directory)
         names = {posixpath.basename(p.rstrip("/")) for p in store.fs.ls(store.root, detail=False)}
         return any(
             self._pointer(f"{directory}/{other}") == old

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-from cloudckpt import schema
-from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
-from cloudckpt.repo import Repo, RepoOptions
-from cloudckpt.store import Store
+from cloudckpt import CheckpointNotFound, CorruptCheckpoint, Repo, RepoOptions, Store
 
 KIND = "cloudckpt-pointer"
 #: A pointer is a few hundred bytes; anything longer is something else, never read whole.
 _MAX_POINTER = 64 << 10
+#: The version ids a repository writes (anything else is not a pointer of ours).
+_VERSION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
@@ -43,16 +43,17 @@ def read(store: Store, name: str) -> Pointer:
     except CorruptCheckpoint:  # longer than any pointer: a pickled checkpoint, say
         data = b""
     try:
-        doc = schema.parse_json(data)
-        if not isinstance(doc, dict) or doc.get("format") != KIND:
-            raise schema.Invalid("not a pointer")
-        found = schema.fields(doc, {"repo": schema.text, "version": schema.vid})
-        return Pointer(found["repo"], found["version"])
-    except (schema.Invalid, KeyError):
+        doc = json.loads(bytes(data))
+    except (ValueError, RecursionError):
+        doc = None
+    fields = doc if isinstance(doc, dict) and doc.get("format") == KIND else {}
+    repo, version = fields.get("repo"), fields.get("version")
+    if not (isinstance(repo, str) and isinstance(version, str) and _VERSION_ID.fullmatch(version)):
         raise CorruptCheckpoint(
             f"{store.url(name)} is not a cloudckpt checkpoint pointer (a torch.save file?). "
             "cloudckpt never unpickles; load such a file yourself if you trust it"
-        ) from None
+        )
+    return Pointer(repo, version)
 
 
 def find(store: Store, name: str) -> Pointer | None:
@@ -63,8 +64,8 @@ def find(store: Store, name: str) -> Pointer | None:
         return None
 
 
-class Places:
-    """Stores and repos by URI, made once: each costs a new HTTP client."""
+class ClientCache:
+    """Stores and repos by URI, each made once (each costs a new HTTP client)."""
 
     def __init__(self, storage_options: dict[str, Any] | None, options: RepoOptions | None):
         self.storage_options, self.options = storage_options, options

@@ -29,11 +29,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from cloudckpt import loading
-from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
-from cloudckpt.loading import first_good
-from cloudckpt.repo import Repo, RepoOptions
-from cloudckpt.versions import Version, lineage
+from cloudckpt import CheckpointNotFound, CorruptCheckpoint, Repo, RepoOptions, Version
 
 log = logging.getLogger("cloudckpt")
 
@@ -98,13 +94,12 @@ class CloudCheckpointCallback(TrainerCallback):
         parent (logged); nothing is written outside ``output_dir``."""
         index = self.repo.index()
         try:
-            head = self.repo.resolve(self.branch, index)
+            self.repo.resolve(self.branch, index)
         except CheckpointNotFound:
             return None
-        version, out, _ = first_good(
-            lineage(index, head.id),
-            lambda v: self._lay_out(v, trainer),
-            f"{self.repo.uri} branch {self.branch!r}",
+        # Not inside the try: a version that cannot load must not look like a fresh run.
+        version, out, _ = self.repo.newest_good(
+            self.branch, lambda v: self._lay_out(v, trainer), index
         )
         log.info("resuming from %s (step %s) laid out in %s", version.id, version.step, out)
         return str(out)
@@ -117,7 +112,8 @@ class CloudCheckpointCallback(TrainerCallback):
         out = (root / f"checkpoint-{version.step}").resolve()
         if out.parent != root:  # the step is an int; this holds, and is checked all the same
             raise CorruptCheckpoint(f"{where}: {out} is not a checkpoint directory of {root}")
-        state = self.repo.load(version.id)
+        # The weights go straight into the model's own tensors (and must fit it).
+        state = self.repo.load(version.id, into={"model": trainer.model})
         parts = {
             "model": dict,
             "optimizer": dict,
@@ -133,7 +129,6 @@ class CloudCheckpointCallback(TrainerCallback):
             state["trainer_state"].encode()  # a lone surrogate is valid JSON, not UTF-8
         except ValueError as e:
             raise CorruptCheckpoint(f"{where}: its trainer_state is not JSON ({e})") from None
-        loading.apply(trainer.model, state["model"], where)
         # Laid out beside the target and renamed into place: the Trainer never finds a
         # half-written checkpoint directory.
         root.mkdir(parents=True, exist_ok=True)

@@ -1,22 +1,18 @@
-"""Helpers of ``Repo.load``: selecting entries, and finding or allocating the arrays that
-chunks are decoded into (the caller's own tensors where they fit)."""
+"""What ``Repo.load(into=...)`` writes into: selecting entries, finding or allocating the
+arrays that chunks are decoded into (the caller's own tensors where they fit), and handing
+the loaded state to each object's ``load_state_dict``."""
 
 from __future__ import annotations
 
 import fnmatch
-import logging
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from cloudckpt import manifest, tree
-from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
-from cloudckpt.versions import Version
-
-log = logging.getLogger("cloudckpt")
-T = TypeVar("T")
+from cloudckpt.errors import CorruptCheckpoint
 
 
 def matches(path: str, patterns: list[str]) -> bool:
@@ -57,7 +53,10 @@ def apply(into: Any, state: Any, where: str) -> None:
         elif isinstance(state, Mapping) and prefix in state:
             part = state[prefix]
         else:
-            raise CheckpointNotFound(f"{where}: the state has no entry {prefix!r} to load into")
+            raise CorruptCheckpoint(
+                f"{where}: the state has no entry {prefix!r} to load into; the version holds "
+                "another kind of state"
+            )
         try:
             obj.load_state_dict(part)
         except (
@@ -77,22 +76,6 @@ def apply(into: Any, state: Any, where: str) -> None:
                 f"({type(e).__name__}: {str(e)[:300]}); the version holds another model's "
                 "state, or its manifest was altered"
             ) from None
-
-
-def first_good(
-    candidates: Iterable[Version], attempt: Callable[[Version], T], where: str
-) -> tuple[Version, T, dict[str, str]]:
-    """The first candidate (newest first) that ``attempt`` loads without CorruptCheckpoint,
-    what it returned, and version id -> why for each candidate skipped before it."""
-    skipped: dict[str, str] = {}
-    for candidate in candidates:
-        try:
-            return candidate, attempt(candidate), skipped
-        except CorruptCheckpoint as e:
-            log.error("version %s does not verify (%s); trying its parent", candidate.id, e)
-            skipped[candidate.id] = str(e)
-    reasons = "; ".join(f"{vid}: {why[:200]}" for vid, why in skipped.items())
-    raise CorruptCheckpoint(f"{where}: no version verifies ({reasons or 'none left'})")
 
 
 def allocate(entry: dict[str, Any], dest: torch.Tensor | None) -> Any:
