@@ -1,0 +1,89 @@
+"""A torchrun worker for the DCP conformance suite: the same cases through cloudckpt's
+storage writer/reader or torch's FileSystemWriter/Reader (argv: backend, root, phase)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
+
+from cloudckpt.dcp import CloudStorageReader, CloudStorageWriter
+
+
+def writer(backend: str, root: str, name: str) -> Any:
+    if backend == "cloudckpt":
+        return CloudStorageWriter(f"file://{root}/{name}")
+    return dcp.FileSystemWriter(f"{root}/{name}")
+
+
+def reader(backend: str, root: str, name: str) -> Any:
+    if backend == "cloudckpt":
+        return CloudStorageReader(f"file://{root}/{name}")
+    return dcp.FileSystemReader(f"{root}/{name}")
+
+
+def matrix() -> torch.Tensor:
+    return torch.arange(32, dtype=torch.float32).reshape(8, 4)
+
+
+def save(backend: str, root: str) -> dict[str, Any]:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sharded = distribute_tensor(matrix(), mesh, [Shard(0)])
+    replicated = distribute_tensor(matrix() * 2, mesh, [Replicate()])
+    state = {"m": sharded, "r": replicated, "n": 7}
+    dcp.save(state, storage_writer=writer(backend, root, "shard"))
+    # Plan caching: the second save's plans are DCP's cached ones; its data is new.
+    for value in (1.0, 2.0):
+        cached = {"m": distribute_tensor(matrix() + value, mesh, [Shard(0)]), "n": value}
+        planner = DefaultSavePlanner(enable_plan_caching=True)
+        dcp.save(cached, storage_writer=writer(backend, root, "caching"), planner=planner)
+    # Replicated tensors written once, by the lowest rank holding them.
+    dedup = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+    dcp.save({"r": replicated}, storage_writer=writer(backend, root, "dedup"), planner=dedup)
+    # async_save in a background process (DCP's process stager).
+    response = dcp.async_save(
+        {"m": sharded, "n": 9},
+        storage_writer=writer(backend, root, "async"),
+        async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+    )
+    (response.upload_completion if hasattr(response, "upload_completion") else response).result()
+    return {"saved": True}
+
+
+def reshard(backend: str, root: str) -> dict[str, Any]:
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    # Saved as Shard(0) on 2 ranks, loaded as Replicate.
+    into = {"m": distribute_tensor(torch.zeros(8, 4), mesh, [Replicate()]), "n": 0}
+    dcp.load(into, storage_reader=reader(backend, root, "shard"))
+    assert torch.equal(into["m"].full_tensor(), matrix()) and into["n"] == 7, into
+    # Saved by one process as a plain tensor, loaded as Shard(0) on 2 ranks.
+    single: dict[str, Any] = {"m": distribute_tensor(torch.zeros(8, 4), mesh, [Shard(0)])}
+    dcp.load(single, storage_reader=reader(backend, root, "single"))
+    local = single["m"].to_local() if isinstance(single["m"], DTensor) else single["m"]
+    rows = 8 // dist.get_world_size()
+    want = (matrix() * 3)[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+    assert torch.equal(local, want), (local, want)
+    return {"resharded": True}
+
+
+def main() -> None:
+    backend, root, phase = sys.argv[1:4]
+    dist.init_process_group("gloo")
+    try:
+        result = {"save": save, "reshard": reshard}[phase](backend, root)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            print(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
