@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it.
 _WHERE: dict[str, str] = {
+    "Change": "cloudckpt.diff",
     "CheckpointManager": "cloudckpt.manager",
     "CheckpointNotFound": "cloudckpt.errors",
     "CloudCkptError": "cloudckpt.errors",
@@ -25,12 +26,16 @@ _WHERE: dict[str, str] = {
     "EveryNSteps": "cloudckpt.policies",
     "FencedOut": "cloudckpt.errors",
     "GCReport": "cloudckpt.gc",
+    "Group": "cloudckpt.distributed.collectives",
     "HealthCheck": "cloudckpt.health",
     "Index": "cloudckpt.versions",
     "KeepBest": "cloudckpt.policies",
     "KeepEvery": "cloudckpt.policies",
     "KeepLast": "cloudckpt.policies",
     "LeaseHeld": "cloudckpt.errors",
+    "Manifest": "cloudckpt.manifest",
+    "Notice": "cloudckpt.preemption",
+    "ObjectInfo": "cloudckpt.store",
     "OnBestMetric": "cloudckpt.policies",
     "PreemptionWatcher": "cloudckpt.preemption",
     "Repo": "cloudckpt.repo",
@@ -46,6 +51,7 @@ _WHERE: dict[str, str] = {
     "Store": "cloudckpt.store",
     "StoreError": "cloudckpt.errors",
     "StoreOptions": "cloudckpt.store",
+    "Sweep": "cloudckpt.versions",
     "TransferOptions": "cloudckpt.blobs",
     "TransferStats": "cloudckpt.blobs",
     "UnsupportedState": "cloudckpt.errors",
@@ -54,6 +60,7 @@ _WHERE: dict[str, str] = {
 }
 
 __all__ = [
+    "Change",
     "CheckpointManager",
     "CheckpointNotFound",
     "CloudCkptError",
@@ -65,12 +72,16 @@ __all__ = [
     "EveryNSteps",
     "FencedOut",
     "GCReport",
+    "Group",
     "HealthCheck",
     "Index",
     "KeepBest",
     "KeepEvery",
     "KeepLast",
     "LeaseHeld",
+    "Manifest",
+    "Notice",
+    "ObjectInfo",
     "OnBestMetric",
     "PreemptionWatcher",
     "Repo",
@@ -86,6 +97,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreOptions",
+    "Sweep",
     "TransferOptions",
     "TransferStats",
     "UnsupportedState",
@@ -109,7 +121,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from cloudckpt.blobs import TransferOptions, TransferStats
-    from cloudckpt.diff import Diff
+    from cloudckpt.diff import Change, Diff
+    from cloudckpt.distributed.collectives import Group
     from cloudckpt.distributed.replicated import DistributedOptions
     from cloudckpt.errors import (
         CheckpointNotFound,
@@ -125,6 +138,7 @@ if TYPE_CHECKING:
     from cloudckpt.health import HealthCheck
     from cloudckpt.integrity import VerifyReport
     from cloudckpt.manager import CheckpointManager
+    from cloudckpt.manifest import Manifest
     from cloudckpt.policies import (
         EveryMinutes,
         EveryNSteps,
@@ -136,9 +150,9 @@ if TYPE_CHECKING:
         SaveFailures,
         SavePolicy,
     )
-    from cloudckpt.preemption import PreemptionWatcher
+    from cloudckpt.preemption import Notice, PreemptionWatcher
     from cloudckpt.repo import Repo, RepoOptions
     from cloudckpt.reports import Resumed, SaveReport, StepResult
     from cloudckpt.resume import ResumableSampler
-    from cloudckpt.store import RetryPolicy, Store, StoreOptions
-    from cloudckpt.versions import Index, Version
+    from cloudckpt.store import ObjectInfo, RetryPolicy, Store, StoreOptions
+    from cloudckpt.versions import Index, Sweep, Version
