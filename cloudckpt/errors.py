@@ -89,6 +89,7 @@ class RankFailure:
 
     @classmethod
     def of(cls, rank: int, error: BaseException) -> RankFailure:
+        """The record of ``error``, raised on ``rank``."""
         kind = next((c for c in type(error).__mro__ if c in KINDS), CloudCkptError)
         return cls(rank, kind.__name__, f"{type(error).__name__}: {error}")
 
@@ -107,8 +108,8 @@ class RanksFailed(CloudCkptError):
 
     @classmethod
     def of(cls, failures: Iterable[RankFailure], context: str = "") -> RanksFailed:
-        """The error for ``failures`` (one record per rank kept), its message ``context``
-        followed by each rank's."""
+        """The error for ``failures`` (at least one; one record per rank kept), its message
+        ``context`` followed by each rank's, in rank order."""
         by_rank = {f.rank: f for f in sorted(failures, key=lambda f: f.rank)}
         first = next(iter(by_rank.values()))
         message = context + "; ".join(f"rank {f.rank}: {f.message}" for f in by_rank.values())
