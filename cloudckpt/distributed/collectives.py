@@ -4,16 +4,28 @@ A dedicated group keeps checkpoint traffic apart from the training's own collect
 (NCCL, or gloo used by DDP from another thread), so an async save's commit never
 interleaves with a gradient all-reduce. Messages are JSON in uint8 tensors: nothing
 between ranks is pickled either.
+
+A step that every rank takes fails on every rank when it fails on one (no rank is left
+waiting in a collective): :meth:`Group.all_reduce` catches each rank's error, shares it as a
+:class:`~cloudckpt.errors.RankFailure` and raises one :class:`~cloudckpt.errors.RanksFailed`
+everywhere, as ``torch.distributed.checkpoint``'s ``_DistWrapper`` does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from cloudckpt.errors import RankFailure, RanksFailed
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Group:
@@ -39,6 +51,43 @@ class Group:
 
     def __repr__(self) -> str:
         return f"Group(rank={self.rank}, world={self.world})"
+
+    def all_reduce(
+        self,
+        map_fn: Callable[[], T] | None,
+        reduce_fn: Callable[[list[T]], R],
+        *,
+        context: str = "",
+    ) -> R:
+        """``map_fn()`` on every rank; their values (JSON), in rank order, to ``reduce_fn``
+        on rank 0; its value (JSON) on every rank. ``map_fn=None``: nothing to gather,
+        rank 0 computes alone.
+
+        If either raises, on any rank, every rank raises the same
+        :class:`~cloudckpt.errors.RanksFailed` (its message ``context`` and then each failed
+        rank's); one that ``map_fn`` raises, from a step of its own on every rank, passes
+        on its failures. In a single process the calls are plain calls.
+        """
+        if not self.distributed:
+            return reduce_fn([] if map_fn is None else [map_fn()])
+        mapped: list[Any] = []
+        if map_fn is not None:
+            outcomes = self.all_gather_json(_outcome(map_fn, self.rank))
+            mapped = _values(outcomes, context)
+        reduced = _outcome(lambda: reduce_fn(mapped), self.rank) if self.rank == 0 else None
+        return _values([self.broadcast_json(reduced, src=0)], context)[0]
+
+    def from_rank0(self, fn: Callable[[], R], *, context: str = "") -> R:
+        """``fn()`` (a JSON value) computed on rank 0 and the same on every rank; if it
+        raises, every rank raises."""
+        return self.all_reduce(None, lambda _: fn(), context=context)
+
+    def on_each_rank(self, fn: Callable[[], T], *, context: str = "") -> T:
+        """``fn()`` on every rank, returned (unshared) once every rank's call returned; if
+        any raised, every rank raises."""
+        here: list[T] = []
+        self.all_reduce(lambda: here.append(fn()), lambda _: None, context=context)
+        return here[0]
 
     def agree(self, flags: list[float]) -> list[float]:
         """The element-wise maximum of ``flags`` over all ranks."""
@@ -90,6 +139,25 @@ class Group:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.pg)
+
+
+def _outcome(fn: Callable[[], Any], rank: int) -> dict[str, Any]:
+    """``{"value": fn()}``, or ``{"failures": [...]}`` (as JSON) when it raised."""
+    try:
+        return {"value": fn()}
+    except RanksFailed as e:  # a step of its own failed on every rank: pass its records on
+        failures = list(e.failures.values())
+    except Exception as e:  # shared with every rank, raised on each
+        failures = [RankFailure.of(rank, e)]
+    return {"failures": [dataclasses.asdict(f) for f in failures]}
+
+
+def _values(outcomes: list[dict[str, Any]], context: str) -> list[Any]:
+    """Each outcome's value, or the one error for all their failures."""
+    failures = [RankFailure(**f) for o in outcomes for f in o.get("failures", ())]
+    if failures:
+        raise RanksFailed.of(failures, context)
+    return [o["value"] for o in outcomes]
 
 
 def _encode(obj: Any) -> torch.Tensor:

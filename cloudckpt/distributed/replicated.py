@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from cloudckpt import errors, tree
+from cloudckpt import tree
 from cloudckpt.blobs import TransferStats
-from cloudckpt.blobs.writer import BlobResult, assemble
-from cloudckpt.commit import Start
+from cloudckpt.blobs.writer import BlobResult, Planned, assemble
+from cloudckpt.commit import Start, Transaction
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.lease import WriterLease
 from cloudckpt.repo import Repo
+from cloudckpt.tree import Leaf
 from cloudckpt.versions import Version
 
 
@@ -54,6 +55,10 @@ def shares(sizes: list[int], world: int) -> list[int]:
         owner[i] = rank
         load[rank] += sizes[i]
     return owner
+
+
+#: What a failed distributed save's error says first.
+SAVE_FAILED = "distributed save failed, no version was published: "
 
 
 def commit(
@@ -91,66 +96,66 @@ def commit(
         return on_rank0()
     if options.write == "rank0":
         meta["ranks"] = {"world": group.world, "write": "rank0"}
-        outcome = _attempt(on_rank0) if group.rank == 0 else {}
+        published = group.from_rank0(lambda: dataclasses.asdict(on_rank0()), context=SAVE_FAILED)
     else:
-        outcome = _spread(repo, state, group, meta, kwargs, lease, before_publish)
-    return _outcome(group.broadcast_json(outcome, src=0), group)
+        txn = repo.transaction(**kwargs)
+        save = _SpreadSave(txn, state, group, meta, lease, before_publish)
+        # Rank 0 begins the transaction; every rank uploads against the parent it read,
+        # and its publish knows when the uploads started (a garbage collection since then
+        # makes it check the blobs first).
+        start = Start.from_json(group.from_rank0(save.begin, context=SAVE_FAILED))
+        published = group.all_reduce(lambda: save.upload(start), save.publish, context=SAVE_FAILED)
+    return Version.from_dict(published)
 
 
-def _spread(
-    repo: Repo,
-    state: Any,
-    group: Group,
-    meta: dict[str, Any],
-    kwargs: dict[str, Any],
-    lease: WriterLease | None,
-    before_publish: Callable[[], None] | None,
-) -> dict[str, Any]:
-    txn = repo.transaction(**kwargs)
+@dataclass
+class _SpreadSave:
+    """A commit whose blobs each rank uploads a share of; rank 0 begins and publishes."""
 
-    def begin() -> Start:
-        txn.request = dataclasses.replace(txn.request, fence=_fence(lease))
-        return txn.begin().start  # type: ignore[return-value]
+    txn: Transaction
+    state: Any
+    group: Group
+    meta: dict[str, Any]
+    lease: WriterLease | None
+    before_publish: Callable[[], None] | None
+    skeleton: Any = None
+    leaves: list[Leaf] = field(default_factory=list)
+    planned: list[Planned] = field(default_factory=list)
 
-    # Rank 0 begins the transaction; every rank uploads against the parent it read, and
-    # its publish knows when the uploads started (a garbage collection since then makes
-    # it check the blobs first).
-    begun = _attempt(begin) if group.rank == 0 else {}
-    begun = group.broadcast_json(begun, src=0)
-    if "error" in begun:
-        return begun
-    try:
-        skeleton, leaves = tree.flatten(state)
-        if group.rank != 0:
-            txn.start = Start.from_json(begun["version"])
-            txn.begin()
-        writer = txn.writer()
-        planned = writer.plan(leaves)
-        owner = shares([b.size for b in planned], group.world)
-        results = writer.upload(
-            leaves, planned, [n for n, r in enumerate(owner) if r == group.rank]
-        )
-        report: dict[str, Any] = {"results": {str(n): list(r) for n, r in results.items()}}
-    except Exception as e:  # reported to every rank, raised everywhere below
-        report = {"error": f"rank {group.rank}: {type(e).__name__}: {e}", "type": _kind(e)}
-    reports = group.all_gather_json(report)
-    failed = [r for r in reports if "error" in r]
-    if failed:
-        return {"error": "; ".join(r["error"] for r in failed), "type": failed[0]["type"]}
-    if group.rank != 0:
-        return {}
-    merged = {int(n): BlobResult(*r) for rep in reports for n, r in rep["results"].items()}
-    per_rank = [sum(r[1] for r in rep["results"].values() if r[2]) for rep in reports]
-    meta["ranks"] = {"world": group.world, "write": "spread", "uploaded_bytes": per_rank}
+    def begin(self) -> dict[str, Any]:
+        """Rank 0's start of the transaction, as JSON for the other ranks."""
+        self.txn.request = dataclasses.replace(self.txn.request, fence=_fence(self.lease))
+        start = self.txn.begin().start
+        assert start is not None  # begin() reads it
+        return start.to_json()
 
-    def publish() -> Version:
-        if before_publish is not None:
-            before_publish()
-        entries, stats = assemble(leaves, planned, merged)
-        txn.request = dataclasses.replace(txn.request, meta=meta)
-        return txn.publish(skeleton, entries, stats)
+    def upload(self, start: Start) -> dict[str, list[Any]]:
+        """This rank's share of the blobs, uploaded: ``{blob number: BlobResult}``."""
+        self.skeleton, self.leaves = tree.flatten(self.state)
+        if self.group.rank != 0:
+            self.txn.start = start
+            self.txn.begin()
+        writer = self.txn.writer()
+        self.planned = writer.plan(self.leaves)
+        owner = shares([b.size for b in self.planned], self.group.world)
+        mine = [n for n, r in enumerate(owner) if r == self.group.rank]
+        results = writer.upload(self.leaves, self.planned, mine)
+        return {str(n): list(r) for n, r in results.items()}
 
-    return _attempt(publish)
+    def publish(self, uploads: list[dict[str, list[Any]]]) -> dict[str, Any]:
+        """Rank 0 publishes the version from every rank's uploads (JSON)."""
+        merged = {int(n): BlobResult(*r) for done in uploads for n, r in done.items()}
+        per_rank = [sum(r[1] for r in done.values() if r[2]) for done in uploads]
+        self.meta["ranks"] = {
+            "world": self.group.world,
+            "write": "spread",
+            "uploaded_bytes": per_rank,
+        }
+        if self.before_publish is not None:
+            self.before_publish()
+        entries, stats = assemble(self.leaves, self.planned, merged)
+        self.txn.request = dataclasses.replace(self.txn.request, meta=self.meta)
+        return dataclasses.asdict(self.txn.publish(self.skeleton, entries, stats))
 
 
 def _fence(lease: WriterLease | None) -> int | None:
@@ -166,44 +171,7 @@ def _fence(lease: WriterLease | None) -> int | None:
 def from_rank0(group: Group, fn: Callable[[], Any]) -> Any:
     """``fn()`` (a JSON value) computed on rank 0 and the same on every rank; if it
     raises, every rank raises the same kind of error (no rank is left waiting)."""
-    if not group.distributed:
-        return fn()
-    outcome: dict[str, Any] = {}
-    if group.rank == 0:
-        try:
-            outcome = {"value": fn()}
-        except Exception as e:  # reported to every rank
-            outcome = {"error": f"rank 0: {type(e).__name__}: {e}", "type": _kind(e)}
-    outcome = group.broadcast_json(outcome, src=0)
-    if "error" in outcome:
-        raise _error_class(outcome.get("type", ""))(outcome["error"])
-    return outcome["value"]
-
-
-def _error_class(name: str) -> type[errors.CloudCkptError]:
-    cls = getattr(errors, name, errors.CloudCkptError)
-    ok = isinstance(cls, type) and issubclass(cls, errors.CloudCkptError)
-    return cls if ok else errors.CloudCkptError
-
-
-def _attempt(fn: Callable[[], Any]) -> dict[str, Any]:
-    """``{"version": the result as JSON}``, or ``{"error": ..., "type": ...}``."""
-    try:
-        return {"version": dataclasses.asdict(fn())}
-    except Exception as e:  # reported to every rank
-        return {"error": f"rank 0: {type(e).__name__}: {e}", "type": _kind(e)}
-
-
-def _kind(e: BaseException) -> str:
-    return type(e).__name__ if isinstance(e, errors.CloudCkptError) else "CloudCkptError"
-
-
-def _outcome(outcome: dict[str, Any], group: Group) -> Version:
-    if "error" in outcome:
-        raise _error_class(outcome.get("type", ""))(
-            f"distributed save failed, no version was published: {outcome['error']}"
-        )
-    return Version.from_dict(outcome["version"])
+    return group.from_rank0(fn)
 
 
 def load(
@@ -220,42 +188,18 @@ def load(
     if not group.distributed:
         return repo.load(ref, into=into)
     if options.read == "each":
-        state, error = _try(lambda: repo.load(ref, into=into))
-        _raise_any(group, error)
-        return state
+        return group.on_each_rank(lambda: repo.load(ref, into=into))
 
     def fetch(targets: list[tuple[dict[str, Any], Any]]) -> TransferStats:
         sizes = [_as_tensor(dest).nbytes for _, dest in targets]
         owner = [0] * len(targets) if options.read == "rank0" else shares(sizes, group.world)
         mine = [t for t, r in zip(targets, owner, strict=True) if r == group.rank]
-        stats, error = _try(lambda: repo.reader().read(mine))
-        _raise_any(group, error)
+        stats = group.on_each_rank(lambda: repo.reader().read(mine))
         for (_, dest), rank in zip(targets, owner, strict=True):
             group.broadcast_tensor(_as_tensor(dest), src=rank)
         return stats
 
-    state, error = _try(lambda: repo.load(ref, into=into, fetch=fetch))
-    _raise_any(group, error)
-    return state
-
-
-def _try(fn: Callable[[], Any]) -> tuple[Any, dict[str, str] | None]:
-    try:
-        return fn(), None
-    except Exception as e:  # agreed on by every rank before raising
-        if getattr(e, "agreed_by_all_ranks", False):
-            raise
-        return None, {"error": f"{type(e).__name__}: {e}", "type": _kind(e)}
-
-
-def _raise_any(group: Group, error: dict[str, str] | None) -> None:
-    found = group.all_gather_json(error)
-    failed = [(rank, e) for rank, e in enumerate(found) if e is not None]
-    if failed:
-        cls = _error_class(failed[0][1]["type"])
-        exc = cls("; ".join(f"rank {rank}: {e['error']}" for rank, e in failed))
-        exc.agreed_by_all_ranks = True  # type: ignore[attr-defined]
-        raise exc
+    return group.on_each_rank(lambda: repo.load(ref, into=into, fetch=fetch))
 
 
 def _as_tensor(array: Any) -> torch.Tensor:

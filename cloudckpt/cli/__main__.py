@@ -1,0 +1,5 @@
+import sys
+
+from cloudckpt.cli import main
+
+sys.exit(main())
