@@ -142,15 +142,10 @@ class Repo:
         head; FencedOut if the writer lease passed to another job meanwhile.
         """
         skeleton, leaves = tree.flatten(state)
-        txn = self.transaction(
-            branch=branch,
-            step=step,
-            metrics=metrics,
-            message=message,
-            meta=meta,
-            fast_forward=fast_forward,
-            fence=fence,
-        ).begin()
+        request = CommitRequest(
+            branch, step, dict(metrics or {}), message, dict(meta or {}), fast_forward, fence
+        )
+        txn = Transaction(self.store, self.options.transfer, request).begin()
         entries, stats = txn.writer().write(leaves)
 
         def restore(missing: set[str]) -> None:
@@ -173,24 +168,6 @@ class Repo:
             stats.seconds,
         )
         return version
-
-    def transaction(
-        self,
-        *,
-        branch: str = "main",
-        step: int | None = None,
-        metrics: Mapping[str, float] | None = None,
-        message: str | None = None,
-        meta: Mapping[str, Any] | None = None,
-        fast_forward: bool = False,
-        fence: int | None = None,
-    ) -> Transaction:
-        """A commit transaction on this repository (``begin()`` it, upload through its
-        ``writer()``, then ``publish``): for writers that upload in several processes."""
-        request = CommitRequest(
-            branch, step, dict(metrics or {}), message, dict(meta or {}), fast_forward, fence
-        )
-        return Transaction(self.store, self.options.transfer, request)
 
     # -- branches, tags, history --------------------------------------------------------
     def branch(self, name: str, from_ref: str = "main") -> Version:
@@ -300,7 +277,7 @@ class Repo:
         Incomplete uploads and temporary files go once older than ``abandoned_after``."""
         return collect(self.store, grace, dry_run, abandoned_after=abandoned_after)
 
-    def reader(self) -> BlobReader:
+    def _reader(self) -> BlobReader:
         return BlobReader(self.store, self.options.transfer)
 
     # -- load ------------------------------------------------------------------------
@@ -347,7 +324,7 @@ class Repo:
         # claim, before anything is allocated (one HEAD per blob).
         used: dict[int, None] = {}
         tree.unflatten(skeleton, lambda index, path: used.setdefault(index))
-        self.reader().check_sizes([entries[i] for i in used])
+        self._reader().check_sizes([entries[i] for i in used])
         arrays: dict[int, Any] = {}
         targets: list[tuple[dict[str, Any], Any]] = []
 
@@ -360,7 +337,7 @@ class Repo:
             return arrays[index]
 
         state = tree.unflatten(skeleton, array)
-        self.last_stats = (fetch or self.reader().read)(targets)
+        self.last_stats = (fetch or self._reader().read)(targets)
         log.info(
             "loaded %s: %d arrays, %.1f MB in %.2fs",
             version.id,

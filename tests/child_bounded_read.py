@@ -17,6 +17,7 @@ import sys
 import torch
 
 from cloudckpt import Repo, RepoOptions, StoreOptions
+from cloudckpt.blobs import BlobReader
 
 
 def peak_rss() -> int:
@@ -39,7 +40,9 @@ def main() -> None:
         else:
             doc = json.loads(repo.store.get(f"manifests/{bad}.json"))
             entry = next(e for e in doc["tensors"] if e["chunks"])
-            repo.reader().read([(entry, torch.empty(entry["shape"]))])
+            BlobReader(repo.store, repo.options.transfer).read(
+                [(entry, torch.empty(entry["shape"]))]
+            )
         error = None
     except Exception as e:  # reported to the test
         error = f"{type(e).__name__}: {e}"

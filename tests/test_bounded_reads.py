@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from cloudckpt import Repo, RepoOptions, StoreOptions, codec
-from cloudckpt.blobs import blob_key
+from cloudckpt.blobs import BlobReader, blob_key
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from cloudckpt.store import Store
 
@@ -174,7 +174,7 @@ def memory_repo(name: str) -> tuple[Repo, dict]:
 
 def test_check_sizes_passes_a_sound_version() -> None:
     repo, doc = memory_repo("ok")
-    assert repo.reader().check_sizes(doc["tensors"]) is None
+    assert BlobReader(repo.store, repo.options.transfer).check_sizes(doc["tensors"]) is None
 
 
 def test_check_sizes_names_a_missing_blob() -> None:
@@ -182,7 +182,7 @@ def test_check_sizes_names_a_missing_blob() -> None:
     key = blob_key(doc["tensors"][0]["chunks"][0][0])
     repo.store.delete([key])
     with pytest.raises(CorruptCheckpoint, match=rf"{key}.*is missing"):
-        repo.reader().check_sizes(doc["tensors"])
+        BlobReader(repo.store, repo.options.transfer).check_sizes(doc["tensors"])
 
 
 def test_check_sizes_refuses_a_blob_longer_than_any_encoding() -> None:
@@ -191,7 +191,7 @@ def test_check_sizes_refuses_a_blob_longer_than_any_encoding() -> None:
     key = blob_key(chunk[0])
     repo.store.put(key, bytes(codec.max_stored(chunk[4]) + 1))
     with pytest.raises(CorruptCheckpoint, match=rf"{key}.*more than any encoding"):
-        repo.reader().check_sizes(doc["tensors"])
+        BlobReader(repo.store, repo.options.transfer).check_sizes(doc["tensors"])
 
 
 def test_check_sizes_refuses_a_raw_size_no_stored_blob_could_hold() -> None:
@@ -201,9 +201,9 @@ def test_check_sizes_refuses_a_raw_size_no_stored_blob_could_hold() -> None:
     stored = repo.store.stat(blob_key(chunk[0])).size
     chunk[4] = codec.max_raw(stored) + 1  # the blob's raw size; 1 TiB would do as well
     with pytest.raises(CorruptCheckpoint, match=rf"{chunk[0]}.*cannot decode to"):
-        repo.reader().check_sizes([entry])
+        BlobReader(repo.store, repo.options.transfer).check_sizes([entry])
     chunk[4] = codec.max_raw(stored)  # the densest encoding could hold it: accepted
-    repo.reader().check_sizes([entry])
+    BlobReader(repo.store, repo.options.transfer).check_sizes([entry])
 
 
 def test_check_sizes_heads_each_distinct_blob_once(moto_server) -> None:
@@ -212,7 +212,7 @@ def test_check_sizes_heads_each_distinct_blob_once(moto_server) -> None:
     repo, doc = committed(moto_server.fresh_uri("heads"), moto_server.storage_options())
     blobs = {c[0] for e in doc["tensors"] for c in e["chunks"]}
     requests = S3Requests(repo.store)
-    reader = repo.reader()
+    reader = BlobReader(repo.store, repo.options.transfer)
     reader.check_sizes(doc["tensors"] + doc["tensors"])
     assert requests.count("HEAD", "blobs/") == len(blobs)
     assert requests.count("GET") == 0

@@ -25,6 +25,7 @@ from processes import reaped
 
 from cloudckpt import Repo, RepoOptions, TransferOptions, versions
 from cloudckpt.blobs import blob_key
+from cloudckpt.commit import CommitRequest, Transaction
 from cloudckpt.errors import CommitConflict, FencedOut
 from cloudckpt.lease import WriterLease
 
@@ -146,7 +147,8 @@ def test_a_spread_commit_that_lost_blobs_to_gc_is_refused_not_published(root) ->
     publishing a version that would not load."""
     repo, shared = orphan(root)
     head = repo.resolve("main").id
-    txn = repo_at(root).transaction().begin()
+    other = repo_at(root)
+    txn = Transaction(other.store, other.options.transfer, CommitRequest()).begin()
     entries, stats = txn.writer().write(_leaves(state(3, shared)))
     repo_at(root).gc(grace=0)
     with pytest.raises(CommitConflict, match="garbage collection removed"):

@@ -11,6 +11,7 @@ import pytest
 from test_commit import before_first, repo_at, state, while_running
 
 from cloudckpt import manifest, versions
+from cloudckpt.commit import CommitRequest, Transaction
 from cloudckpt.errors import CommitConflict, FencedOut, UnsupportedFormat
 from cloudckpt.lease import WriterLease
 
@@ -142,7 +143,8 @@ def test_a_rebuilt_index_makes_commits_wait_for_a_sweep_it_could_not_see(root) -
     repo.store.put(versions.KEY, b"{garbled")
     rebuilt = repo.repair()
     assert len(rebuilt.sweeps) == 1
-    assert not repo.transaction().begin().start.clean  # type: ignore[union-attr]
+    txn = Transaction(repo.store, repo.options.transfer, CommitRequest())
+    assert not txn.begin().start.clean  # type: ignore[union-attr]
 
 
 def test_repair_refuses_to_rebuild_an_index_of_a_newer_format(root) -> None:

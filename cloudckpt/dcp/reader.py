@@ -11,6 +11,7 @@ from torch.distributed.checkpoint.planner import LoadItemType
 from torch.futures import Future
 
 from cloudckpt import load_into, manifest, schema
+from cloudckpt.blobs import BlobReader
 from cloudckpt.dcp import layout
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from cloudckpt.repo import Repo, RepoOptions
@@ -97,7 +98,7 @@ class CloudStorageReader(StorageReader):
                 if id(entry) not in needed:
                     needed[id(entry)] = (entry, load_into.allocate(entry, None))
         # Only the saved chunks this rank's plan needs, fetched in parallel.
-        self.repo.reader().read(list(needed.values()))
+        BlobReader(self.repo.store, self.repo.options.transfer).read(list(needed.values()))
         for req in plan.items:
             stored = self._stored(req.storage_index)
             if req.type == LoadItemType.BYTE_IO:

@@ -15,7 +15,7 @@ from torch.futures import Future
 
 from cloudckpt import tree
 from cloudckpt.blobs import TransferStats, iter_chunks
-from cloudckpt.commit import Start, Transaction
+from cloudckpt.commit import CommitRequest, Start, Transaction
 from cloudckpt.dcp import layout
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.versions import Version
@@ -79,7 +79,7 @@ class CloudStorageWriter(StorageWriter):
         return plans
 
     def _transaction(self) -> Transaction:
-        return self.repo.transaction(
+        request = CommitRequest(
             branch=self.branch,
             step=self.step,
             metrics=self.metrics,
@@ -87,6 +87,7 @@ class CloudStorageWriter(StorageWriter):
             meta={"dcp": True, **self.meta},
             fence=self.fence,
         )
+        return Transaction(self.repo.store, self.repo.options.transfer, request)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         # Another rank than the coordinator begins on its own and reports what it read;

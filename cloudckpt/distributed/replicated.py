@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from cloudckpt import tree
-from cloudckpt.blobs import TransferStats
+from cloudckpt.blobs import BlobReader, TransferStats
 from cloudckpt.blobs.writer import BlobResult, Planned, assemble
-from cloudckpt.commit import Start, Transaction
+from cloudckpt.commit import CommitRequest, Start, Transaction
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.lease import WriterLease
 from cloudckpt.repo import Repo
@@ -82,7 +82,11 @@ def commit(
     runs on rank 0 just before the version is published (e.g. a lease check)."""
     options = options or DistributedOptions()
     kwargs: dict[str, Any] = dict(
-        branch=branch, step=step, metrics=metrics, message=message, fast_forward=fast_forward
+        branch=branch,
+        step=step,
+        metrics=dict(metrics or {}),
+        message=message,
+        fast_forward=fast_forward,
     )
     meta = dict(meta or {})
 
@@ -98,7 +102,7 @@ def commit(
         meta["ranks"] = {"world": group.world, "write": "rank0"}
         published = group.from_rank0(lambda: dataclasses.asdict(on_rank0()), context=SAVE_FAILED)
     else:
-        txn = repo.transaction(**kwargs)
+        txn = Transaction(repo.store, repo.options.transfer, CommitRequest(**kwargs))
         save = _SpreadSave(txn, state, group, meta, lease, before_publish)
         # Rank 0 begins the transaction; every rank uploads against the parent it read,
         # and its publish knows when the uploads started (a garbage collection since then
@@ -194,7 +198,7 @@ def load(
         sizes = [_as_tensor(dest).nbytes for _, dest in targets]
         owner = [0] * len(targets) if options.read == "rank0" else shares(sizes, group.world)
         mine = [t for t, r in zip(targets, owner, strict=True) if r == group.rank]
-        stats = group.on_each_rank(lambda: repo.reader().read(mine))
+        stats = group.on_each_rank(lambda: BlobReader(repo.store, repo.options.transfer).read(mine))
         for (_, dest), rank in zip(targets, owner, strict=True):
             group.broadcast_tensor(_as_tensor(dest), src=rank)
         return stats
