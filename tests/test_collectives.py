@@ -118,6 +118,7 @@ def rank_main(rank: int, init: str, out: str) -> None:
     )
     try:
         found = scenarios(Group(dist.group.WORLD))
+        dist.barrier()  # no rank tears gloo down while another is still in a collective
     finally:
         dist.destroy_process_group()
     Path(out, f"{rank}.json").write_text(json.dumps(found))
