@@ -18,7 +18,7 @@ import importlib
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import fsspec
 import xxhash
@@ -66,6 +66,7 @@ class RetriedCall(Protocol):
     def __call__(self, what: str, key: str, fn: Callable[[], T]) -> T: ...
 
 
+@runtime_checkable
 class Backend(Protocol):
     """The requests of one kind of store, on keys relative to its root.
 
