@@ -3,12 +3,12 @@
 ``Store`` (the facade) checks keys, runs every call under the retry policy and its
 deadline, and turns failures into ``StoreError`` / ``CheckpointNotFound`` naming the
 object and the endpoint. A *backend* is the rest: the requests of one kind of store.
-Backends are chosen once, from the URI's scheme, through :data:`BACKENDS`.
+Backends are chosen once, from the URI's scheme, through ``BACKENDS``.
 
 Adding a kind of store (GCS, Azure...) is one module with a class that satisfies
-:class:`Backend` -- usually a subclass of ``fsspec_generic.FsspecBackend`` that overrides
+``Backend`` -- usually a subclass of ``fsspec_generic.FsspecBackend`` that overrides
 the calls its store does better (conditional writes above all) -- and one line in
-:data:`BACKENDS`.
+``BACKENDS``.
 """
 
 from __future__ import annotations
