@@ -38,7 +38,8 @@ class Store:
 
     ``storage_options`` are passed to fsspec exactly as the backend takes them (for S3:
     ``endpoint_url``, ``key``, ``secret``, ``client_kwargs``...); the standard AWS
-    environment (``AWS_ENDPOINT_URL``, credentials, profile) applies as usual.
+    environment (``AWS_ENDPOINT_URL``, credentials, profile) applies as usual. The kind
+    of store is chosen once, from the scheme (``cloudckpt.store.backend.BACKENDS``).
     """
 
     def __init__(
