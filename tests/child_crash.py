@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from processes import wait_forked
 
-import cloudckpt.store.multipart as multipart
+import cloudckpt.store.s3_multipart as multipart
 from cloudckpt import Repo, RepoOptions, TransferOptions
 from cloudckpt.store import Store, StoreOptions
 

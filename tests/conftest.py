@@ -82,10 +82,12 @@ class S3Requests:
             "before-call.s3", lambda model, **_: self.operations.add(model.name)
         )
         self._prefix = f"/{store.root}/"
-        if store._fast is not None:
+        if store.backend.transport is not None:
             for name, (method, operation) in self._FAST.items():
                 setattr(
-                    store._fast, name, self._recorded(getattr(store._fast, name), method, operation)
+                    store.backend.transport,
+                    name,
+                    self._recorded(getattr(store.backend.transport, name), method, operation),
                 )
 
     def _recorded(self, call: Any, method: str, operation: str) -> Any:

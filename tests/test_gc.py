@@ -179,7 +179,7 @@ def test_a_version_deleted_after_the_listing_keeps_its_tombstone(root) -> None:
 def test_a_collection_whose_last_swap_lost_its_response_finishes(root) -> None:
     repo, _ = orphan(root)
     collector = repo_at(root)
-    replace = collector.store._cond.replace
+    replace = collector.store.backend.put_if_match
     lost: list[bool] = []
 
     def applied_then_reset(path: str, data: bytes, etag: str | None) -> str:
@@ -190,7 +190,7 @@ def test_a_collection_whose_last_swap_lost_its_response_finishes(root) -> None:
             raise ConnectionResetError("the response was lost")
         return out
 
-    collector.store._cond.replace = applied_then_reset  # type: ignore[method-assign]
+    collector.store.backend.put_if_match = applied_then_reset  # type: ignore[method-assign]
     report = collector.gc(grace=0)
     assert lost and report.blobs and not repo.index().sweeps
 

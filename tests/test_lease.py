@@ -233,7 +233,7 @@ def test_a_local_clock_far_ahead_does_not_expire_a_live_lease(tmp_path, monkeypa
     store = Store(f"file://{tmp_path}/repo")
     planted(store, host="another-machine", ttl=60.0)
     ahead = time.time() + 600
-    monkeypatch.setattr("cloudckpt.store.time.time", lambda: ahead)
+    monkeypatch.setattr("cloudckpt.store.local.time.time", lambda: ahead)
     monkeypatch.setattr("cloudckpt.lease.time.time", lambda: ahead)
     with pytest.raises(LeaseHeld, match="is being written by"):
         WriterLease(store, "main", ttl=60).acquire()

@@ -129,7 +129,7 @@ def test_a_guarded_delete_checks_before_every_object(tmp_path) -> None:
 def test_a_frozen_lock_holder_makes_local_swaps_fail_clearly_not_hang(tmp_path) -> None:
     import fcntl
 
-    from cloudckpt.store.conditional import LocalConditional, LockTimeout
+    from cloudckpt.store.local import LocalConditional, LockTimeout
 
     path = str(tmp_path / "versions.json")
     cond = LocalConditional(lock_timeout=0.3)

@@ -11,20 +11,20 @@ from processes import wait_forked
 
 from cloudckpt import Repo
 from cloudckpt.store import Store, StoreOptions
-from cloudckpt.store.fastpath import FastPath
+from cloudckpt.store.s3_transport import ObstoreTransport
 from cloudckpt.testing.local_s3 import ACCESS_KEY, SECRET_KEY
 
 
 def test_blob_bytes_round_trip_through_obstore_and_s3fs_sees_them(seaweedfs: Any) -> None:
     uri = seaweedfs.fresh_uri("fast")
     fast = Store(uri, seaweedfs.storage_options())
-    assert fast._fast is not None
+    assert fast.backend.transport is not None
     data = bytes(range(256)) * 4096
     fast.put("blobs/ab/x", memoryview(data))
     view = fast.get_buffer("blobs/ab/x")
     assert isinstance(view, memoryview) and view.readonly and view == data
     slow = Store(uri, seaweedfs.storage_options(), StoreOptions(fast_path=False))
-    assert slow._fast is None
+    assert slow.backend.transport is None
     assert slow.get("blobs/ab/x") == data  # one store, whichever client wrote it
     slow.put("blobs/cd/y", b"written by s3fs")
     assert fast.get("blobs/cd/y") == b"written by s3fs"
@@ -52,7 +52,7 @@ def test_credentials_from_the_aws_environment_serve_the_fast_path(
     for name, value in seaweedfs.env().items():
         monkeypatch.setenv(name, value)
     store = Store(seaweedfs.fresh_uri("fast-env"))  # no storage options at all
-    assert store._fast is not None
+    assert store.backend.transport is not None
     store.put("blobs/00/z", b"z" * 1000)
     assert store.get("blobs/00/z") == b"z" * 1000
 
@@ -69,8 +69,8 @@ def test_credentials_from_the_aws_environment_serve_the_fast_path(
 )
 def test_options_without_an_obstore_equivalent_keep_s3fs(opts: dict[str, Any]) -> None:
     base = {"key": ACCESS_KEY, "secret": SECRET_KEY, "endpoint_url": "http://127.0.0.1:9000"}
-    assert FastPath.for_s3("bucket/run", {**base, **opts}, 1.0, 1.0) is None
-    assert FastPath.for_s3("bucket/run", base, 1.0, 1.0) is not None
+    assert ObstoreTransport.for_s3("bucket/run", {**base, **opts}, 1.0, 1.0) is None
+    assert ObstoreTransport.for_s3("bucket/run", base, 1.0, 1.0) is not None
 
 
 def test_a_child_forked_after_the_fast_path_ran_falls_back_to_s3fs(seaweedfs: Any) -> None:
@@ -105,11 +105,11 @@ from cloudckpt.store import RetryPolicy
 
 opts = RepoOptions(store=StoreOptions(retry=RetryPolicy(attempts=1, total_seconds=10)))
 repo = Repo(sys.argv[1], options=opts)
-fast = repo.store._fast
+fast = repo.store.backend.transport
 start = time.monotonic()
 version = repo.commit({"w": torch.arange(1000.0)})
 assert torch.equal(Repo(sys.argv[1]).load(version.id)["w"], torch.arange(1000.0))
-print(fast is not None and fast.endpoint, repo.store._endpoint, time.monotonic() - start,
+print(fast is not None and fast.endpoint, repo.store.backend.endpoint, time.monotonic() - start,
       sep="|")
 """
 

@@ -79,7 +79,7 @@ def store_for(
     )
     endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     store = Store("s3://bucket/run", {"endpoint_url": endpoint, "key": "k", "secret": "s"}, opts)
-    assert (store._fast is not None) == fast_path
+    assert (store.backend.transport is not None) == fast_path
     return store
 
 
