@@ -24,7 +24,7 @@ from cloudckpt.policies import (
 )
 from cloudckpt.preemption import PreemptionWatcher
 from cloudckpt.repo import Repo, RepoOptions
-from cloudckpt.reports import Resumed, SaveReport, StepResult
+from cloudckpt.results import Resumed, SaveReport, StepResult
 from cloudckpt.resume import ResumableSampler
 from cloudckpt.store import RetryPolicy, StoreOptions
 from cloudckpt.versions import Version

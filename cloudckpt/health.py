@@ -1,4 +1,5 @@
-"""Training health: a non-finite or spiking loss, and low disk or memory."""
+"""Training health: a non-finite or spiking loss, low disk or memory, and whether the
+state still is a completed step's (the save-on-exception guard)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,11 @@ import tempfile
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cloudckpt import tree
 
 
 @dataclass
@@ -80,3 +86,41 @@ def _available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _write_count(t: torch.Tensor) -> int:
+    """How many in-place writes ``t`` has seen.
+
+    torch has no public way to ask whether a tensor was written to; its private version
+    counter ``t._version`` is bumped by every in-place write (an optimizer step
+    included) and shared with the detached views ``state_dict()`` returns. Everything
+    that reads torch's private API is here, in this one function.
+    """
+    return t._version
+
+
+class CompletedStep:
+    """Whether the registered objects still hold exactly the state of the last completed
+    step: a save on exception commits that state, never a half-updated one."""
+
+    def __init__(self) -> None:
+        #: The step marked completed last.
+        self.step = 0
+        self._counts: dict[str, tuple[int, int]] = {}
+
+    def mark(self, step: int, objects: Mapping[str, Any]) -> None:
+        """``step`` is completed: ``objects`` now hold its state."""
+        self._counts = _write_counts(objects)
+        self.step = step
+
+    def unchanged(self, objects: Mapping[str, Any]) -> bool:
+        """No tensor of ``objects`` was replaced or written to since the last ``mark``."""
+        return _write_counts(objects) == self._counts
+
+
+def _write_counts(objects: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    out = {}
+    for name, obj in objects.items():
+        for path, t in tree.tensors_by_path(obj.state_dict(), name).items():
+            out[path] = (t.data_ptr(), _write_count(t))
+    return out

@@ -190,7 +190,7 @@ class PreemptionWatcher:
         return self._event.is_set()
 
     def remaining(self) -> float:
-        """Seconds left before the deadline (inf when not triggered)."""
+        """Seconds left before the notice's deadline (inf when not triggered)."""
         return self.notice.deadline - time.monotonic() if self.notice else float("inf")
 
     def start(self) -> PreemptionWatcher:
@@ -247,3 +247,28 @@ class PreemptionWatcher:
                     self.trigger(notice)
                     return
             self._stop.wait(self.interval)
+
+
+#: Seconds assumed left when the preemption signal reached another rank of the job.
+OTHER_RANK_NOTICE_SECONDS = 30.0
+
+
+def final_notice(
+    watcher: PreemptionWatcher | None, save_seconds: float | None
+) -> tuple[Notice, float]:
+    """The notice a final save answers and the seconds left: ``watcher``'s, or, when the
+    signal reached another rank of the job, one :data:`OTHER_RANK_NOTICE_SECONDS` away.
+    Warns when the last full save took ``save_seconds``, longer than what is left."""
+    notice = watcher.notice if watcher is not None else None
+    if notice is None:
+        notice = Notice("another rank", time.monotonic() + OTHER_RANK_NOTICE_SECONDS)
+    left = notice.deadline - time.monotonic()
+    if save_seconds is not None and save_seconds > left:
+        log.warning(
+            "preemption (%s): a full save took %.1fs last time but only %.1fs are left; "
+            "committing the snapshot already uploading first, then trying the final save",
+            notice.source,
+            save_seconds,
+            left,
+        )
+    return notice, left
