@@ -3,6 +3,7 @@ state still is a completed step's (the save-on-exception guard)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 
 from cloudckpt import tree
+
+log = logging.getLogger("cloudckpt")
 
 
 @dataclass
@@ -36,6 +39,7 @@ class HealthCheck:
     min_free_disk_gb: float = 1.0
     min_free_memory_gb: float = 1.0
     _history: deque[float] = field(default_factory=deque, repr=False)
+    _rollbacks: int = field(default=0, repr=False)
 
     def problem(self, metrics: Mapping[str, float]) -> str | None:
         """Why this step is unhealthy, or None (healthy values join the history)."""
@@ -55,6 +59,19 @@ class HealthCheck:
         while len(self._history) > self.window:
             self._history.popleft()
         return None
+
+    def rolling_back(self, problem: str) -> None:
+        """Count a rollback for ``problem``; RuntimeError after ``max_rollbacks`` in a row."""
+        self._rollbacks += 1
+        if self._rollbacks > self.max_rollbacks:
+            raise RuntimeError(
+                f"{problem} after {self.max_rollbacks} rollbacks in a row; stopping "
+                "(lower the learning rate or inspect the data)"
+            )
+
+    def saving(self) -> None:
+        """A save ends a run of rollbacks."""
+        self._rollbacks = 0
 
     def resources(self, path: str | None = None) -> dict[str, float]:
         """Free disk (where ``path`` lives, default the temp dir) and memory, in GB."""
@@ -116,6 +133,27 @@ class CompletedStep:
     def unchanged(self, objects: Mapping[str, Any]) -> bool:
         """No tensor of ``objects`` was replaced or written to since the last ``mark``."""
         return _write_counts(objects) == self._counts
+
+    def save_after(
+        self, exc: BaseException, objects: Mapping[str, Any], step: int, committed: int | None
+    ) -> bool:
+        """Whether to save ``objects`` after ``exc`` ended the training loop at ``step``:
+        only if they hold exactly a completed step's state, not committed yet (logs why
+        not)."""
+        name = type(exc).__name__
+        if not self.unchanged(objects):
+            log.error(
+                "%s raised mid-step (the state changed after step %d completed); not saving a "
+                "half-updated state. The last committed step is %s.",
+                name,
+                self.step,
+                committed,
+            )
+            return False
+        if committed == step:
+            log.info("%s raised; step %d is already committed", name, step)
+            return False
+        return True
 
 
 def _write_counts(objects: Mapping[str, Any]) -> dict[str, tuple[int, int]]:

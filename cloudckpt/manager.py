@@ -18,16 +18,14 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
-from cloudckpt import loading, versions
-from cloudckpt.agreement import SaveState, StepDecision
-from cloudckpt.background import BackgroundSaver, SaveJob, WhenBusy
+from cloudckpt.agreement import StepDecision
+from cloudckpt.background import SaveJob, WhenBusy
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
-from cloudckpt.errors import CloudCkptError, StoreError
+from cloudckpt.errors import StoreError
 from cloudckpt.gc import DEFAULT_GRACE
 from cloudckpt.health import CompletedStep, HealthCheck
 from cloudckpt.policies import (
-    FailedSaves,
     Mode,
     Policies,
     RetentionPolicy,
@@ -36,11 +34,12 @@ from cloudckpt.policies import (
     SavePoint,
     SavePolicy,
 )
-from cloudckpt.preemption import PreemptionWatcher, final_notice
+from cloudckpt.preemption import PreemptionWatcher, final_save
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.results import Resumed, SaveReport, StepResult
-from cloudckpt.resume import META_KEY, RunRecord, python_rng_untouched
-from cloudckpt.versions import Index, Version
+from cloudckpt.resume import META_KEY, RunRecord
+from cloudckpt.saving import Saves
+from cloudckpt.versions import Version
 from cloudckpt.writer import BranchWriter
 
 log = logging.getLogger("cloudckpt")
@@ -114,8 +113,7 @@ class CheckpointManager:
         options: RepoOptions | None = None,
     ) -> None:
         self.repo = Repo(uri, storage_options, options=options)
-        self.branch = branch
-        self.clock = clock
+        self.branch, self.clock, self.new_branch = branch, clock, new_branch
         self.policies = Policies.from_keywords(
             save_every_steps=save_every_steps,
             save_every_minutes=save_every_minutes,
@@ -133,7 +131,6 @@ class CheckpointManager:
         self.history = RunHistory(clock())
         self.health = health if health is not None else HealthCheck()
         self.save_failures = save_failures or SaveFailures()
-        self._failures = FailedSaves(self.save_failures, self.history.started)
         self.distributed = distributed or DistributedOptions()
         self._writer = BranchWriter(
             self.repo,
@@ -143,9 +140,18 @@ class CheckpointManager:
             lease_wait=lease_wait,
             distributed=self.distributed,
         )
-        self.new_branch = new_branch
-        self.async_save = async_save
-        self._saver = BackgroundSaver[SaveReport]("cloudckpt-async-save", when_busy)
+        #: What went wrong since the last save (fallbacks, rollbacks, failed saves),
+        #: recorded in the next save's metadata.
+        self._events: list[dict[str, Any]] = []
+        self._saves = Saves(
+            self._writer,
+            self.save_failures,
+            async_save=async_save,
+            when_busy=when_busy,
+            clock=clock,
+            events=self._events,
+            after_commit=lambda: self._prune(),  # looked up per call: tests slow it down
+        )
         self._owns_watcher = preemption is True
         self.preemption = PreemptionWatcher().start() if preemption is True else preemption or None
         self.preempted = False
@@ -154,25 +160,30 @@ class CheckpointManager:
         self.epoch = 0
         self.extra: Any = None
         self.metrics: dict[str, float] = {}
-        self.last_save: SaveReport | None = None
         self.resumed_from: str | None = None
-        self._committed_step: int | None = None
         self._completed = CompletedStep()
-        self._events: list[dict[str, Any]] = []
-        self._rollbacks = 0
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.repo.uri!r}, branch={self.branch!r})"
 
     @property
+    def last_save(self) -> SaveReport | None:
+        """What the newest committed save of this run cost."""
+        return self._saves.last_save
+
+    @property
     def committed_step(self) -> int | None:
         """The step of the newest version this run saved or resumed from."""
-        return self._committed_step
+        return self._saves.committed_step
 
     @property
     def failed_saves(self) -> int:
         """Periodic saves that failed in a row (0 after each successful save)."""
-        return self._failures.count
+        return self._saves.failures.count
+
+    @property
+    def async_save(self) -> bool:
+        return self._saves.async_save
 
     @property
     def group(self) -> Group:
@@ -197,42 +208,29 @@ class CheckpointManager:
         self.objects = dict(objects)
         self.extra = extra
         head_id = self._writer.head_holding_lease()
-        self.history = RunHistory(self.clock())
+        started = self.clock()
+        self.history = RunHistory(started)
         index = self.repo.index()
         if head_id is None:
             self._writer.check_new_branch(index, self.new_branch)
             log.info("no checkpoint on %s@%s: fresh run", self.repo.uri, self.branch)
             self._completed.mark(0, self.objects)
             return Resumed(extra=extra)
-        skipped: dict[str, str] = {}
-        version = self._load_newest_good(self.repo.resolve(head_id, index), index, skipped)
+        version, skipped = self._writer.load_newest_good(head_id, index, self.objects, self._apply)
+        for vid, error in skipped.items():
+            self._events.append({"action": "fallback", "bad_version": vid, "error": error})
         self.resumed_from = version.id
-        self.history = RunHistory.resumed(self._writer.versions(index), self.history.started)
+        self.history = RunHistory.resumed(self._writer.versions(index), started)
         log.info("resumed %s from %s (step %d)", self.repo.uri, version.id, self.step_count)
         return Resumed(
             self.step_count, self.epoch, dict(version.metrics), self.extra, version, skipped
         )
 
-    def _load_newest_good(self, head: Version, index: Index, skipped: dict[str, str]) -> Version:
-        """Load the newest version of ``head``'s lineage that verifies and fits the
-        registered objects (``skipped``: version id -> why not)."""
-
-        def attempt(candidate: Version) -> None:
-            self._apply(candidate, self._writer.load(candidate.id, self.objects))
-
-        version, _, bad = loading.first_good(
-            versions.lineage(index, head.id), attempt, f"{self.repo.uri} branch {self.branch!r}"
-        )
-        skipped.update(bad)
-        for vid, error in bad.items():
-            self._events.append({"action": "fallback", "bad_version": vid, "error": error})
-        return version
-
     def _apply(self, version: Version, state: Any) -> None:
         """Take the step, epoch, extra state and RNG states the version recorded."""
         record = RunRecord.restore(state, version, self.repo.uri)
         self.step_count, self.epoch, self.extra = record.step, record.epoch, record.extra
-        self._committed_step = self.step_count
+        self._saves.committed_step = self.step_count
         self._completed.mark(self.step_count, self.objects)
 
     # -- every step ------------------------------------------------------------------
@@ -251,8 +249,9 @@ class CheckpointManager:
         """
         if not self.objects:
             raise RuntimeError("call restore(model=..., optimizer=...) before step()")
+        background = self._saves.background
         if not self.group.distributed:
-            self._collect_background()  # several ranks agree on it below instead
+            self._saves.collect(self.step_count)  # several ranks agree on it below instead
         previous = self.step_count
         self.step_count = self.step_count + 1 if step is None else int(step)
         if epoch is not None:
@@ -267,12 +266,12 @@ class CheckpointManager:
             tuple(self.policies.reasons(candidate, self.history)),
             problem,
             self.preemption is not None and self.preemption.triggered,
-            self._saver.running,
-            self._saver.failed,
+            background.running,
+            background.failed,
         ).agreed(self.group)  # one collective: rank 0's policies, anyone's alarms
         if decision.broken:  # every rank takes the background save's error at this step
             reached, self.step_count = self.step_count, previous
-            self._raise_agreed_background_error()
+            self._saves.collect(previous, failed_on_a_rank=True)
             self.step_count = reached  # a store failure, survived
         if decision.problem is not None:
             return self._roll_back(decision.problem)
@@ -282,15 +281,13 @@ class CheckpointManager:
         if not decision.reasons:
             return StepResult(self.step_count)
         busy = decision.busy if self.group.distributed else None
-        before = self._saver.inflight
+        before = background.inflight
         try:
             report = self._save("; ".join(decision.reasons), values, None, None, busy)
         except StoreError as e:
-            return StepResult(self.step_count, save_error=self._save_failed(e))
-        after = self._saver.inflight
-        return StepResult(
-            self.step_count, saved=report, saving=report is None and after not in (None, before)
-        )
+            return StepResult(self.step_count, save_error=self._saves.failed(e, self.step_count))
+        started = report is None and background.inflight not in (None, before)
+        return StepResult(self.step_count, saved=report, saving=started)
 
     def save(
         self,
@@ -310,13 +307,7 @@ class CheckpointManager:
         skipped when ``when_busy="skip"``. With several ranks this is collective, like
         every save: the ranks agree on whether one is in flight.
         """
-        busy = None
-        if self.group.distributed:
-            state = SaveState(self._saver.running, self._saver.failed)
-            agreed = state.agreed(self.group)
-            if agreed.broken:
-                self._raise_agreed_background_error()
-            busy = agreed.busy
+        busy = self._saves.agreed_busy(self.step_count)
         return self._save(reason, metrics, sync, meta, busy)
 
     def _save(
@@ -329,14 +320,11 @@ class CheckpointManager:
     ) -> SaveReport | None:
         """``save`` once the ranks agreed whether a save is in flight on any (``busy``;
         None: one process, ask this one)."""
-        if busy is None:
-            self._collect_background()
-            busy = self._saver.running
-        values = {k: float(v) for k, v in (metrics or self.metrics).items()}
         t0 = time.perf_counter()
-        if not self._saver.make_room(busy, may_skip=sync is not True):
+        if not self._saves.make_room(busy, self.step_count, sync):
             log.info("step %d: a save is still uploading; skipping this one", self.step_count)
             return None
+        values = {k: float(v) for k, v in (metrics or self.metrics).items()}
         resources = self.health.resources() if self.health else {}
         for warning in self.health.resource_warnings(resources) if self.health else []:
             log.warning("%s: %s", self.repo.uri, warning)
@@ -350,123 +338,49 @@ class CheckpointManager:
             **(meta or {}),
         }
         if self._events:
-            info["events"] = self._events
-            self._events = []
-        self._rollbacks = 0
+            info["events"] = list(self._events)
+            self._events.clear()
+        self.health.saving()
         self.history.record(SavePoint(self.step_count, values, self.clock()))
         job = SaveJob(reason, self.step_count, values, info, t0)
-        if not background:
-            return self._commit(state, job)
-        state = self._saver.snapshot(state)
-        job.blocked = time.perf_counter() - t0
-        self._saver.submit(self._commit, state, job)
-        log.debug("step %d: snapshot in %.3fs, uploading in the background", job.step, job.blocked)
-        return None
-
-    def _commit(self, state: Any, job: SaveJob) -> SaveReport:
-        with python_rng_untouched():
-            version = self._writer.commit(state, job.step, job.metrics, job.meta)
-            if self.group.rank == 0:
-                try:
-                    self._prune()
-                except CloudCkptError as e:  # the commit landed; the next pruning catches up
-                    log.warning("retention after step %d failed (the save landed): %s", job.step, e)
-        self._committed_step = max(self._committed_step or 0, job.step)
-        self._failures.succeeded(self.clock())
-        self.last_save = job.report(version)
-        return self.last_save
+        return self._saves.start(state, job, background)
 
     def _prune(self) -> None:
         self._writer.prune(self.policies, self.resumed_from)
 
     def wait(self) -> SaveReport | None:
         """Block until the save in flight (if any) is committed; raise its error."""
-        self._saver.wait()
-        return self.last_save
+        return self._saves.wait()
 
     def close(self) -> None:
         """Flush the save in flight and stop the preemption watcher."""
         try:
-            self._saver.close()
+            self._saves.close()
         finally:
             if self.preemption is not None and self._owns_watcher:
                 self.preemption.stop()
             self._writer.release()
 
-    # -- failed saves ----------------------------------------------------------------
-    def _collect_background(self) -> None:
-        """Collect a background save that ended: a store failure is survived (see
-        :class:`SaveFailures`), any other error raised."""
-        try:
-            self._saver.collect()
-        except StoreError as e:
-            self._save_failed(e)
-
-    def _raise_agreed_background_error(self) -> None:
-        """A background save failed on some rank: its error, agreed by the commit, ends
-        this rank's save too; survived like a local one if it is a store failure."""
-        try:
-            self._saver.wait()
-        except StoreError as e:
-            self._save_failed(e)
-            return
-        raise CloudCkptError(
-            "a background save failed on another rank; see that rank's error (this rank's "
-            "part of it ended without one)"
-        )
-
-    def _save_failed(self, error: StoreError) -> str:
-        """Count a failed periodic save and go on, or raise once the run gives up."""
-        self._events.append(
-            {"action": "save_failed", "at_step": self.step_count, "error": str(error)[:500]}
-        )
-        self._failures.failed(error, self.clock())
-        return str(error)
-
     # -- preemption ------------------------------------------------------------------
     def _final_save(self) -> SaveReport:
-        estimate = self.last_save.seconds if self.last_save else None
-        notice, left = final_notice(self.preemption, estimate)
-        t0 = time.perf_counter()
-        self._saver.wait()
-        waited = time.perf_counter() - t0
-        preemption = {
-            "source": notice.source,
-            "seconds_left": round(left, 3),
-            "waited_for_inflight_seconds": round(waited, 3),
-        }
-        report = self.save(
-            f"preemption ({notice.source})", sync=True, meta={"preemption": preemption}
-        )
-        assert report is not None
+        def save(reason: str, meta: dict[str, Any]) -> SaveReport | None:
+            return self.save(reason, sync=True, meta=meta)
+
+        report = final_save(self.preemption, self.last_save, self._saves.background.wait, save)
         self.preempted = True
-        log.warning(
-            "preemption (%s): final checkpoint %s at step %d committed in %.2fs; stop training",
-            notice.source,
-            report.version.id,
-            report.version.step,
-            waited + report.seconds,
-        )
         return report
 
     # -- health ----------------------------------------------------------------------
     def _roll_back(self, problem: str) -> StepResult:
-        self._rollbacks += 1
-        if self._rollbacks > self.health.max_rollbacks:
-            raise RuntimeError(
-                f"{problem} after {self.health.max_rollbacks} rollbacks in a row; stopping "
-                "(lower the learning rate or inspect the data)"
-            )
+        self.health.rolling_back(problem)
         # The save in flight lands first, on every rank; then all load what rank 0 finds.
-        self._saver.wait()
+        self._saves.background.wait()
         head = self._writer.head()
         if head is None:
             raise RuntimeError(f"{problem} and no committed version to roll back to")
         target = self.repo.resolve(head)
-        bad_step = self.step_count
-        objects = dict(self.objects)
-        if self.health.skip_batches:
-            objects.pop("sampler", None)
+        bad_step, skip = self.step_count, self.health.skip_batches
+        objects = {k: v for k, v in self.objects.items() if not (skip and k == "sampler")}
         self._apply(target, self._writer.load(target.id, objects))
         self._events.append(
             {
@@ -475,17 +389,16 @@ class CheckpointManager:
                 "at_step": bad_step,
                 "to_version": target.id,
                 "to_step": self.step_count,
-                "skipped_batches": self.health.skip_batches,
+                "skipped_batches": skip,
             }
         )
-        skipping = ", skipping the offending batches" if self.health.skip_batches else ""
         log.warning(
             "%s at step %d: rolled back to %s (step %d)%s",
             problem,
             bad_step,
             target.id,
             self.step_count,
-            skipping,
+            ", skipping the offending batches" if skip else "",
         )
         return StepResult(self.step_count, rolled_back=target)
 
@@ -517,28 +430,18 @@ class CheckpointManager:
             self.wait()
         except Exception as background:
             log.error("the save in flight failed too: %s", background)
+        name = type(exc).__name__
         if not self.objects:
             return
-        name, committed = type(exc).__name__, self._committed_step
         if self.group.distributed:
             log.error(
                 "%s raised on rank %d; not saving (the other ranks may never reach a "
                 "collective save). The last committed step is %s.",
                 name,
                 self.group.rank,
-                committed,
+                self.committed_step,
             )
-        elif not self._completed.unchanged(self.objects):
-            log.error(
-                "%s raised mid-step (the state changed after step %d completed); not saving a "
-                "half-updated state. The last committed step is %s.",
-                name,
-                self._completed.step,
-                committed,
-            )
-        elif committed == self.step_count:
-            log.info("%s raised; step %d is already committed", name, self.step_count)
-        else:
+        elif self._completed.save_after(exc, self.objects, self.step_count, self.committed_step):
             try:
                 self._events.append({"action": "save_on_exception", "exception": repr(exc)[:500]})
                 self.save(f"exception: {name}", sync=True)

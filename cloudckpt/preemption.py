@@ -20,6 +20,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cloudckpt.results import SaveReport
 
 log = logging.getLogger("cloudckpt")
 
@@ -253,22 +257,47 @@ class PreemptionWatcher:
 OTHER_RANK_NOTICE_SECONDS = 30.0
 
 
-def final_notice(
-    watcher: PreemptionWatcher | None, save_seconds: float | None
-) -> tuple[Notice, float]:
-    """The notice a final save answers and the seconds left: ``watcher``'s, or, when the
-    signal reached another rank of the job, one :data:`OTHER_RANK_NOTICE_SECONDS` away.
-    Warns when the last full save took ``save_seconds``, longer than what is left."""
+def final_save(
+    watcher: PreemptionWatcher | None,
+    last_save: SaveReport | None,
+    wait: Callable[[], object],
+    save: Callable[[str, dict[str, Any]], SaveReport | None],
+) -> SaveReport:
+    """The final checkpoint before the machine goes: ``wait`` for the save in flight to
+    commit, then ``save(reason, meta)`` synchronously, the notice recorded in ``meta``.
+
+    The notice is ``watcher``'s, or, when the signal reached another rank of the job,
+    one :data:`OTHER_RANK_NOTICE_SECONDS` away. Warns when ``last_save`` took longer than
+    the time left.
+    """
     notice = watcher.notice if watcher is not None else None
     if notice is None:
         notice = Notice("another rank", time.monotonic() + OTHER_RANK_NOTICE_SECONDS)
     left = notice.deadline - time.monotonic()
-    if save_seconds is not None and save_seconds > left:
+    estimate = last_save.seconds if last_save else None
+    if estimate is not None and estimate > left:
         log.warning(
             "preemption (%s): a full save took %.1fs last time but only %.1fs are left; "
             "committing the snapshot already uploading first, then trying the final save",
             notice.source,
-            save_seconds,
+            estimate,
             left,
         )
-    return notice, left
+    t0 = time.perf_counter()
+    wait()
+    waited = time.perf_counter() - t0
+    meta = {
+        "source": notice.source,
+        "seconds_left": round(left, 3),
+        "waited_for_inflight_seconds": round(waited, 3),
+    }
+    report = save(f"preemption ({notice.source})", {"preemption": meta})
+    assert report is not None  # a synchronous save returns its report
+    log.warning(
+        "preemption (%s): final checkpoint %s at step %d committed in %.2fs; stop training",
+        notice.source,
+        report.version.id,
+        report.version.step,
+        waited + report.seconds,
+    )
+    return report

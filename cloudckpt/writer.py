@@ -3,8 +3,10 @@ on a process group of their own, the head all ranks agree on, and pruning."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+from cloudckpt import loading, versions
 from cloudckpt.distributed import replicated
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
@@ -86,6 +88,25 @@ class BranchWriter:
     def load(self, vid: str, into: dict[str, Any]) -> Any:
         """Load version ``vid`` into ``into`` on every rank (see ``distributed``)."""
         return replicated.load(self.repo, vid, self.group, self.distributed, into=into)
+
+    def load_newest_good(
+        self,
+        head_id: str,
+        index: Index,
+        into: dict[str, Any],
+        apply: Callable[[Version, Any], None],
+    ) -> tuple[Version, dict[str, str]]:
+        """Load the newest version of ``head_id``'s lineage that verifies into ``into``
+        and ``apply`` it (which raises CorruptCheckpoint if it does not fit): that
+        version, and version id -> why not for each newer one passed over (logged)."""
+
+        def attempt(candidate: Version) -> None:
+            apply(candidate, self.load(candidate.id, into))
+
+        head = self.repo.resolve(head_id, index)
+        where = f"{self.repo.uri} branch {self.branch!r}"
+        version, _, skipped = loading.first_good(versions.lineage(index, head.id), attempt, where)
+        return version, skipped
 
     def commit(
         self, state: Any, step: int, metrics: dict[str, float], meta: dict[str, Any]
