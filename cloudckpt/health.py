@@ -69,6 +69,28 @@ class HealthCheck:
                 "(lower the learning rate or inspect the data)"
             )
 
+    def rolled_back(
+        self, problem: str, at_step: int, to_version: str, to_step: int
+    ) -> dict[str, Any]:
+        """Log a rollback; the event the next save records."""
+        skipping = ", skipping the offending batches" if self.skip_batches else ""
+        log.warning(
+            "%s at step %d: rolled back to %s (step %d)%s",
+            problem,
+            at_step,
+            to_version,
+            to_step,
+            skipping,
+        )
+        return {
+            "action": "rollback",
+            "reason": problem,
+            "at_step": at_step,
+            "to_version": to_version,
+            "to_step": to_step,
+            "skipped_batches": self.skip_batches,
+        }
+
     def saving(self) -> None:
         """A save ends a run of rollbacks."""
         self._rollbacks = 0
@@ -135,12 +157,27 @@ class CompletedStep:
         return _write_counts(objects) == self._counts
 
     def save_after(
-        self, exc: BaseException, objects: Mapping[str, Any], step: int, committed: int | None
+        self,
+        exc: BaseException,
+        objects: Mapping[str, Any],
+        step: int,
+        committed: int | None,
+        rank: int | None = None,
     ) -> bool:
         """Whether to save ``objects`` after ``exc`` ended the training loop at ``step``:
-        only if they hold exactly a completed step's state, not committed yet (logs why
-        not)."""
+        only if they hold exactly a completed step's state, not committed yet, and this
+        is the only process (``rank`` None) -- the other ranks of a job may never reach a
+        collective save. Logs why not."""
         name = type(exc).__name__
+        if rank is not None:
+            log.error(
+                "%s raised on rank %d; not saving (the other ranks may never reach a "
+                "collective save). The last committed step is %s.",
+                name,
+                rank,
+                committed,
+            )
+            return False
         if not self.unchanged(objects):
             log.error(
                 "%s raised mid-step (the state changed after step %d completed); not saving a "

@@ -182,10 +182,6 @@ class CheckpointManager:
         return self._saves.failures.count
 
     @property
-    def async_save(self) -> bool:
-        return self._saves.async_save
-
-    @property
     def group(self) -> Group:
         """The ranks this manager saves with (one, outside torch.distributed)."""
         return self._writer.group
@@ -330,20 +326,10 @@ class CheckpointManager:
             log.warning("%s: %s", self.repo.uri, warning)
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
         state[META_KEY] = RunRecord(self.step_count, self.epoch, self.extra).dump()
-        background = not sync if sync is not None else self.async_save
-        info = {
-            "reason": reason,
-            "mode": "async" if background else "sync",
-            "resources": resources,
-            **(meta or {}),
-        }
-        if self._events:
-            info["events"] = list(self._events)
-            self._events.clear()
         self.health.saving()
         self.history.record(SavePoint(self.step_count, values, self.clock()))
-        job = SaveJob(reason, self.step_count, values, info, t0)
-        return self._saves.start(state, job, background)
+        job = SaveJob(reason, self.step_count, values, {"resources": resources, **(meta or {})}, t0)
+        return self._saves.start(state, job, sync)
 
     def _prune(self) -> None:
         self._writer.prune(self.policies, self.resumed_from)
@@ -378,28 +364,11 @@ class CheckpointManager:
         head = self._writer.head()
         if head is None:
             raise RuntimeError(f"{problem} and no committed version to roll back to")
-        target = self.repo.resolve(head)
-        bad_step, skip = self.step_count, self.health.skip_batches
+        target, bad_step = self.repo.resolve(head), self.step_count
+        skip = self.health.skip_batches
         objects = {k: v for k, v in self.objects.items() if not (skip and k == "sampler")}
         self._apply(target, self._writer.load(target.id, objects))
-        self._events.append(
-            {
-                "action": "rollback",
-                "reason": problem,
-                "at_step": bad_step,
-                "to_version": target.id,
-                "to_step": self.step_count,
-                "skipped_batches": skip,
-            }
-        )
-        log.warning(
-            "%s at step %d: rolled back to %s (step %d)%s",
-            problem,
-            bad_step,
-            target.id,
-            self.step_count,
-            ", skipping the offending batches" if skip else "",
-        )
+        self._events.append(self.health.rolled_back(problem, bad_step, target.id, self.step_count))
         return StepResult(self.step_count, rolled_back=target)
 
     # -- save on exception -----------------------------------------------------------
@@ -430,20 +399,14 @@ class CheckpointManager:
             self.wait()
         except Exception as background:
             log.error("the save in flight failed too: %s", background)
-        name = type(exc).__name__
-        if not self.objects:
+        rank = self.group.rank if self.group.distributed else None
+        if not self.objects or not self._completed.save_after(
+            exc, self.objects, self.step_count, self.committed_step, rank
+        ):
             return
-        if self.group.distributed:
-            log.error(
-                "%s raised on rank %d; not saving (the other ranks may never reach a "
-                "collective save). The last committed step is %s.",
-                name,
-                self.group.rank,
-                self.committed_step,
-            )
-        elif self._completed.save_after(exc, self.objects, self.step_count, self.committed_step):
-            try:
-                self._events.append({"action": "save_on_exception", "exception": repr(exc)[:500]})
-                self.save(f"exception: {name}", sync=True)
-            except Exception as save_error:
-                log.error("saving after %s failed: %s", name, save_error)
+        name = type(exc).__name__
+        try:
+            self._events.append({"action": "save_on_exception", "exception": repr(exc)[:500]})
+            self.save(f"exception: {name}", sync=True)
+        except Exception as save_error:
+            log.error("saving after %s failed: %s", name, save_error)

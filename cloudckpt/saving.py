@@ -63,8 +63,15 @@ class Saves:
             busy = self.background.running
         return self.background.make_room(busy, may_skip=sync is not True)
 
-    def start(self, state: Any, job: SaveJob, background: bool) -> SaveReport | None:
-        """Commit ``state`` now (its report), or from a snapshot in the background (None)."""
+    def start(self, state: Any, job: SaveJob, sync: bool | None) -> SaveReport | None:
+        """Commit ``state`` now (its report), or from a snapshot in the background (None)
+        when ``sync`` is False, or None and the manager saves asynchronously. ``job.meta``
+        gains the reason, the mode and the events since the last save."""
+        background = not sync if sync is not None else self.async_save
+        job.meta = {"reason": job.reason, "mode": "async" if background else "sync", **job.meta}
+        if self.events:
+            job.meta["events"] = list(self.events)
+            self.events.clear()
         if not background:
             return self.commit(state, job)
         snapshot = self.background.snapshot(state)
