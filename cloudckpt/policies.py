@@ -82,11 +82,18 @@ class RunHistory:
 
 
 class SavePolicy(Protocol):
+    """When to save: any object with this ``reason`` method (pass it in
+    ``save_policies=``). It keeps no state: what it needs of the past is in ``history``,
+    which the manager keeps. Decided on rank 0 in a job of several ranks."""
+
     def reason(self, candidate: SavePoint, history: RunHistory) -> str | None:
-        """Why to save the step ``candidate`` now, or None."""
+        """Why to save the step ``candidate`` now (recorded with the version), or None."""
 
 
 class RetentionPolicy(Protocol):
+    """Which versions to keep: any object with this ``keep`` method (pass it in
+    ``retention=``). The union of what every policy keeps is kept."""
+
     def keep(self, versions: Sequence[Version]) -> set[str]:
         """The ids of ``versions`` (the branch's, oldest first) this policy wants kept."""
 
