@@ -20,6 +20,7 @@ from typing import Any
 
 from cloudckpt.agreement import StepDecision
 from cloudckpt.background import SaveJob, WhenBusy
+from cloudckpt.branch_writer import BranchWriter
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
 from cloudckpt.errors import StoreError
@@ -40,7 +41,6 @@ from cloudckpt.results import Resumed, SaveReport, StepResult
 from cloudckpt.resume import META_KEY, RunRecord
 from cloudckpt.saving import Saves
 from cloudckpt.versions import Version
-from cloudckpt.writer import BranchWriter
 
 log = logging.getLogger("cloudckpt")
 

@@ -11,11 +11,11 @@ from typing import Any
 
 from cloudckpt.agreement import SaveState
 from cloudckpt.background import BackgroundSaver, SaveJob, WhenBusy
+from cloudckpt.branch_writer import BranchWriter
 from cloudckpt.errors import CloudCkptError, StoreError
 from cloudckpt.policies import FailedSaves, SaveFailures
 from cloudckpt.results import SaveReport
 from cloudckpt.resume import python_rng_untouched
-from cloudckpt.writer import BranchWriter
 
 log = logging.getLogger("cloudckpt")
 
