@@ -47,7 +47,9 @@ class RunHistory:
 
     started: float
     saves: list[SavePoint] = field(default_factory=list)
-    _best: dict[tuple[str, Mode], float | None] = field(default_factory=dict, repr=False)
+    _best: dict[tuple[str, Mode], float | None] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def resumed(cls, versions: Iterable[Version], now: float) -> RunHistory:
