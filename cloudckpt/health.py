@@ -91,9 +91,14 @@ class HealthCheck:
             "skipped_batches": self.skip_batches,
         }
 
-    def saving(self) -> None:
-        """A save ends a run of rollbacks."""
+    def before_save(self, where: str) -> dict[str, float]:
+        """A save ends a run of rollbacks: free disk and memory for its metadata, low
+        ones logged as warnings about ``where``."""
         self._rollbacks = 0
+        report = self.resources()
+        for warning in self.resource_warnings(report):
+            log.warning("%s: %s", where, warning)
+        return report
 
     def resources(self, path: str | None = None) -> dict[str, float]:
         """Free disk (where ``path`` lives, default the temp dir) and memory, in GB."""

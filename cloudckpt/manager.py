@@ -12,6 +12,7 @@ prunes, rolls back and resumes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -321,12 +322,9 @@ class CheckpointManager:
             log.info("step %d: a save is still uploading; skipping this one", self.step_count)
             return None
         values = {k: float(v) for k, v in (metrics or self.metrics).items()}
-        resources = self.health.resources() if self.health else {}
-        for warning in self.health.resource_warnings(resources) if self.health else []:
-            log.warning("%s: %s", self.repo.uri, warning)
+        resources = self.health.before_save(self.repo.uri) if self.health else {}
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
         state[META_KEY] = RunRecord(self.step_count, self.epoch, self.extra).dump()
-        self.health.saving()
         self.history.record(SavePoint(self.step_count, values, self.clock()))
         job = SaveJob(reason, self.step_count, values, {"resources": resources, **(meta or {})}, t0)
         return self._saves.start(state, job, sync)
@@ -349,9 +347,7 @@ class CheckpointManager:
 
     # -- preemption ------------------------------------------------------------------
     def _final_save(self) -> SaveReport:
-        def save(reason: str, meta: dict[str, Any]) -> SaveReport | None:
-            return self.save(reason, sync=True, meta=meta)
-
+        save = functools.partial(self.save, sync=True)
         report = final_save(self.preemption, self.last_save, self._saves.background.wait, save)
         self.preempted = True
         return report

@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from cloudckpt.results import SaveReport
@@ -261,10 +261,10 @@ def final_save(
     watcher: PreemptionWatcher | None,
     last_save: SaveReport | None,
     wait: Callable[[], object],
-    save: Callable[[str, dict[str, Any]], SaveReport | None],
+    save: Callable[..., SaveReport | None],
 ) -> SaveReport:
     """The final checkpoint before the machine goes: ``wait`` for the save in flight to
-    commit, then ``save(reason, meta)`` synchronously, the notice recorded in ``meta``.
+    commit, then ``save(reason, meta=...)`` synchronously, the notice recorded in ``meta``.
 
     The notice is ``watcher``'s, or, when the signal reached another rank of the job,
     one :data:`OTHER_RANK_NOTICE_SECONDS` away. Warns when ``last_save`` took longer than
@@ -291,7 +291,7 @@ def final_save(
         "seconds_left": round(left, 3),
         "waited_for_inflight_seconds": round(waited, 3),
     }
-    report = save(f"preemption ({notice.source})", {"preemption": meta})
+    report = save(f"preemption ({notice.source})", meta={"preemption": meta})
     assert report is not None  # a synchronous save returns its report
     log.warning(
         "preemption (%s): final checkpoint %s at step %d committed in %.2fs; stop training",
