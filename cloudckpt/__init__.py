@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it.
 _WHERE: dict[str, str] = {
+    "BackgroundSaver": "cloudckpt.background",
     "Change": "cloudckpt.diff",
     "CheckpointManager": "cloudckpt.manager",
     "CheckpointNotFound": "cloudckpt.errors",
@@ -37,19 +38,23 @@ _WHERE: dict[str, str] = {
     "Notice": "cloudckpt.preemption",
     "ObjectInfo": "cloudckpt.store",
     "OnBestMetric": "cloudckpt.policies",
+    "Policies": "cloudckpt.policies",
     "PreemptionWatcher": "cloudckpt.preemption",
     "RankFailure": "cloudckpt.errors",
     "RanksFailed": "cloudckpt.errors",
     "Repo": "cloudckpt.repo",
     "RepoOptions": "cloudckpt.repo",
     "ResumableSampler": "cloudckpt.resume",
-    "Resumed": "cloudckpt.reports",
+    "Resumed": "cloudckpt.results",
     "RetentionPolicy": "cloudckpt.policies",
     "RetryPolicy": "cloudckpt.store",
+    "RunHistory": "cloudckpt.policies",
     "SaveFailures": "cloudckpt.policies",
+    "SaveJob": "cloudckpt.background",
+    "SavePoint": "cloudckpt.policies",
     "SavePolicy": "cloudckpt.policies",
-    "SaveReport": "cloudckpt.reports",
-    "StepResult": "cloudckpt.reports",
+    "SaveReport": "cloudckpt.results",
+    "StepResult": "cloudckpt.results",
     "Store": "cloudckpt.store",
     "StoreError": "cloudckpt.errors",
     "StoreOptions": "cloudckpt.store",
@@ -62,6 +67,7 @@ _WHERE: dict[str, str] = {
 }
 
 __all__ = [
+    "BackgroundSaver",
     "Change",
     "CheckpointManager",
     "CheckpointNotFound",
@@ -85,6 +91,7 @@ __all__ = [
     "Notice",
     "ObjectInfo",
     "OnBestMetric",
+    "Policies",
     "PreemptionWatcher",
     "RankFailure",
     "RanksFailed",
@@ -94,7 +101,10 @@ __all__ = [
     "Resumed",
     "RetentionPolicy",
     "RetryPolicy",
+    "RunHistory",
     "SaveFailures",
+    "SaveJob",
+    "SavePoint",
     "SavePolicy",
     "SaveReport",
     "StepResult",
@@ -124,6 +134,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from cloudckpt.background import BackgroundSaver, SaveJob
     from cloudckpt.blobs import TransferOptions, TransferStats
     from cloudckpt.diff import Change, Diff
     from cloudckpt.distributed.collectives import Group
@@ -152,13 +163,16 @@ if TYPE_CHECKING:
         KeepEvery,
         KeepLast,
         OnBestMetric,
+        Policies,
         RetentionPolicy,
+        RunHistory,
         SaveFailures,
+        SavePoint,
         SavePolicy,
     )
     from cloudckpt.preemption import Notice, PreemptionWatcher
     from cloudckpt.repo import Repo, RepoOptions
-    from cloudckpt.reports import Resumed, SaveReport, StepResult
+    from cloudckpt.results import Resumed, SaveReport, StepResult
     from cloudckpt.resume import ResumableSampler
     from cloudckpt.store import ObjectInfo, RetryPolicy, Store, StoreOptions
     from cloudckpt.versions import Index, Sweep, Version

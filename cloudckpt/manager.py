@@ -12,44 +12,38 @@ prunes, rolls back and resumes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
-from cloudckpt import fallback, schema, tree, versions
-from cloudckpt.distributed import replicated
+from cloudckpt.agreement import StepDecision
+from cloudckpt.background import SaveJob, WhenBusy
+from cloudckpt.branch_writer import BranchWriter
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.distributed.replicated import DistributedOptions
-from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint, StoreError
+from cloudckpt.errors import StoreError
 from cloudckpt.gc import DEFAULT_GRACE
-from cloudckpt.health import HealthCheck
-from cloudckpt.lease import WriterLease
+from cloudckpt.health import CompletedStep, HealthCheck
 from cloudckpt.policies import (
-    EveryMinutes,
-    EveryNSteps,
-    KeepBest,
-    KeepEvery,
-    KeepLast,
     Mode,
-    OnBestMetric,
+    Policies,
     RetentionPolicy,
+    RunHistory,
     SaveFailures,
+    SavePoint,
     SavePolicy,
 )
-from cloudckpt.preemption import Notice, PreemptionWatcher
+from cloudckpt.preemption import PreemptionWatcher, final_save
 from cloudckpt.repo import Repo, RepoOptions
-from cloudckpt.reports import Resumed, SaveJob, SaveReport, StepResult
-from cloudckpt.resume import capture_rng, python_rng_untouched, restore_rng
-from cloudckpt.snapshot import Snapshotter
-from cloudckpt.versions import Index, Version
+from cloudckpt.results import Resumed, SaveReport, StepResult
+from cloudckpt.resume import META_KEY, RunRecord
+from cloudckpt.saving import Saves
+from cloudckpt.versions import Version
 
 log = logging.getLogger("cloudckpt")
-
-#: Key of the manager's own entries in a committed state.
-META_KEY = "_cloudckpt"
 
 
 class CheckpointManager:
@@ -64,6 +58,8 @@ class CheckpointManager:
     plus any ``retention`` objects. The newest version and the one the run resumed from
     are always kept. Pruned versions leave the index at once; their data is garbage
     collected every ``gc_every`` prunings, once older than ``gc_grace`` seconds.
+    :meth:`Policies.from_keywords` turns these keywords into policy objects, all held in
+    ``policies``; the save policies read the run's saves so far from ``history``.
 
     ``health`` (a :class:`HealthCheck`, on by default for the metric ``"loss"``) rolls
     back to the last committed version when the loss is non-finite or spikes.
@@ -107,7 +103,7 @@ class CheckpointManager:
         gc_every: int = 10,
         gc_grace: float = DEFAULT_GRACE,
         async_save: bool = False,
-        when_busy: Literal["wait", "skip"] = "wait",
+        when_busy: WhenBusy = "wait",
         preemption: PreemptionWatcher | bool | None = None,
         exclusive: bool = True,
         lease_ttl: float = 60.0,
@@ -118,63 +114,78 @@ class CheckpointManager:
         options: RepoOptions | None = None,
     ) -> None:
         self.repo = Repo(uri, storage_options, options=options)
-        self._lease = WriterLease(self.repo.store, branch, lease_ttl) if exclusive else None
-        self.lease_wait, self.new_branch = lease_wait, new_branch
-        self.save_failures = save_failures or SaveFailures()
-        #: Periodic saves that failed in a row (0 after each successful save).
-        self.failed_saves = 0
-        self._last_success = clock()
-        self.distributed = distributed or DistributedOptions()
-        self._group: Group | None = None
-        self._commit_group: Group | None = None
-        self.branch = branch
-        self.clock = clock
+        self.branch, self.clock, self.new_branch = branch, clock, new_branch
+        self.policies = Policies.from_keywords(
+            save_every_steps=save_every_steps,
+            save_every_minutes=save_every_minutes,
+            best_metric=best_metric,
+            best_mode=best_mode,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            keep_every=keep_every,
+            save_policies=save_policies,
+            retention=retention,
+            gc_every=gc_every,
+            gc_grace=gc_grace,
+        )
+        #: What the save policies know of the run (seeded by ``restore()``).
+        self.history = RunHistory(clock())
         self.health = health if health is not None else HealthCheck()
-        self.gc_every, self.gc_grace = gc_every, gc_grace
-        self.save_policies: list[SavePolicy] = list(save_policies)
-        if save_every_steps:
-            self.save_policies.append(EveryNSteps(save_every_steps))
-        if save_every_minutes:
-            self.save_policies.append(EveryMinutes(save_every_minutes))
-        if best_metric:
-            self.save_policies.append(OnBestMetric(best_metric, best_mode))
-        self.retention: list[RetentionPolicy] = list(retention)
-        if keep_last:
-            self.retention.append(KeepLast(keep_last))
-        if keep_best:
-            if not best_metric:
-                raise ValueError("keep_best needs best_metric")
-            self.retention.append(KeepBest(keep_best, best_metric, best_mode))
-        if keep_every:
-            self.retention.append(KeepEvery(keep_every))
+        self.save_failures = save_failures or SaveFailures()
+        self.distributed = distributed or DistributedOptions()
+        self._writer = BranchWriter(
+            self.repo,
+            branch,
+            exclusive=exclusive,
+            lease_ttl=lease_ttl,
+            lease_wait=lease_wait,
+            distributed=self.distributed,
+        )
+        #: What went wrong since the last save (fallbacks, rollbacks, failed saves),
+        #: recorded in the next save's metadata.
+        self._events: list[dict[str, Any]] = []
+        self._saves = Saves(
+            self._writer,
+            self.save_failures,
+            async_save=async_save,
+            when_busy=when_busy,
+            clock=clock,
+            events=self._events,
+            after_commit=lambda: self._prune(),  # looked up per call: tests slow it down
+        )
+        self._owns_watcher = preemption is True
+        self.preemption = PreemptionWatcher().start() if preemption is True else preemption or None
+        self.preempted = False
         self.objects: dict[str, Any] = {}
         self.step_count = 0
         self.epoch = 0
         self.extra: Any = None
         self.metrics: dict[str, float] = {}
-        self.last_save: SaveReport | None = None
         self.resumed_from: str | None = None
-        self._committed_step: int | None = None
-        self._versions_at_step: dict[str, tuple[int, int]] = {}
-        self._completed = 0
-        self._events: list[dict[str, Any]] = []
-        self._rollbacks = 0
-        self._prunings = 0
-        self.async_save, self.when_busy = async_save, when_busy
-        self._snapshots = Snapshotter()
-        self._pool: ThreadPoolExecutor | None = None
-        self._inflight: Future[SaveReport] | None = None
-        self._owns_watcher = preemption is True
-        self.preemption = PreemptionWatcher().start() if preemption is True else preemption or None
-        self.preempted = False
+        self._completed = CompletedStep()
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.repo.uri!r}, branch={self.branch!r})"
 
     @property
+    def last_save(self) -> SaveReport | None:
+        """What the newest committed save of this run cost."""
+        return self._saves.last_save
+
+    @property
     def committed_step(self) -> int | None:
         """The step of the newest version this run saved or resumed from."""
-        return self._committed_step
+        return self._saves.committed_step
+
+    @property
+    def failed_saves(self) -> int:
+        """Periodic saves that failed in a row (0 after each successful save)."""
+        return self._saves.failures.count
+
+    @property
+    def group(self) -> Group:
+        """The ranks this manager saves with (one, outside torch.distributed)."""
+        return self._writer.group
 
     # -- restore ---------------------------------------------------------------------
     def restore(self, *, extra: Any = None, **objects: Any) -> Resumed:
@@ -193,104 +204,31 @@ class CheckpointManager:
             raise ValueError(f"{META_KEY!r} is reserved")
         self.objects = dict(objects)
         self.extra = extra
-
-        def newest() -> str | None:  # rank 0 takes the lease, then reads the head
-            self._hold_lease()
-            return self._head()
-
-        # Every rank resumes from the version rank 0 found once it held the lease, and
-        # every rank raises if rank 0 could not take it.
-        head_id = replicated.from_rank0(self.group, newest)
-        for policy in self.save_policies:
-            policy.start(self.step_count, self.clock())
+        head_id = self._writer.head_holding_lease()
+        started = self.clock()
+        self.history = RunHistory(started)
         index = self.repo.index()
         if head_id is None:
-            self._check_new_branch(index)
+            self._writer.check_new_branch(index, self.new_branch)
             log.info("no checkpoint on %s@%s: fresh run", self.repo.uri, self.branch)
-            self._mark_completed(0)
+            self._completed.mark(0, self.objects)
             return Resumed(extra=extra)
-        head = self.repo.resolve(head_id, index)
-        skipped: dict[str, str] = {}
-        version = self._load_newest_good(head, index, skipped)
+        version, skipped = self._writer.load_newest_good(head_id, index, self.objects, self._apply)
+        for vid, error in skipped.items():
+            self._events.append({"action": "fallback", "bad_version": vid, "error": error})
         self.resumed_from = version.id
-        for policy in self.save_policies:
-            if isinstance(policy, OnBestMetric):
-                policy.seed(self._branch_versions(index))
+        self.history = RunHistory.resumed(self._writer.versions(index), started)
         log.info("resumed %s from %s (step %d)", self.repo.uri, version.id, self.step_count)
         return Resumed(
             self.step_count, self.epoch, dict(version.metrics), self.extra, version, skipped
         )
 
-    def _check_new_branch(self, index: Index) -> None:
-        """A branch without versions in a repository that has others is most likely a
-        typo: refused unless the run said it starts a new branch."""
-        others = sorted(b for b in index.branches if b != self.branch)
-        if self.new_branch or not others:
-            return
-        if self._lease is not None:
-            self._lease.release()
-        raise CheckpointNotFound(
-            f"{self.repo.uri}: branch {self.branch!r} has no versions, but this repository "
-            f"has branches {', '.join(others)} -- a typo? Pass new_branch=True to start "
-            f"{self.branch!r} from scratch, or fork it first with "
-            f"Repo(...).branch({self.branch!r}, {others[0]!r})"
-        )
-
-    def _load_newest_good(self, head: Version, index: Index, skipped: dict[str, str]) -> Version:
-        """Load the newest version of ``head``'s lineage that verifies and fits the
-        registered objects (``skipped``: version id -> why not)."""
-
-        def attempt(candidate: Version) -> None:
-            self._apply(candidate, self._load(candidate.id, self.objects))
-
-        version, _, bad = fallback.first_good(
-            versions.lineage(index, head.id), attempt, f"{self.repo.uri} branch {self.branch!r}"
-        )
-        skipped.update(bad)
-        for vid, error in bad.items():
-            self._events.append({"action": "fallback", "bad_version": vid, "error": error})
-        return version
-
-    def _load(self, vid: str, into: dict[str, Any]) -> Any:
-        return replicated.load(self.repo, vid, self.group, self.distributed, into=into)
-
-    @property
-    def group(self) -> Group:
-        """The ranks this manager saves with (one, outside torch.distributed)."""
-        if self._group is None:
-            self._group = Group.detect()
-            # Commits get a gloo group of their own: an async save's collectives run in a
-            # background thread and must never pair with step()'s on the main thread.
-            self._commit_group = Group.detect()
-        return self._group
-
     def _apply(self, version: Version, state: Any) -> None:
         """Take the step, epoch, extra state and RNG states the version recorded."""
-        own = state.get(META_KEY, {}) if isinstance(state, dict) else {}
-        try:
-            if not isinstance(own, dict):
-                raise TypeError(f"{META_KEY!r} is a {type(own).__name__}")
-            step = schema.integer(own.get("step", version.step or 0), 0)
-            epoch = schema.integer(own.get("epoch", 0), 0)
-            if "rng" in own:
-                restore_rng(own["rng"])
-        except (
-            schema.Invalid,
-            TypeError,
-            ValueError,
-            KeyError,
-            IndexError,
-            RuntimeError,
-            OverflowError,
-        ) as e:
-            raise CorruptCheckpoint(
-                f"{self.repo.uri} version {version.id}: its step, epoch or RNG record is "
-                f"malformed ({type(e).__name__}: {str(e)[:200]})"
-            ) from None
-        self.step_count, self.epoch = step, epoch
-        self.extra = own.get("extra")
-        self._committed_step = self.step_count
-        self._mark_completed(self.step_count)
+        record = RunRecord.restore(state, version, self.repo.uri)
+        self.step_count, self.epoch, self.extra = record.step, record.epoch, record.extra
+        self._saves.committed_step = self.step_count
+        self._completed.mark(self.step_count, self.objects)
 
     # -- every step ------------------------------------------------------------------
     def step(
@@ -308,8 +246,9 @@ class CheckpointManager:
         """
         if not self.objects:
             raise RuntimeError("call restore(model=..., optimizer=...) before step()")
+        background = self._saves.background
         if not self.group.distributed:
-            self._raise_background_error()  # several ranks agree on it below instead
+            self._saves.collect(self.step_count)  # several ranks agree on it below instead
         previous = self.step_count
         self.step_count = self.step_count + 1 if step is None else int(step)
         if epoch is not None:
@@ -319,42 +258,32 @@ class CheckpointManager:
         values = {k: float(v) for k, v in (metrics or {}).items()}
         self.metrics = values
         problem = self.health.problem(values) if self.health else None
-        preempted = self.preemption is not None and self.preemption.triggered
-        now = self.clock()
-        reasons = [r for p in self.save_policies if (r := p.reason(self.step_count, values, now))]
-        busy: bool | None = None
-        if self.group.distributed:  # one collective: rank 0's policies, anyone's alarms
-            running, broken = self._inflight_state()
-            save, preempted_any, failed_any, busy_any, broken_any = self.group.agree(
-                [
-                    float(bool(reasons) and self.group.rank == 0),
-                    float(preempted),
-                    float(problem is not None),
-                    float(running),
-                    float(broken),
-                ]
-            )
-            if broken_any:  # every rank takes the background save's error at this step
-                reached, self.step_count = self.step_count, previous
-                self._raise_agreed_background_error()
-                self.step_count = reached  # a store failure, survived
-            busy = bool(busy_any)
-            reasons = (reasons or ["rank 0's save policy"]) if save else []
-            problem = problem or ("the health check failed on another rank" if failed_any else None)
-            preempted = bool(preempted_any)
-        if problem is not None:
-            return self._roll_back(problem)
-        self._mark_completed(self.step_count)
-        if preempted and not self.preempted:
+        candidate = SavePoint(self.step_count, values, self.clock())
+        decision = StepDecision(
+            tuple(self.policies.reasons(candidate, self.history)),
+            problem,
+            self.preemption is not None and self.preemption.triggered,
+            background.running,
+            background.failed,
+        ).agreed(self.group)  # one collective: rank 0's policies, anyone's alarms
+        if decision.broken:  # every rank takes the background save's error at this step
+            reached, self.step_count = self.step_count, previous
+            self._saves.collect(previous, failed_on_a_rank=True)
+            self.step_count = reached  # a store failure, survived
+        if decision.problem is not None:
+            return self._roll_back(decision.problem)
+        self._completed.mark(self.step_count, self.objects)
+        if decision.preempted and not self.preempted:
             return StepResult(self.step_count, saved=self._final_save(), preempted=True)
-        if not reasons:
+        if not decision.reasons:
             return StepResult(self.step_count)
-        inflight = self._inflight
+        busy = decision.busy if self.group.distributed else None
+        before = background.inflight
         try:
-            report = self._save("; ".join(reasons), values, None, None, busy)
+            report = self._save("; ".join(decision.reasons), values, None, None, busy)
         except StoreError as e:
-            return StepResult(self.step_count, save_error=self._save_failed(e))
-        started = report is None and self._inflight is not None and self._inflight is not inflight
+            return StepResult(self.step_count, save_error=self._saves.failed(e, self.step_count))
+        started = report is None and background.inflight not in (None, before)
         return StepResult(self.step_count, saved=report, saving=started)
 
     def save(
@@ -375,13 +304,7 @@ class CheckpointManager:
         skipped when ``when_busy="skip"``. With several ranks this is collective, like
         every save: the ranks agree on whether one is in flight.
         """
-        busy = None
-        if self.group.distributed:
-            running, broken = self._inflight_state()
-            busy_any, broken_any = self.group.agree([float(running), float(broken)])
-            if broken_any:
-                self._raise_agreed_background_error()
-            busy = bool(busy_any)
+        busy = self._saves.agreed_busy(self.step_count)
         return self._save(reason, metrics, sync, meta, busy)
 
     def _save(
@@ -394,304 +317,57 @@ class CheckpointManager:
     ) -> SaveReport | None:
         """``save`` once the ranks agreed whether a save is in flight on any (``busy``;
         None: one process, ask this one)."""
-        if busy is None:
-            self._raise_background_error()
-            busy = self._inflight is not None and not self._inflight.done()
-        values = {k: float(v) for k, v in (metrics or self.metrics).items()}
         t0 = time.perf_counter()
-        if busy:
-            if self.when_busy == "skip" and sync is not True:
-                log.info("step %d: a save is still uploading; skipping this one", self.step_count)
-                return None
-            self._wait_inflight()
-        resources = self.health.resources() if self.health else {}
-        for warning in self.health.resource_warnings(resources) if self.health else []:
-            log.warning("%s: %s", self.repo.uri, warning)
+        if not self._saves.make_room(busy, self.step_count, sync):
+            log.info("step %d: a save is still uploading; skipping this one", self.step_count)
+            return None
+        values = {k: float(v) for k, v in (metrics or self.metrics).items()}
+        resources = self.health.before_save(self.repo.uri) if self.health else {}
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
-        state[META_KEY] = {
-            "rng": capture_rng(),
-            "step": self.step_count,
-            "epoch": self.epoch,
-            "extra": self.extra,
-        }
-        background = not sync if sync is not None else self.async_save
-        info = {
-            "reason": reason,
-            "mode": "async" if background else "sync",
-            "resources": resources,
-            **(meta or {}),
-        }
-        if self._events:
-            info["events"] = self._events
-            self._events = []
-        self._rollbacks = 0
-        now = self.clock()
-        for policy in self.save_policies:
-            policy.saved(self.step_count, values, now)
-        job = SaveJob(reason, self.step_count, values, info, t0)
-        if not background:
-            return self._commit(state, job)
-        state = self._snapshots.copy(state)
-        job.blocked = time.perf_counter() - t0
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-async-save")
-        self._inflight = self._pool.submit(self._commit, state, job)
-        log.debug("step %d: snapshot in %.3fs, uploading in the background", job.step, job.blocked)
-        return None
+        state[META_KEY] = RunRecord(self.step_count, self.epoch, self.extra).dump()
+        self.history.record(SavePoint(self.step_count, values, self.clock()))
+        job = SaveJob(reason, self.step_count, values, {"resources": resources, **(meta or {})}, t0)
+        return self._saves.start(state, job, sync)
 
-    def _hold_lease(self) -> None:
-        if self._lease is not None and self.group.rank == 0 and not self._lease.held:
-            self._lease.acquire(wait=self.lease_wait)
-
-    def _check_lease(self) -> None:
-        if self._lease is not None:
-            self._hold_lease()
-            self._lease.check()
-
-    def _commit(self, state: Any, job: SaveJob) -> SaveReport:
-        with python_rng_untouched():
-            rank = self.group.rank  # creates both groups on first use
-            assert self._commit_group is not None
-            version = replicated.commit(
-                self.repo,
-                state,
-                self._commit_group,
-                self.distributed,
-                branch=self.branch,
-                step=job.step,
-                metrics=job.metrics,
-                meta=job.meta,
-                lease=self._lease if rank == 0 else None,
-                before_publish=self._check_lease,
-            )
-            if self.group.rank == 0:
-                try:
-                    self._prune()
-                except CloudCkptError as e:  # the commit landed; the next pruning catches up
-                    log.warning("retention after step %d failed (the save landed): %s", job.step, e)
-        seconds = time.perf_counter() - job.started
-        blocked = seconds if job.blocked is None else job.blocked
-        self._committed_step = max(self._committed_step or 0, job.step)
-        self.failed_saves, self._last_success = 0, self.clock()
-        self.last_save = SaveReport(
-            version,
-            job.reason,
-            version.logical_bytes,
-            version.stored_bytes,
-            version.uploaded_bytes,
-            seconds,
-            blocked,
-        )
-        log.info(
-            "saved step %d (%s) as %s: %.1f MB logical, %.1f MB stored, %.1f MB uploaded, "
-            "%.2fs, training blocked %.2fs",
-            job.step,
-            job.reason,
-            version.id,
-            version.logical_bytes / 1e6,
-            version.stored_bytes / 1e6,
-            version.uploaded_bytes / 1e6,
-            seconds,
-            blocked,
-        )
-        return self.last_save
+    def _prune(self) -> None:
+        self._writer.prune(self.policies, self.resumed_from)
 
     def wait(self) -> SaveReport | None:
         """Block until the save in flight (if any) is committed; raise its error."""
-        self._wait_inflight()
-        return self.last_save
-
-    def _wait_inflight(self) -> None:
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight.result()
-
-    def _raise_background_error(self) -> None:
-        """Collect a background save that ended: a store failure is survived (see
-        :class:`SaveFailures`), any other error raised."""
-        if self._inflight is not None and self._inflight.done():
-            try:
-                self._wait_inflight()
-            except StoreError as e:
-                self._save_failed(e)
-
-    def _save_failed(self, error: StoreError) -> str:
-        """Count a failed periodic save and go on, or raise once the run gives up."""
-        self.failed_saves += 1
-        down = self.clock() - self._last_success
-        self._events.append(
-            {"action": "save_failed", "at_step": self.step_count, "error": str(error)[:500]}
-        )
-        policy = self.save_failures
-        if policy.gives_up(self.failed_saves, down):
-            raise StoreError(
-                f"{self.failed_saves} saves in a row failed and none succeeded for "
-                f"{down / 60:.1f} min (giving up by {policy}); the last: {error}"
-            ) from error
-        log.error(
-            "a save failed (%d in a row; training goes on and the next save point tries "
-            "again; the run stops after %d in a row or %.0f min without a save): %s",
-            self.failed_saves,
-            policy.max_consecutive,
-            policy.max_minutes,
-            error,
-        )
-        return str(error)
-
-    def _inflight_state(self) -> tuple[bool, bool]:
-        """(a save is still running here, the one that ran here failed)."""
-        fut = self._inflight
-        running = fut is not None and not fut.done()
-        return running, fut is not None and fut.done() and fut.exception() is not None
-
-    def _raise_agreed_background_error(self) -> None:
-        """A background save failed on some rank: its error, agreed by the commit, ends
-        this rank's save too; survived like a local one if it is a store failure."""
-        try:
-            self._wait_inflight()
-        except StoreError as e:
-            self._save_failed(e)
-            return
-        raise CloudCkptError(
-            "a background save failed on another rank; see that rank's error (this rank's "
-            "part of it ended without one)"
-        )
+        return self._saves.wait()
 
     def close(self) -> None:
         """Flush the save in flight and stop the preemption watcher."""
         try:
-            self.wait()
+            self._saves.close()
         finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
             if self.preemption is not None and self._owns_watcher:
                 self.preemption.stop()
-            if self._lease is not None:
-                self._lease.release()
+            self._writer.release()
 
     # -- preemption ------------------------------------------------------------------
     def _final_save(self) -> SaveReport:
-        watcher = self.preemption
-        notice = watcher.notice if watcher is not None else None
-        if notice is None:  # the signal reached another rank
-            notice = Notice("another rank", time.monotonic() + 30.0)
-        left = notice.deadline - time.monotonic()
-        estimate = self.last_save.seconds if self.last_save else None
-        if estimate is not None and estimate > left:
-            log.warning(
-                "preemption (%s): a full save took %.1fs last time but only %.1fs are left; "
-                "committing the snapshot already uploading first, then trying the final save",
-                notice.source,
-                estimate,
-                left,
-            )
-        t0 = time.perf_counter()
-        self._wait_inflight()
-        waited = time.perf_counter() - t0
-        report = self.save(
-            f"preemption ({notice.source})",
-            sync=True,
-            meta={
-                "preemption": {
-                    "source": notice.source,
-                    "seconds_left": round(left, 3),
-                    "waited_for_inflight_seconds": round(waited, 3),
-                }
-            },
-        )
-        assert report is not None
+        save = functools.partial(self.save, sync=True)
+        report = final_save(self.preemption, self.last_save, self._saves.background.wait, save)
         self.preempted = True
-        log.warning(
-            "preemption (%s): final checkpoint %s at step %d committed in %.2fs; stop training",
-            notice.source,
-            report.version.id,
-            report.version.step,
-            waited + report.seconds,
-        )
         return report
-
-    # -- retention -------------------------------------------------------------------
-    def _branch_versions(self, index: Index) -> list[Version]:
-        return [v for v in index.versions.values() if v.branch == self.branch]
-
-    def _prune(self) -> None:
-        if not self.retention:
-            return
-        index = self.repo.index()
-        ours = self._branch_versions(index)
-        if not ours:
-            return
-        keep = {ours[-1].id, *([self.resumed_from] if self.resumed_from else [])}
-        for policy in self.retention:
-            keep |= policy.keep(ours)
-        pinned = {*index.branches.values(), *index.tags.values()}
-        doomed = [v.id for v in ours if v.id not in keep and v.id not in pinned]
-        if not doomed:
-            return
-        fence = self._lease.fence if self._lease is not None else None
-        self.repo.delete(doomed, fence=fence, branch=self.branch)
-        self._prunings += 1
-        if self.gc_every and self._prunings % self.gc_every == 0:
-            self.repo.gc(grace=self.gc_grace)
 
     # -- health ----------------------------------------------------------------------
     def _roll_back(self, problem: str) -> StepResult:
-        self._rollbacks += 1
-        if self._rollbacks > self.health.max_rollbacks:
-            raise RuntimeError(
-                f"{problem} after {self.health.max_rollbacks} rollbacks in a row; stopping "
-                "(lower the learning rate or inspect the data)"
-            )
+        self.health.rolling_back(problem)
         # The save in flight lands first, on every rank; then all load what rank 0 finds.
-        self._wait_inflight()
-        head = replicated.from_rank0(self.group, self._head)
+        self._saves.background.wait()
+        head = self._writer.head()
         if head is None:
             raise RuntimeError(f"{problem} and no committed version to roll back to")
-        target = self.repo.resolve(head)
-        bad_step = self.step_count
-        objects = dict(self.objects)
-        if self.health.skip_batches:
-            objects.pop("sampler", None)
-        state = self._load(target.id, objects)
-        self._apply(target, state)
-        event = {
-            "action": "rollback",
-            "reason": problem,
-            "at_step": bad_step,
-            "to_version": target.id,
-            "to_step": self.step_count,
-            "skipped_batches": self.health.skip_batches,
-        }
-        self._events.append(event)
-        skipping = ", skipping the offending batches" if self.health.skip_batches else ""
-        log.warning(
-            "%s at step %d: rolled back to %s (step %d)%s",
-            problem,
-            bad_step,
-            target.id,
-            self.step_count,
-            skipping,
-        )
+        target, bad_step = self.repo.resolve(head), self.step_count
+        skip = self.health.skip_batches
+        objects = {k: v for k, v in self.objects.items() if not (skip and k == "sampler")}
+        self._apply(target, self._writer.load(target.id, objects))
+        self._events.append(self.health.rolled_back(problem, bad_step, target.id, self.step_count))
         return StepResult(self.step_count, rolled_back=target)
 
-    def _head(self) -> str | None:
-        return self.repo.index().branches.get(self.branch)
-
     # -- save on exception -----------------------------------------------------------
-    def _tracked_versions(self) -> dict[str, tuple[int, int]]:
-        # Every in-place write bumps a tensor's version counter (shared with the
-        # detached views state_dict() returns), so equal counters mean an unchanged state.
-        out = {}
-        for name, obj in self.objects.items():
-            for path, t in tree.tensors_by_path(obj.state_dict(), name).items():
-                out[path] = (t.data_ptr(), t._version)
-        return out
-
-    def _mark_completed(self, step: int) -> None:
-        self._versions_at_step = self._tracked_versions() if self.objects else {}
-        self._completed = step
-
     def __enter__(self) -> CheckpointManager:
         return self
 
@@ -719,31 +395,14 @@ class CheckpointManager:
             self.wait()
         except Exception as background:
             log.error("the save in flight failed too: %s", background)
-        if not self.objects:
+        rank = self.group.rank if self.group.distributed else None
+        if not self.objects or not self._completed.save_after(
+            exc, self.objects, self.step_count, self.committed_step, rank
+        ):
             return
-        if self.group.distributed:
-            log.error(
-                "%s raised on rank %d; not saving (the other ranks may never reach a "
-                "collective save). The last committed step is %s.",
-                type(exc).__name__,
-                self.group.rank,
-                self._committed_step,
-            )
-            return
-        if self._tracked_versions() != self._versions_at_step:
-            log.error(
-                "%s raised mid-step (the state changed after step %d completed); not saving a "
-                "half-updated state. The last committed step is %s.",
-                type(exc).__name__,
-                self._completed,
-                self._committed_step,
-            )
-            return
-        if self._committed_step == self.step_count:
-            log.info("%s raised; step %d is already committed", type(exc).__name__, self.step_count)
-            return
+        name = type(exc).__name__
         try:
             self._events.append({"action": "save_on_exception", "exception": repr(exc)[:500]})
-            self.save(f"exception: {type(exc).__name__}", sync=True)
+            self.save(f"exception: {name}", sync=True)
         except Exception as save_error:
-            log.error("saving after %s failed: %s", type(exc).__name__, save_error)
+            log.error("saving after %s failed: %s", name, save_error)

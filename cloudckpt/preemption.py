@@ -20,6 +20,10 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cloudckpt.results import SaveReport
 
 log = logging.getLogger("cloudckpt")
 
@@ -190,7 +194,7 @@ class PreemptionWatcher:
         return self._event.is_set()
 
     def remaining(self) -> float:
-        """Seconds left before the deadline (inf when not triggered)."""
+        """Seconds left before the notice's deadline (inf when not triggered)."""
         return self.notice.deadline - time.monotonic() if self.notice else float("inf")
 
     def start(self) -> PreemptionWatcher:
@@ -247,3 +251,53 @@ class PreemptionWatcher:
                     self.trigger(notice)
                     return
             self._stop.wait(self.interval)
+
+
+#: Seconds assumed left when the preemption signal reached another rank of the job.
+OTHER_RANK_NOTICE_SECONDS = 30.0
+
+
+def final_save(
+    watcher: PreemptionWatcher | None,
+    last_save: SaveReport | None,
+    wait: Callable[[], object],
+    save: Callable[..., SaveReport | None],
+) -> SaveReport:
+    """The final checkpoint before the machine goes: ``wait`` for the save in flight to
+    commit, then ``save(reason, meta=...)`` synchronously, the notice recorded in ``meta``.
+
+    The notice is ``watcher``'s, or, when the signal reached another rank of the job,
+    one :data:`OTHER_RANK_NOTICE_SECONDS` away. Warns when ``last_save`` took longer than
+    the time left.
+    """
+    notice = watcher.notice if watcher is not None else None
+    if notice is None:
+        notice = Notice("another rank", time.monotonic() + OTHER_RANK_NOTICE_SECONDS)
+    left = notice.deadline - time.monotonic()
+    estimate = last_save.seconds if last_save else None
+    if estimate is not None and estimate > left:
+        log.warning(
+            "preemption (%s): a full save took %.1fs last time but only %.1fs are left; "
+            "committing the snapshot already uploading first, then trying the final save",
+            notice.source,
+            estimate,
+            left,
+        )
+    t0 = time.perf_counter()
+    wait()
+    waited = time.perf_counter() - t0
+    meta = {
+        "source": notice.source,
+        "seconds_left": round(left, 3),
+        "waited_for_inflight_seconds": round(waited, 3),
+    }
+    report = save(f"preemption ({notice.source})", meta={"preemption": meta})
+    assert report is not None  # a synchronous save returns its report
+    log.warning(
+        "preemption (%s): final checkpoint %s at step %d committed in %.2fs; stop training",
+        notice.source,
+        report.version.id,
+        report.version.step,
+        waited + report.seconds,
+    )
+    return report

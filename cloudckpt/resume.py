@@ -1,15 +1,24 @@
-"""What exact resume needs besides model and optimizer: RNG states and the data position."""
+"""What exact resume needs besides model and optimizer: the run's step, epoch and extra
+state, the RNG states, and the data position."""
 
 from __future__ import annotations
 
 import contextlib
 import random
 from collections.abc import Iterator, Sized
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from cloudckpt import schema
+from cloudckpt.errors import CorruptCheckpoint
+from cloudckpt.versions import Version
+
+#: Key of the manager's own entries (step, epoch, extra state, RNG) in a committed state.
+META_KEY = "_cloudckpt"
 
 
 def capture_rng() -> dict[str, Any]:
@@ -32,6 +41,49 @@ def restore_rng(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Where a run stands, saved with its state under :data:`META_KEY`."""
+
+    step: int
+    epoch: int = 0
+    extra: Any = None
+
+    def dump(self) -> dict[str, Any]:
+        """The entry to save, with the RNG states as they are now."""
+        return {"rng": capture_rng(), "step": self.step, "epoch": self.epoch, "extra": self.extra}
+
+    @classmethod
+    def restore(cls, state: Any, version: Version, where: str) -> RunRecord:
+        """Read the record of ``version``'s loaded ``state`` and put its RNG states back.
+
+        A version without one (committed by ``Repo.commit``) starts at its own step.
+        Raises CorruptCheckpoint naming ``where`` if the record is malformed.
+        """
+        own = state.get(META_KEY, {}) if isinstance(state, dict) else {}
+        try:
+            if not isinstance(own, dict):
+                raise TypeError(f"{META_KEY!r} is a {type(own).__name__}")
+            step = schema.integer(own.get("step", version.step or 0), 0)
+            epoch = schema.integer(own.get("epoch", 0), 0)
+            if "rng" in own:
+                restore_rng(own["rng"])
+        except (
+            schema.Invalid,
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            RuntimeError,
+            OverflowError,
+        ) as e:
+            raise CorruptCheckpoint(
+                f"{where} version {version.id}: its step, epoch or RNG record is "
+                f"malformed ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
+        return cls(step, epoch, own.get("extra"))
 
 
 class ResumableSampler(Sampler[int]):

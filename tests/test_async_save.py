@@ -75,7 +75,7 @@ def test_a_background_failure_is_counted_then_raised_by_the_policy(tmp_path) -> 
 
     def settle() -> None:
         deadline = time.monotonic() + 30
-        while not mgr._inflight.done() and time.monotonic() < deadline:
+        while not mgr._saves.background.inflight.done() and time.monotonic() < deadline:
             time.sleep(0.01)
 
     mgr.repo.store.put = broken_put  # type: ignore[method-assign]

@@ -20,6 +20,7 @@ from cloudckpt import (
     Repo,
 )
 from cloudckpt.blobs import blob_key
+from cloudckpt.policies import RunHistory, SavePoint
 
 
 @pytest.fixture
@@ -292,8 +293,8 @@ def test_on_best_metric_policy_object_seeds_from_history(s3) -> None:
     mgr.step(1, metrics={"val": 2.0})
     again = CheckpointManager(uri, opts, best_metric="val", health=quiet())
     again.restore(**Trainer().objects())
-    best = next(p for p in again.save_policies if isinstance(p, OnBestMetric))
-    assert best.best == 2.0
+    best = next(p for p in again.policies.save if isinstance(p, OnBestMetric))
+    assert best.best(again.history) == 2.0
     assert again.step(2, metrics={"val": 3.0}).saved is None
     assert again.step(3, metrics={"val": 1.0}).saved is not None
-    assert isinstance(EveryMinutes(1).reason(1, {}, 0.0), type(None))
+    assert isinstance(EveryMinutes(1).reason(SavePoint(1, {}, 0.0), RunHistory(0.0)), type(None))

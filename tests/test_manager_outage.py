@@ -86,8 +86,9 @@ def test_failed_saves_are_survived_and_the_next_one_lands(
         for step in (2, 3):
             result = mgr.step(step)
             errors.append(result.save_error)
-            if mgr._inflight is not None:  # an async save: let it fail before the next step
-                mgr._inflight.exception(timeout=30)
+            inflight = mgr._saves.background.inflight
+            if inflight is not None:  # an async save: let it fail before the next step
+                inflight.exception(timeout=30)
         assert mgr.failed_saves >= 1 and result.step == 3
         if not async_save:
             assert all(e and "127.0.0.1" in e for e in errors), errors

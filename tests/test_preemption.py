@@ -237,3 +237,14 @@ def test_a_repeated_sigterm_does_not_abort_the_final_async_save(seaweedfs, tmp_p
     final = Repo(uri, seaweedfs.storage_options()).resolve("main")
     assert final.step == last_step(log) and final.meta["reason"] == "preemption (SIGTERM)"
     assert "ignored" in out and "preempted: final checkpoint" in out
+
+
+def test_remaining_counts_down_to_the_notices_deadline() -> None:
+    from cloudckpt.preemption import Notice
+
+    watcher = PreemptionWatcher(signals=())
+    assert watcher.remaining() == float("inf")  # no notice yet
+    watcher.trigger(Notice("test", time.monotonic() + 10.0))
+    assert 9.0 < watcher.remaining() <= 10.0
+    watcher.trigger(Notice("later", time.monotonic() + 100.0))  # the first notice stands
+    assert watcher.remaining() <= 10.0 and watcher.notice and watcher.notice.source == "test"

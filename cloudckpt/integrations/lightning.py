@@ -19,22 +19,25 @@ from __future__ import annotations
 import logging
 import posixpath
 import re
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import torch
 from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.callbacks import ModelCheckpoint as _ModelCheckpoint
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
+from cloudckpt import (
+    BackgroundSaver,
+    CheckpointNotFound,
+    CommitConflict,
+    CorruptCheckpoint,
+    Repo,
+    RepoOptions,
+)
 from cloudckpt.integrations import pointer
+from cloudckpt.integrations._lightning_compat import CheckpointPath, checkpoint_dir
 from cloudckpt.redact import redact
-from cloudckpt.repo import Repo, RepoOptions
-from cloudckpt.snapshot import Snapshotter
-from cloudckpt.tree import map_arrays
 
 log = logging.getLogger("cloudckpt")
 
@@ -61,7 +64,7 @@ class CloudCheckpointIO(CheckpointIO):
         self.resumed_from: str | None = None
         self._clients = pointer.ClientCache(storage_options, options)
 
-    def repo_for(self, path: _PATH) -> Repo:
+    def repo_for(self, path: CheckpointPath) -> Repo:
         return self._clients.repo(self.repo_uri or f"{pointer.split(str(path))[0]}/.cloudckpt")
 
     def _pointer(self, path: str) -> pointer.Pointer | None:
@@ -87,7 +90,7 @@ class CloudCheckpointIO(CheckpointIO):
         return found
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: CheckpointPath, storage_options: Any | None = None
     ) -> None:
         path = str(path)
         repo = self.repo_for(path)
@@ -105,7 +108,10 @@ class CloudCheckpointIO(CheckpointIO):
             self._forget(path, old)  # an overwritten last.ckpt
 
     def load_checkpoint(
-        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+        self,
+        path: CheckpointPath,
+        map_location: Any | None = None,
+        weights_only: bool | None = None,
     ) -> dict[str, Any]:
         """Load the version ``path`` points to (never unpickles, whatever ``weights_only``)."""
         directory, name = pointer.split(str(path))
@@ -113,12 +119,10 @@ class CloudCheckpointIO(CheckpointIO):
         state = self.repo_for(path).load(found.version)
         self.resumed_from = str(path)
         if map_location is not None and not callable(map_location):
-            state = map_arrays(
-                state, lambda t, _: t.to(map_location) if isinstance(t, torch.Tensor) else t
-            )
+            state = move_data_to_device(state, map_location)
         return state
 
-    def remove_checkpoint(self, path: _PATH) -> None:
+    def remove_checkpoint(self, path: CheckpointPath) -> None:
         path = str(path)
         if path == self.resumed_from:
             log.info("keeping %s: this run resumed from it", path)
@@ -161,36 +165,21 @@ class AsyncCloudCheckpointIO(CloudCheckpointIO):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._snapshots = Snapshotter()
-        self._pool: ThreadPoolExecutor | None = None
-        self._inflight: Future[None] | None = None
+        self._saver = BackgroundSaver[None]("cloudckpt-lightning")
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: CheckpointPath, storage_options: Any | None = None
     ) -> None:
-        self._wait()  # the buffers are reused: the previous upload must be done
-        snapshot = self._snapshots.copy(checkpoint)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="cloudckpt-lightning")
-        save = super().save_checkpoint
-        self._inflight = self._pool.submit(save, snapshot, path, storage_options)
+        self._saver.wait()  # the buffers are reused: the previous upload must be done
+        snapshot = self._saver.snapshot(checkpoint)
+        self._saver.submit(super().save_checkpoint, snapshot, path, storage_options)
 
-    def remove_checkpoint(self, path: _PATH) -> None:
-        self._wait()
+    def remove_checkpoint(self, path: CheckpointPath) -> None:
+        self._saver.wait()
         super().remove_checkpoint(path)
 
-    def _wait(self) -> None:
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight.result()
-
     def teardown(self) -> None:
-        try:
-            self._wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        self._saver.close()
 
 
 class ModelCheckpoint(_ModelCheckpoint):
@@ -202,7 +191,7 @@ class ModelCheckpoint(_ModelCheckpoint):
     """
 
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
-        directory = str(self._ModelCheckpoint__resolve_ckpt_dir(trainer))  # type: ignore[attr-defined]
+        directory = checkpoint_dir(self, trainer)
         fs = get_filesystem(directory)
         if isinstance(fs, LocalFileSystem):
             return super()._find_last_checkpoints(trainer)

@@ -52,15 +52,3 @@ class StepResult:
     saving: bool = False
     preempted: bool = False
     save_error: str | None = None
-
-
-@dataclass
-class SaveJob:
-    """A save on its way: what to record once it is committed."""
-
-    reason: str
-    step: int
-    metrics: dict[str, float]
-    meta: dict[str, Any]
-    started: float
-    blocked: float | None = None
