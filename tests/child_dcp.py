@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +49,15 @@ def save(backend: str, root: str) -> dict[str, Any]:
     dedup = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
     dcp.save({"r": replicated}, storage_writer=writer(backend, root, "dedup"), planner=dedup)
     # async_save in a background process (DCP's process stager).
+    if backend == "cloudckpt":  # every rank would publish its own shards as a version
+        try:
+            dcp.save(state, storage_writer=writer(backend, root, "alone"), use_collectives=False)
+        except Exception as e:  # DCP wraps what a rank raised
+            assert "use_collectives=False" in repr(e) or "use_collectives=False" in str(
+                getattr(e, "failures", "")
+            ), e
+        else:
+            raise AssertionError("a save without collectives was published")
     response = dcp.async_save(
         {"m": sharded, "n": 9},
         storage_writer=writer(backend, root, "async"),
@@ -70,6 +80,14 @@ def reshard(backend: str, root: str) -> dict[str, Any]:
     rows = 8 // dist.get_world_size()
     want = (matrix() * 3)[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
     assert torch.equal(local, want), (local, want)
+    if backend == "cloudckpt":
+        # The ranks resolved the ref to different versions (a save landed in between):
+        # every rank loads the coordinator's.
+        ids = json.loads(Path(root, "versions.json").read_text())
+        mine = CloudStorageReader(f"file://{root}/two", ref=ids[dist.get_rank()])
+        both = {"m": distribute_tensor(torch.zeros(8, 4), mesh, [Replicate()])}
+        dcp.load(both, storage_reader=mine)
+        assert torch.equal(both["m"].full_tensor(), matrix()), both["m"].full_tensor()
     return {"resharded": True}
 
 

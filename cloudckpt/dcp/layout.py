@@ -43,12 +43,13 @@ def size(value: Any) -> torch.Size | None:
     return torch.Size(value)
 
 
-def describe(md: Any) -> dict[str, Any]:
+def describe(md: Any, dtype: str | None = None) -> dict[str, Any]:
+    """``md`` as JSON; ``dtype``: the one its tensor was actually written in."""
     if isinstance(md, BytesStorageMetadata):
         return {"bytes": True}
     props = md.properties
     return {
-        "dtype": str(props.dtype).removeprefix("torch."),
+        "dtype": dtype or str(props.dtype).removeprefix("torch."),
         "requires_grad": bool(props.requires_grad),
         "size": [int(x) for x in md.size],
         "chunks": [[[int(x) for x in c.offsets], [int(x) for x in c.sizes]] for c in md.chunks],
@@ -128,7 +129,7 @@ def deliver_object(planner: LoadPlanner, req: ReadItem, skeleton: Any) -> None:
 
     value = tree.unflatten(skeleton, no_arrays)
     own = getattr(type(planner), "load_bytes", None) is DefaultLoadPlanner.load_bytes
-    if isinstance(planner, DefaultLoadPlanner) and own:
+    if isinstance(planner, DefaultLoadPlanner) and own and "load_bytes" not in vars(planner):
         if planner.flatten_state_dict:
             where = planner.mappings[req.dest_index.fqn]
             set_element(planner.original_state_dict, where, value)

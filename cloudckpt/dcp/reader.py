@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.futures import Future
 from cloudckpt import load_into, manifest, schema
 from cloudckpt.blobs import BlobReader
 from cloudckpt.dcp import layout
-from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
+from cloudckpt.errors import CheckpointNotFound, CommitConflict, CorruptCheckpoint
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.versions import Version
 
@@ -36,6 +37,8 @@ class CloudStorageReader(StorageReader):
         self.version: Version | None = None
         self._entries: list[dict[str, Any]] = []
         self._where: dict[MetadataIndex, dict[str, Any]] = {}
+        #: This rank's metadata was of another version than the coordinator's.
+        self._moved = False
 
     @property
     def checkpoint_id(self) -> str:
@@ -45,14 +48,18 @@ class CloudStorageReader(StorageReader):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         """Start a new load; a ``checkpoint_id`` (a repository URI) retargets the reader."""
         self.version = None
+        self._moved = False
         if checkpoint_id is not None and str(checkpoint_id) != self.repo.uri:
             self.repo = Repo(str(checkpoint_id), self._storage_options, options=self._options)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        self.version = self.repo.resolve(self.ref)
-        doc = self.repo.manifest(self.version)
+        return self._read_layout(self.repo.resolve(self.ref))
+
+    def _read_layout(self, version: Version) -> Metadata:
+        self.version = version
+        doc = self.repo.manifest(version)
         found = doc.extra.get("dcp")
-        where = self.repo.store.url(manifest.key(self.version.id))
+        where = self.repo.store.url(manifest.key(version.id))
         if not isinstance(found, dict):
             raise CheckpointNotFound(
                 f"{where} was not saved with torch.distributed.checkpoint; load it with "
@@ -88,9 +95,16 @@ class CloudStorageReader(StorageReader):
         return plan
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        # Each rank resolved the ref on its own: every rank reads the coordinator's version,
+        # so a save landing meanwhile cannot mix two versions in one load.
+        pinned = self.version.id if self.version is not None else None
+        return [dataclasses.replace(p, storage_data=pinned) for p in plans]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        pinned = plan.storage_data
+        if isinstance(pinned, str) and self.version is not None and pinned != self.version.id:
+            self._read_layout(self.repo.resolve(pinned))
+            self._moved = True
         needed: dict[int, tuple[dict[str, Any], Any]] = {}
         for req in plan.items:
             if req.type != LoadItemType.BYTE_IO:
@@ -125,6 +139,12 @@ class CloudStorageReader(StorageReader):
         try:
             return self._where[MetadataIndex(index.fqn, index.offset)]
         except KeyError:
+            if self._moved:
+                raise CommitConflict(
+                    f"{self.repo.uri}: {self.ref!r} moved while the ranks were loading it, to a "
+                    f"version laid out otherwise ({index.fqn!r}); load a version id "
+                    "(CloudStorageReader(ref=...)) to load while saves land"
+                ) from None
             raise CorruptCheckpoint(f"the DCP layout has no item {index.fqn!r}") from None
 
     @classmethod

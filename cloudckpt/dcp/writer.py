@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch.distributed as dist
 from torch.distributed.checkpoint import SavePlan, SavePlanner, StorageWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import WriteItemType
@@ -17,6 +18,7 @@ from cloudckpt import tree
 from cloudckpt.blobs import TransferStats, iter_chunks
 from cloudckpt.commit import CommitRequest, Start, Transaction
 from cloudckpt.dcp import layout
+from cloudckpt.errors import UnsupportedState
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.versions import Version
 
@@ -65,6 +67,14 @@ class CloudStorageWriter(StorageWriter):
             self.repo = Repo(str(checkpoint_id), self._storage_options, options=self._options)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("use_collectives") is False and _several_ranks():
+            # Without collectives DCP has every rank publish on its own: each would commit
+            # a version holding its own shards only.
+            raise UnsupportedState(
+                "CloudStorageWriter commits one version per save, published by the "
+                "coordinator once every rank has uploaded; dcp.save(use_collectives=False) "
+                "has no coordinator. Save with collectives (the default)"
+            )
         self.is_coordinator = is_coordinator
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
@@ -129,6 +139,9 @@ class CloudStorageWriter(StorageWriter):
         starts: list[Start] = [self._txn.start]  # type: ignore[list-item]
         stats = TransferStats()
         stored: dict[str, int] = {}
+        #: The dtype each tensor was written in: DCP's metadata may come from a cached
+        #: plan of an earlier save (its plan comparison ignores dtypes).
+        dtypes: dict[str, str] = {}
         for rank_results in results:
             for wr in rank_results:
                 data = wr.storage_data
@@ -137,6 +150,7 @@ class CloudStorageWriter(StorageWriter):
                 if "object" in data:
                     row["object"] = data["object"]
                 else:
+                    dtypes.setdefault(wr.index.fqn, data["entry"]["dtype"])
                     row["entry"] = len(entries)
                     names.append(layout.key(wr.index))
                     entries.append(data["entry"])
@@ -148,16 +162,16 @@ class CloudStorageWriter(StorageWriter):
         dcp_layout = {
             "version": metadata.version,
             "state_dict_metadata": {
-                fqn: layout.describe(md) for fqn, md in metadata.state_dict_metadata.items()
+                fqn: layout.describe(md, dtypes.get(fqn))
+                for fqn, md in metadata.state_dict_metadata.items()
             },
             "planner_data": layout.jsonable(metadata.planner_data),
             "items": items,
         }
-        self._txn.start = dataclasses.replace(
-            starts[0],
-            gc_epoch=min(s.gc_epoch for s in starts),
-            clean=all(s.clean for s in starts),
-        )
+        # A rank that began elsewhere than the coordinator (another gc epoch, a sweep
+        # running) makes the publish check that every blob is still there.
+        same = all(s.gc_epoch == starts[0].gc_epoch and s.clean for s in starts)
+        self._txn.start = dataclasses.replace(starts[0], clean=same)
         self.version = self._txn.publish(
             tree.flat_skeleton(names), entries, stats, extra={"dcp": dcp_layout}
         )
@@ -168,3 +182,7 @@ class CloudStorageWriter(StorageWriter):
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
         return "://" in str(checkpoint_id)
+
+
+def _several_ranks() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
