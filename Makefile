@@ -16,9 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
+# Two workers (one per core here), each test file on one worker: its servers and
+# module fixtures stay together. `make test PYTEST_ARGS=` runs it in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 test: $(STAMP)
 	$(BIN)/ruff check cloudckpt tests examples benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python examples/spot_resume.py
