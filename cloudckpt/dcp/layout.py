@@ -4,6 +4,7 @@ and the non-tensor values DCP writes as byte streams."""
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import re
 from collections.abc import Callable
@@ -24,6 +25,19 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from cloudckpt import tree
 from cloudckpt.errors import CorruptCheckpoint, UnsupportedState
+from cloudckpt.repo import Repo, RepoOptions
+
+
+def retarget(
+    repo: Repo,
+    checkpoint_id: str | os.PathLike[str] | None,
+    storage_options: dict[str, Any] | None,
+    options: RepoOptions | None,
+) -> Repo:
+    """The repository a DCP ``checkpoint_id`` (a URI) names: ``repo`` if it names that."""
+    if checkpoint_id is None or str(checkpoint_id) == repo.uri:
+        return repo
+    return Repo(str(checkpoint_id), storage_options, options=options)
 
 
 def key(index: MetadataIndex) -> str:

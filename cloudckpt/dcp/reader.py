@@ -49,8 +49,7 @@ class CloudStorageReader(StorageReader):
         """Start a new load; a ``checkpoint_id`` (a repository URI) retargets the reader."""
         self.version = None
         self._moved = False
-        if checkpoint_id is not None and str(checkpoint_id) != self.repo.uri:
-            self.repo = Repo(str(checkpoint_id), self._storage_options, options=self._options)
+        self.repo = layout.retarget(self.repo, checkpoint_id, self._storage_options, self._options)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         return self._read_layout(self.repo.resolve(self.ref))

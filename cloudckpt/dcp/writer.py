@@ -63,8 +63,7 @@ class CloudStorageWriter(StorageWriter):
         """Start a new save; a ``checkpoint_id`` (a repository URI) retargets the writer."""
         self.version = None
         self._txn = None
-        if checkpoint_id is not None and str(checkpoint_id) != self.repo.uri:
-            self.repo = Repo(str(checkpoint_id), self._storage_options, options=self._options)
+        self.repo = layout.retarget(self.repo, checkpoint_id, self._storage_options, self._options)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if kwargs.get("use_collectives") is False and _several_ranks():
