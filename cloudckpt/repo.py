@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from cloudckpt import fallback, integrity, manifest, schema, tree, versions
+from cloudckpt import fallback, integrity, manifest, refs, schema, tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats
 from cloudckpt.commit import CommitRequest, Transaction, new_version_id
 from cloudckpt.errors import CheckpointNotFound, CommitConflict
 from cloudckpt.gc import ABANDONED_AFTER, DEFAULT_GRACE, GCReport, collect
 from cloudckpt.integrity import VerifyReport
 from cloudckpt.manifest import Manifest
+from cloudckpt.refs import LATEST
 from cloudckpt.store import Store, StoreOptions
 from cloudckpt.versions import Index, Version
 
@@ -39,7 +40,7 @@ __all__ = ["LATEST", "Repo", "RepoOptions", "new_version_id"]
 log = logging.getLogger("cloudckpt")
 T = TypeVar("T")
 
-LATEST = "latest"
+
 #: Fills arrays from their manifest entries: ``[(entry, destination), ...] -> stats``.
 Fetch = Callable[[list[tuple[dict[str, Any], Any]]], TransferStats]
 
@@ -100,6 +101,13 @@ class Repo:
                 f"{self.uri}: no branch, tag or version named {ref!r} (branches: {known})"
             )
         return found
+
+    def rev_parse(self, ref: str, index: Index | None = None) -> Version:
+        """The version a ref names as a person types it, like ``git rev-parse``: what
+        :meth:`resolve` takes, a unique abbreviation of a version id, and ``REF~N`` /
+        ``REF^`` for an ancestor (see :func:`cloudckpt.refs.rev_parse`)."""
+        index = index or self.index()
+        return refs.rev_parse(index, ref, lambda exact: self.resolve(exact, index), self.uri)
 
     def newest_good(
         self, ref: str, attempt: Callable[[Version], T], index: Index | None = None

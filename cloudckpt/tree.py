@@ -64,13 +64,38 @@ class Leaf:
 
     @property
     def itemsize(self) -> int:
-        if self.kind == "torch":
-            return torch_dtype(self.dtype).itemsize
-        return numpy_dtype(self.dtype).itemsize
+        return itemsize(self.kind, self.dtype)
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.itemsize
+
+
+#: Item sizes of the dtypes every torch release stores, so that reading a manifest needs
+#: no torch import (tests check they agree with torch); others are looked up in torch.
+PLAIN_TORCH_ITEMSIZES = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex64": 8,
+    "complex128": 16,
+}
+
+
+def itemsize(kind: str, name: str) -> int:
+    """The item size of a stored dtype (``kind`` "torch" or "numpy"); CorruptCheckpoint
+    for a dtype that cannot be stored."""
+    if kind == "torch":
+        found = PLAIN_TORCH_ITEMSIZES.get(name)
+        return found if found is not None else torch_dtype(name).itemsize
+    return numpy_dtype(name).itemsize
 
 
 def torch_dtype(name: str) -> torch.dtype:

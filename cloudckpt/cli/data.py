@@ -18,7 +18,8 @@ from cloudckpt.cli.common import (
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = open_repo(args).verify(args.ref)
+    repo = open_repo(args)
+    report = repo.verify(repo.rev_parse(args.ref).id)
 
     def text() -> str:
         head = f"{report.version}: {report.blobs} blobs, {megabytes(report.bytes)} checked"
@@ -34,8 +35,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    meta = open_repo(args).export(
-        args.ref, args.destination, format=args.format, dtype=args.dtype, keys=args.keys or None
+    repo = open_repo(args)
+    meta = repo.export(
+        repo.rev_parse(args.ref).id,
+        args.destination,
+        format=args.format,
+        dtype=args.dtype,
+        keys=args.keys or None,
+        strip_prefix=args.strip_prefix,
     )
     emit(args, meta, lambda: f"exported {meta['cloudckpt_version']} to {args.destination}")
     return 0
