@@ -275,8 +275,10 @@ class Repo:
                         f"{self.uri}: version {vid} is a branch head or tagged; move or "
                         "delete the branch/tag first"
                     )
-                if ix.versions.pop(vid, None) is not None:
+                row = ix.versions.pop(vid, None)
+                if row is not None:
                     ix.deleted[vid] = None  # stamped by the store's clock at the next gc
+                    ix.prune(row)  # log and plot keep its lineage and metrics
 
         versions.update(self.store, drop)
         log.info("deleted %d versions from %s", len(ids), self.uri)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
 
+from cloudckpt.blobs.progress import Progress
 from cloudckpt.errors import UnsupportedState
 from cloudckpt.tree import map_arrays, tensors_by_path
 from cloudckpt.versions import Version
@@ -123,8 +124,7 @@ def export(
             buf,
         )
         data = buf.getvalue()
-    with fsspec.open(destination, "wb", **(storage_options or {})) as f:
-        f.write(data)
+    _write(destination, data, repo.options.transfer.progress, storage_options)
     log.info("exported %s to %s (%s, %.1f MB)", version.id, destination, format, len(data) / 1e6)
     return meta
 
@@ -142,8 +142,7 @@ def import_file(
     file, read with ``weights_only=True`` (no code from the file is ever run)."""
     import torch
 
-    with fsspec.open(source, "rb", **(storage_options or {})) as f:
-        data = f.read()
+    data = _read(source, repo.options.transfer.progress, storage_options)
     if source.endswith(".safetensors"):
         from safetensors.torch import load
 
@@ -160,6 +159,37 @@ def import_file(
     return repo.commit(
         state, branch=branch, step=step, message=note, meta={"imported_from": source}
     )
+
+
+#: The bytes written or read per call, between progress updates.
+PIECE = 8 << 20
+
+
+def _write(
+    destination: str, data: bytes, progress: bool, storage_options: dict[str, Any] | None
+) -> None:
+    bar = Progress(progress, len(data), "write")
+    try:
+        with fsspec.open(destination, "wb", **(storage_options or {})) as f:
+            view = memoryview(data)
+            for start in range(0, len(view), PIECE):
+                f.write(view[start : start + PIECE])
+                bar.update(min(PIECE, len(view) - start))
+    finally:
+        bar.close()
+
+
+def _read(source: str, progress: bool, storage_options: dict[str, Any] | None) -> bytes:
+    with fsspec.open(source, "rb", **(storage_options or {})) as f:
+        bar = Progress(progress, getattr(f, "size", None) or 0, "read")
+        try:
+            pieces = []
+            while piece := f.read(PIECE):
+                pieces.append(piece)
+                bar.update(len(piece))
+        finally:
+            bar.close()
+    return b"".join(pieces)
 
 
 def _cast(dtype: str | None) -> torch.dtype | None:

@@ -7,11 +7,13 @@ import argparse
 import dataclasses
 import sys
 
+from cloudckpt.cli import history
 from cloudckpt.cli.common import (
     EXIT_CORRUPT,
     EXIT_ERROR,
     EXIT_NOT_FOUND,
     emit,
+    existing_index,
     megabytes,
     open_repo,
 )
@@ -66,20 +68,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print("cloudckpt plot needs matplotlib: pip install matplotlib", file=sys.stderr)
         return EXIT_ERROR
     repo = open_repo(args)
-    series: dict[str, list[tuple[int, float]]] = {}
-    for v in repo.versions():
-        if (
-            args.metric in v.metrics
-            and v.step is not None
-            and (not args.branch or v.branch in args.branch)
-        ):
-            series.setdefault(v.branch, []).append((v.step, v.metrics[args.metric]))
+    series = history.series(existing_index(repo), args.metric, args.branch)
     if not series:
         print(f"no version has metric {args.metric!r}", file=sys.stderr)
         return EXIT_NOT_FOUND
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for branch, points in sorted(series.items()):
-        points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=branch)
     ax.set_xlabel("step")
     ax.set_ylabel(args.metric)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
 
 from cloudckpt.blobs import iter_chunks
 from cloudckpt.cli.common import (
@@ -18,8 +17,8 @@ from cloudckpt.cli.common import (
     open_repo,
     when,
 )
+from cloudckpt.cli.history import graph, newest_first, walk
 from cloudckpt.errors import CheckpointNotFound
-from cloudckpt.versions import Version, lineage
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -48,43 +47,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def graph(versions: Sequence[Version], decorate: Callable[[str], str]) -> list[str]:
-    """``git log --graph``-style lines for versions, newest first."""
-    known = {v.id for v in versions}
-    columns: list[str] = []
-    lines = []
-    for v in sorted(versions, key=lambda x: (x.created, x.id), reverse=True):
-        if v.id not in columns:
-            columns.append(v.id)
-        col = columns.index(v.id)
-        marks = " ".join("*" if i == col else "|" for i in range(len(columns)))
-        step = f"step {v.step}" if v.step is not None else "no step"
-        lines.append(f"{marks}  {v.id}{decorate(v.id)} {step} {metrics_text(v)}".rstrip())
-        parent = v.parent if v.parent in known else None
-        if parent is None:
-            columns.pop(col)
-        elif parent in columns:  # a branch point: this column joins the parent's
-            other = columns.index(parent)
-            left, right = min(col, other), max(col, other)
-            columns[left] = parent
-            columns.pop(right)
-            lines.append(" ".join(["|"] * right) + "/")
-        else:
-            columns[col] = parent
-    return lines
-
-
 def cmd_log(args: argparse.Namespace) -> int:
     repo = open_repo(args)
     index = existing_index(repo)
     if args.ref:
-        versions = list(lineage(index, repo.rev_parse(args.ref, index).id))
+        versions = list(walk(index, repo.rev_parse(args.ref, index).id))
     else:
-        versions = sorted(index.versions.values(), key=lambda v: (v.created, v.id), reverse=True)
+        versions = newest_first(index.history())
+    pruned = set(index.pruned) - set(index.versions)
     emit(
         args,
-        [dataclasses.asdict(v) for v in versions],
-        lambda: "\n".join(graph(versions, lambda vid: decorations(index, vid))),
+        [{**dataclasses.asdict(v), "pruned": v.id in pruned} for v in versions],
+        lambda: "\n".join(graph(versions, lambda vid: decorations(index, vid), pruned)),
     )
     return 0
 
