@@ -84,7 +84,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     fig.savefig(args.output, dpi=100)
     emit(
         args,
-        {"output": args.output, "branches": sorted(series)},
+        {
+            "output": args.output,
+            "branches": sorted(series),
+            "points": {b: len(points) for b, points in sorted(series.items())},
+        },
         lambda: f"wrote {args.output} ({', '.join(sorted(series))})",
     )
     return 0
