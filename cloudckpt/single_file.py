@@ -51,7 +51,7 @@ def format_for(destination: str, format: Format | None = None) -> Format:
 
 def strip(names: Iterable[str], prefix: str) -> dict[str, str]:
     """Each name -> the name without ``prefix`` (a dotted path; a trailing ``.`` is
-    implied). ValueError if a name lacks it, or two names would become one."""
+    implied). ValueError if a name lacks it."""
     head = prefix.rstrip(".") + "."
     out: dict[str, str] = {}
     for name in names:

@@ -330,3 +330,26 @@ def test_the_gc_grace_in_the_help_is_the_library_default() -> None:
     from cloudckpt.gc import DEFAULT_GRACE
 
     assert GC_GRACE == DEFAULT_GRACE
+
+
+def test_bash_completion_completes_commands_options_and_choices(capsys) -> None:
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+
+    def complete(*words: str) -> list[str]:
+        quoted = " ".join(f"'{w}'" for w in words)
+        probe = f'COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; _cloudckpt; echo "${{COMPREPLY[@]}}"'
+        proc = subprocess.run(
+            ["bash", "-c", script + "\n" + probe], capture_output=True, text=True, timeout=30
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert complete("cloudckpt", "l") == ["ls", "log"]
+    assert complete("cloudckpt", "--endpoint-url", "http://x", "gc", "s3://b", "--d") == [
+        "--dry-run"
+    ]
+    assert complete("cloudckpt", "export", "s3://b", "main", "f.pt", "--format", "") == [
+        "safetensors",
+        "torch",
+    ]

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 import cloudckpt
+from cloudckpt.cli.completion import SHELLS
 
 #: cloudckpt.gc.DEFAULT_GRACE (a test checks they agree): not imported, so that --help
 #: does not load the store.
@@ -25,19 +26,20 @@ GC_GRACE = 2 * 3600.0
 REF = "a branch, tag, version id or its abbreviation, or REF~N / REF^"
 
 
-def _global_options(p: argparse.ArgumentParser, default: object) -> None:
-    """--json and --endpoint-url, on the top parser and on each command (where they
-    default to SUPPRESS so as not to undo the value given before the command)."""
+def _global_options(p: argparse.ArgumentParser, on_command: bool) -> None:
+    """--json and --endpoint-url, on the top parser and on each command (where they have
+    no default, so as not to undo the value given before the command)."""
+    unset = argparse.SUPPRESS
     p.add_argument(
         "--json",
         action="store_true",
-        default=default if default is argparse.SUPPRESS else False,
+        default=unset if on_command else False,
         help="machine-readable output",
     )
     p.add_argument(
         "--endpoint-url",
         metavar="URL",
-        default=default,
+        default=unset if on_command else None,
         help="S3-compatible endpoint (default: the AWS environment)",
     )
 
@@ -46,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
     """The ``cloudckpt`` argument parser, one subcommand per command."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("uri", help="repository URI, e.g. s3://bucket/runs/gpt")
-    _global_options(common, argparse.SUPPRESS)
+    _global_options(common, on_command=True)
     top = argparse.ArgumentParser(
         prog="cloudckpt",
         description=__doc__,
@@ -54,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
         epilog="example:\n  cloudckpt --endpoint-url http://127.0.0.1:8333 log s3://bucket/runs/gpt",
     )
     top.add_argument("--version", action="version", version=f"cloudckpt {cloudckpt.__version__}")
-    _global_options(top, None)
+    _global_options(top, on_command=False)
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, run: str, help: str, example: str) -> argparse.ArgumentParser:
@@ -196,6 +198,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="the PNG file to write")
     p.add_argument("--metric", default="loss", help="the metric to draw (default: loss)")
     p.add_argument("--branch", nargs="*", help="only these branches")
+    p = sub.add_parser(
+        "completion",
+        help="a shell completion script",
+        description="print a completion script for bash or zsh",
+        epilog="example:\n  cloudckpt completion bash >> ~/.bashrc",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("shell", choices=SHELLS, help="the shell: bash or zsh")
+    p.set_defaults(run="completion:cmd_completion")
     return top
 
 
