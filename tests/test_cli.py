@@ -338,7 +338,8 @@ def test_bash_completion_completes_commands_options_and_choices(capsys) -> None:
 
     def complete(*words: str) -> list[str]:
         quoted = " ".join(f"'{w}'" for w in words)
-        probe = f'COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; _cloudckpt; echo "${{COMPREPLY[@]}}"'
+        probe = f"COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; _cloudckpt; "
+        probe += 'echo "${COMPREPLY[@]}"'
         proc = subprocess.run(
             ["bash", "-c", script + "\n" + probe], capture_output=True, text=True, timeout=30
         )
