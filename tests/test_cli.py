@@ -226,6 +226,8 @@ def test_every_argument_has_help_and_every_command_an_example() -> None:
     top = parser()
     (commands,) = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)]
     texts = [top.format_help()]
+    for action in top._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.dest
     for name, sub in commands.choices.items():
         for action in sub._actions:
             assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)

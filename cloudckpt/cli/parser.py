@@ -57,7 +57,12 @@ def parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--version", action="version", version=f"cloudckpt {cloudckpt.__version__}")
     _global_options(top, on_command=False)
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = top.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="what to do (cloudckpt COMMAND --help: its arguments and an example)",
+    )
 
     def add(name: str, run: str, help: str, example: str) -> argparse.ArgumentParser:
         p = sub.add_parser(
