@@ -21,12 +21,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
 import xxhash
 import zstandard
 
 from cloudckpt.errors import CorruptCheckpoint
+
+if TYPE_CHECKING:  # imported where bytes are coded, not at import
+    import numpy as np
 
 MAGIC = b"CKB1"
 _HEADER = struct.Struct("<4sBBHQ")  # magic, codec id, width, plane count, raw length
@@ -122,6 +125,8 @@ class Codec:
     # -- encode ---------------------------------------------------------------------
     def encode(self, raw: memoryview | bytes, choice: CodecChoice) -> memoryview:
         """Compress ``raw`` (a contiguous byte buffer) into a self-describing blob."""
+        import numpy as np
+
         data = np.frombuffer(raw, dtype=np.uint8)
         n = data.size
         if choice.name == RAW:
@@ -153,6 +158,8 @@ class Codec:
         cctx: zstandard.ZstdCompressor, plane: np.ndarray, out: np.ndarray, pos: int
     ) -> int:
         """Write one plane (its header and payload) at ``out[pos:]``; returns the end."""
+        import numpy as np
+
         size = plane.size
         body = pos + _PLANE.size
         if size >= _MIN_COMPRESS and _worth_compressing(cctx, plane):
@@ -172,12 +179,16 @@ class Codec:
         ``where`` names the object in errors. Lengths are checked against ``raw_len``
         before anything is allocated, so a hostile blob cannot inflate memory.
         """
+        import numpy as np
+
         out = np.empty(raw_len, dtype=np.uint8)
         self.decode_into(blob, out, where)
         return out
 
     def decode_into(self, blob: bytes | memoryview, out: np.ndarray, where: str) -> None:
         """Decompress a blob into ``out`` (a contiguous uint8 array of the raw length)."""
+        import numpy as np
+
         view = memoryview(blob)
         if len(view) < _HEADER.size:
             raise CorruptCheckpoint(f"{where}: blob is truncated ({len(view)} bytes)")
@@ -209,6 +220,8 @@ class Codec:
 
 
 def _worth_compressing(cctx: zstandard.ZstdCompressor, plane: np.ndarray) -> bool:
+    import numpy as np
+
     if plane.size <= 2 * _SAMPLE_BYTES:
         return True
     sample = np.ascontiguousarray(plane[:_SAMPLE_BYTES])
@@ -222,6 +235,8 @@ def _exponent_params() -> zstandard.ZstdCompressionParameters:
 def _split_planes(elems: np.ndarray, float_exponent: bool) -> Iterator[np.ndarray]:
     """Byte planes, most significant first, made one at a time. The exponent planes are
     fresh arrays; the others are strided views of ``elems``, (n, width) little-endian."""
+    import numpy as np
+
     width = elems.shape[1]
     rest = range(width - 1, -1, -1)
     if float_exponent:
@@ -239,6 +254,7 @@ def _split_planes(elems: np.ndarray, float_exponent: bool) -> Iterator[np.ndarra
 
 
 def _join_planes(planes: list[np.ndarray], out: np.ndarray, float_exponent: bool) -> None:
+
     width = out.shape[1]
     if float_exponent:
         exponent, sign_mant = planes[0], planes[1]
@@ -254,6 +270,8 @@ def _join_planes(planes: list[np.ndarray], out: np.ndarray, float_exponent: bool
 
 
 def _read_planes(body: memoryview, expected: list[int], where: str) -> list[np.ndarray]:
+    import numpy as np
+
     dctx = zstandard.ZstdDecompressor()
     planes = []
     pos = 0

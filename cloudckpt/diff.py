@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from cloudckpt.blobs import iter_chunks
 from cloudckpt.tree import tensors_by_path
 
 if TYPE_CHECKING:
+    import torch
+
     from cloudckpt.repo import Repo
 
 
@@ -67,6 +67,8 @@ def diff_versions(repo: Repo, a: str, b: str, norms: bool = True) -> Diff:
     floats = [c.path for c in out.changed if not c.note and _is_float(eb[c.path])]
     wanted = sorted(set(packed) | (set(floats) if norms else set()))
     if wanted:
+        import torch
+
         ta = tensors_by_path(repo.load(va.id, keys=wanted))
         tb = tensors_by_path(repo.load(vb.id, keys=wanted))
         for change in list(out.changed):
@@ -87,6 +89,8 @@ def _packed(entry: dict[str, Any]) -> bool:
 
 
 def _bytes(t: Any) -> torch.Tensor:
+    import torch
+
     if not isinstance(t, torch.Tensor):
         t = torch.from_numpy(t)
     return t.contiguous().reshape(-1).view(torch.uint8)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cloudckpt import manifest, tree
 from cloudckpt.errors import CorruptCheckpoint
+
+if TYPE_CHECKING:  # imported where arrays are allocated, not at import
+    import torch
 
 
 def matches(path: str, patterns: list[str]) -> bool:
@@ -80,6 +80,9 @@ def apply(into: Any, state: Any, where: str) -> None:
 
 def allocate(entry: dict[str, Any], dest: torch.Tensor | None) -> Any:
     """The array a manifest entry loads into: ``dest`` if it fits, else a new one."""
+    import numpy as np
+    import torch
+
     kind, dtype, shape = manifest.check_entry(entry)
     if kind == "numpy":
         return np.empty(shape, dtype=dtype)

@@ -144,6 +144,13 @@ def check_entry(entry: Any) -> tuple[str, Any, tuple[int, ...]]:
     """Check an array entry of a manifest: its path, kind, an allowed dtype, its chunk
     references, and a shape whose byte size equals what its chunks hold. Returns
     ``(kind, dtype, shape)`` with the dtype as a torch or numpy dtype."""
+    kind, name, shape = check_layout(entry)
+    return kind, tree.numpy_dtype(name) if kind == "numpy" else tree.torch_dtype(name), shape
+
+
+def check_layout(entry: Any) -> tuple[str, str, tuple[int, ...]]:
+    """:func:`check_entry` without making the dtype (no torch import for the usual
+    dtypes): ``(kind, dtype name, shape)``."""
     where = f"entry {entry.get('path') if isinstance(entry, dict) else entry!r:.80}"
     try:
         found = schema.fields(entry, _ENTRY)
@@ -158,12 +165,9 @@ def check_entry(entry: Any) -> tuple[str, Any, tuple[int, ...]]:
     except schema.Invalid as e:
         raise CorruptCheckpoint(f"{where}: {e}") from None
     kind, name = found["kind"], found["dtype"]
-    if kind == "numpy":
-        dtype: Any = tree.numpy_dtype(name)
-    elif kind == "torch":
-        dtype = tree.torch_dtype(name)
-    else:
+    if kind not in ("numpy", "torch"):
         raise CorruptCheckpoint(f"{where} has unknown kind {kind!r:.40}")
+    itemsize = tree.itemsize(kind, name)
     nbytes = 0
     for chunk in iter_chunks(entry):
         if chunk.stored > codec.max_stored(chunk.blob_size) or chunk.blob_size > codec.max_raw(
@@ -174,12 +178,12 @@ def check_entry(entry: Any) -> tuple[str, Any, tuple[int, ...]]:
                 "bytes the entry claims"
             )
         nbytes += chunk.size
-    expected = dtype.itemsize * math.prod(shape)
+    expected = itemsize * math.prod(shape)
     if expected != nbytes:
         raise CorruptCheckpoint(
             f"{where}: chunks hold {nbytes} bytes but shape {list(shape)} needs {expected}"
         )
-    return kind, dtype, shape
+    return kind, name, shape
 
 
 _ENTRY = {
@@ -192,7 +196,7 @@ _ENTRY = {
 
 def _entry(entry: Any) -> dict[str, Any]:
     try:
-        check_entry(entry)
+        check_layout(entry)
     except CorruptCheckpoint as e:
         raise schema.Invalid(str(e)) from None
     return entry

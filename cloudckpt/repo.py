@@ -19,25 +19,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from cloudckpt import fallback, integrity, load_into, manifest, schema, single_file, tree, versions
+from cloudckpt import fallback, integrity, manifest, refs, schema, tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats
 from cloudckpt.commit import CommitRequest, Transaction, new_version_id
-from cloudckpt.diff import Diff, diff_versions
 from cloudckpt.errors import CheckpointNotFound, CommitConflict
 from cloudckpt.gc import ABANDONED_AFTER, DEFAULT_GRACE, GCReport, collect
 from cloudckpt.integrity import VerifyReport
 from cloudckpt.manifest import Manifest
+from cloudckpt.refs import LATEST
 from cloudckpt.store import Store, StoreOptions
 from cloudckpt.versions import Index, Version
+
+if TYPE_CHECKING:  # the tensor code is imported by the methods that touch tensors
+    from cloudckpt.diff import Diff
 
 __all__ = ["LATEST", "Repo", "RepoOptions", "new_version_id"]
 
 log = logging.getLogger("cloudckpt")
 T = TypeVar("T")
 
-LATEST = "latest"
+
 #: Fills arrays from their manifest entries: ``[(entry, destination), ...] -> stats``.
 Fetch = Callable[[list[tuple[dict[str, Any], Any]]], TransferStats]
 
@@ -98,6 +101,13 @@ class Repo:
                 f"{self.uri}: no branch, tag or version named {ref!r} (branches: {known})"
             )
         return found
+
+    def rev_parse(self, ref: str, index: Index | None = None) -> Version:
+        """The version a ref names as a person types it, like ``git rev-parse``: what
+        :meth:`resolve` takes, a unique abbreviation of a version id, and ``REF~N`` /
+        ``REF^`` for an ancestor (see :func:`cloudckpt.refs.rev_parse`)."""
+        index = index or self.index()
+        return refs.rev_parse(index, ref, lambda exact: self.resolve(exact, index), self.uri)
 
     def newest_good(
         self, ref: str, attempt: Callable[[Version], T], index: Index | None = None
@@ -216,6 +226,8 @@ class Repo:
 
     def diff(self, a: str, b: str = "main", norms: bool = True) -> Diff:
         """Arrays added, removed and changed from ``a`` to ``b`` (see :mod:`cloudckpt.diff`)."""
+        from cloudckpt.diff import diff_versions
+
         return diff_versions(self, a, b, norms=norms)
 
     # -- integrity ---------------------------------------------------------------------
@@ -231,10 +243,14 @@ class Repo:
     # -- single files --------------------------------------------------------------------
     def export(self, ref: str, destination: str, **kwargs: Any) -> dict[str, str]:
         """Write a version as one safetensors or torch file (see :func:`single_file.export`)."""
+        from cloudckpt import single_file
+
         return single_file.export(self, ref, destination, **kwargs)
 
     def import_file(self, source: str, **kwargs: Any) -> Version:
         """Commit an existing safetensors or weights-only torch file as a new version."""
+        from cloudckpt import single_file
+
         return single_file.import_file(self, source, **kwargs)
 
     # -- deleting ----------------------------------------------------------------------
@@ -259,8 +275,10 @@ class Repo:
                         f"{self.uri}: version {vid} is a branch head or tagged; move or "
                         "delete the branch/tag first"
                     )
-                if ix.versions.pop(vid, None) is not None:
+                row = ix.versions.pop(vid, None)
+                if row is not None:
                     ix.deleted[vid] = None  # stamped by the store's clock at the next gc
+                    ix.prune(row)  # log and plot keep its lineage and metrics
 
         versions.update(self.store, drop)
         log.info("deleted %d versions from %s", len(ids), self.uri)
@@ -308,6 +326,8 @@ class Repo:
         ``fetch``: fills the allocated arrays from their manifest entries (default: every
         chunk from the store); the multi-rank loader downloads a share and broadcasts.
         """
+        from cloudckpt import load_into
+
         version = self.resolve(ref)
         doc = self.manifest(version)
         skeleton = doc.state

@@ -9,25 +9,59 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
-import numpy as np
-import torch
 
+from cloudckpt.blobs.progress import Progress
 from cloudckpt.errors import UnsupportedState
 from cloudckpt.tree import map_arrays, tensors_by_path
 from cloudckpt.versions import Version
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # imported by the functions, so that the module loads without torch
+    import torch
+
     from cloudckpt.repo import Repo
 
 log = logging.getLogger("cloudckpt")
 
 Format = Literal["safetensors", "torch"]
-_CASTS = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
+#: File extension -> the format it implies.
+EXTENSIONS: dict[str, Format] = {
+    ".safetensors": "safetensors",
+    ".pt": "torch",
+    ".pth": "torch",
 }
+_CASTS = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
+
+
+def format_for(destination: str, format: Format | None = None) -> Format:
+    """The format to write ``destination`` in: ``format`` if given, else the one its
+    extension implies (safetensors when it implies none). ValueError if the two
+    disagree: a ``.safetensors`` file holding a pickle would fail every loader."""
+    implied = next((f for ext, f in EXTENSIONS.items() if destination.endswith(ext)), None)
+    if format is None:
+        return implied or "safetensors"
+    if format not in ("safetensors", "torch"):
+        raise ValueError(f"format must be 'safetensors' or 'torch', not {format!r}")
+    if implied is not None and implied != format:
+        raise ValueError(
+            f"{destination} names a {implied} file but the format asked for is {format}; "
+            "change the extension or the format"
+        )
+    return format
+
+
+def strip(names: Iterable[str], prefix: str) -> dict[str, str]:
+    """Each name -> the name without ``prefix`` (a dotted path; a trailing ``.`` is
+    implied). ValueError if a name lacks it."""
+    head = prefix.rstrip(".") + "."
+    out: dict[str, str] = {}
+    for name in names:
+        if not name.startswith(head):
+            raise ValueError(
+                f"entry {name!r} does not start with {head!r}: select the entries under it "
+                f"with keys=[{head[:-1]!r}] (--keys {head[:-1]})"
+            )
+        out[name] = name[len(head) :]
+    return out
 
 
 def export(
@@ -35,18 +69,26 @@ def export(
     ref: str,
     destination: str,
     *,
-    format: Format = "safetensors",
+    format: Format | None = None,
     dtype: str | None = None,
     keys: Iterable[str] | None = None,
+    strip_prefix: str | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write version ``ref`` as one file at ``destination`` (a path or any fsspec URI).
 
+    ``format``: by default the one the extension implies (``.safetensors``; ``.pt`` or
+    ``.pth``: torch), else safetensors; ValueError if it contradicts the extension.
     ``safetensors``: every tensor (or those ``keys`` select) by its dotted path.
     ``torch``: the state itself, loadable with ``torch.load(f, weights_only=True)``.
-    ``dtype="bf16"`` or ``"fp16"`` casts floating-point tensors -- lossy, opt-in, and
-    recorded in the file's metadata. Returns that metadata.
+    ``strip_prefix="model."`` writes ``model.wte.weight`` as ``wte.weight``: a flat
+    state dict (in both formats) that ``load_state_dict`` and safetensors loaders take
+    as-is. ``dtype="bf16"`` or ``"fp16"`` casts floating-point tensors -- lossy, opt-in,
+    and recorded in the file's metadata. Returns that metadata.
     """
+    import torch
+
+    format = format_for(destination, format)
     version = repo.resolve(ref)
     state = repo.load(version.id, keys=keys)
     cast = _cast(dtype)
@@ -56,6 +98,11 @@ def export(
         "step": str(version.step),
         "dtype_cast": dtype or "none",
     }
+    if strip_prefix is not None:
+        meta["stripped_prefix"] = strip_prefix
+        found = tensors_by_path(_cast_tree(state, None))
+        names = strip(found, strip_prefix)
+        state = {names[path]: t for path, t in found.items()}
     if format == "safetensors":
         from safetensors.torch import save
 
@@ -67,14 +114,17 @@ def export(
             seen[id(t)] = path
             tensors[path] = _apply_cast(t, cast).contiguous()
         data = save(tensors, metadata=meta)
-    elif format == "torch":
-        buf = io.BytesIO()
-        torch.save({"state": _cast_tree(state, cast), "metadata": meta}, buf)
-        data = buf.getvalue()
     else:
-        raise ValueError(f"format must be 'safetensors' or 'torch', not {format!r}")
-    with fsspec.open(destination, "wb", **(storage_options or {})) as f:
-        f.write(data)
+        buf = io.BytesIO()
+        flat = strip_prefix is not None  # a state dict as load_state_dict takes it
+        torch.save(
+            _cast_tree(state, cast)
+            if flat
+            else {"state": _cast_tree(state, cast), "metadata": meta},
+            buf,
+        )
+        data = buf.getvalue()
+    _write(destination, data, repo.options.transfer.progress, storage_options)
     log.info("exported %s to %s (%s, %.1f MB)", version.id, destination, format, len(data) / 1e6)
     return meta
 
@@ -90,8 +140,9 @@ def import_file(
 ) -> Version:
     """Commit an existing checkpoint file: safetensors (by extension) or a ``torch.save``
     file, read with ``weights_only=True`` (no code from the file is ever run)."""
-    with fsspec.open(source, "rb", **(storage_options or {})) as f:
-        data = f.read()
+    import torch
+
+    data = _read(source, repo.options.transfer.progress, storage_options)
     if source.endswith(".safetensors"):
         from safetensors.torch import load
 
@@ -110,11 +161,44 @@ def import_file(
     )
 
 
+#: The bytes written or read per call, between progress updates.
+PIECE = 8 << 20
+
+
+def _write(
+    destination: str, data: bytes, progress: bool, storage_options: dict[str, Any] | None
+) -> None:
+    bar = Progress(progress, len(data), "write")
+    try:
+        with fsspec.open(destination, "wb", **(storage_options or {})) as f:
+            view = memoryview(data)
+            for start in range(0, len(view), PIECE):
+                f.write(view[start : start + PIECE])
+                bar.update(min(PIECE, len(view) - start))
+    finally:
+        bar.close()
+
+
+def _read(source: str, progress: bool, storage_options: dict[str, Any] | None) -> bytes:
+    with fsspec.open(source, "rb", **(storage_options or {})) as f:
+        bar = Progress(progress, getattr(f, "size", None) or 0, "read")
+        try:
+            pieces = []
+            while piece := f.read(PIECE):
+                pieces.append(piece)
+                bar.update(len(piece))
+        finally:
+            bar.close()
+    return b"".join(pieces)
+
+
 def _cast(dtype: str | None) -> torch.dtype | None:
     if dtype is None:
         return None
+    import torch
+
     try:
-        return _CASTS[dtype]
+        return getattr(torch, _CASTS[dtype])
     except KeyError:
         raise ValueError(f"dtype must be one of {sorted(_CASTS)}, not {dtype!r}") from None
 
@@ -126,6 +210,8 @@ def _apply_cast(t: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
 def _cast_tree(state: Any, cast: torch.dtype | None) -> Any:
     """The state with floats cast, and numpy values turned into what
     ``torch.load(weights_only=True)`` accepts (tensors and Python scalars)."""
+    import numpy as np
+    import torch
 
     def convert(value: Any, path: str) -> Any:
         if isinstance(value, np.generic):

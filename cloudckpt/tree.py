@@ -12,17 +12,19 @@ load as one tensor again.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cloudckpt import schema
 from cloudckpt.errors import CorruptCheckpoint, UnsupportedState
+
+if TYPE_CHECKING:  # torch and numpy are imported where arrays are touched, not at import
+    import numpy as np
+    import torch
 
 
 def _storable(d: torch.dtype) -> bool:
@@ -36,11 +38,17 @@ def _storable(d: torch.dtype) -> bool:
     )
 
 
-_TORCH_DTYPES = {
-    str(d).removeprefix("torch."): d
-    for d in vars(torch).values()
-    if isinstance(d, torch.dtype) and _storable(d)
-}
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    import torch
+
+    return {
+        str(d).removeprefix("torch."): d
+        for d in vars(torch).values()
+        if isinstance(d, torch.dtype) and _storable(d)
+    }
+
+
 _NUMPY_KINDS = set("biufc")
 
 
@@ -56,23 +64,50 @@ class Leaf:
 
     @property
     def itemsize(self) -> int:
-        if self.kind == "torch":
-            return torch_dtype(self.dtype).itemsize
-        return numpy_dtype(self.dtype).itemsize
+        return itemsize(self.kind, self.dtype)
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.itemsize
 
 
+#: Item sizes of the dtypes every torch release stores, so that reading a manifest needs
+#: no torch import (tests check they agree with torch); others are looked up in torch.
+PLAIN_TORCH_ITEMSIZES = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "int16": 2,
+    "int32": 4,
+    "int64": 8,
+    "float16": 2,
+    "bfloat16": 2,
+    "float32": 4,
+    "float64": 8,
+    "complex64": 8,
+    "complex128": 16,
+}
+
+
+def itemsize(kind: str, name: str) -> int:
+    """The item size of a stored dtype (``kind`` "torch" or "numpy"); CorruptCheckpoint
+    for a dtype that cannot be stored."""
+    if kind == "torch":
+        found = PLAIN_TORCH_ITEMSIZES.get(name)
+        return found if found is not None else torch_dtype(name).itemsize
+    return numpy_dtype(name).itemsize
+
+
 def torch_dtype(name: str) -> torch.dtype:
     try:
-        return _TORCH_DTYPES[name]
+        return _torch_dtypes()[name]
     except KeyError:
         raise CorruptCheckpoint(f"unknown tensor dtype {name!r} in manifest") from None
 
 
 def numpy_dtype(name: str) -> np.dtype[Any]:
+    import numpy as np
+
     try:
         dt = np.dtype(name)
     except Exception:  # numpy parses some strings as expressions (SyntaxError, ...)
@@ -89,6 +124,9 @@ def join(path: str, key: object) -> str:
 # -- flatten ------------------------------------------------------------------------
 def flatten(state: Any) -> tuple[Any, list[Leaf]]:
     """Split ``state`` into a JSON-serializable skeleton and its array leaves."""
+    import numpy as np
+    import torch
+
     leaves: list[Leaf] = []
     aliases: dict[tuple[Any, ...], int] = {}
 
@@ -170,6 +208,8 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
 
 
 def _check_tensor(t: torch.Tensor, path: str) -> None:
+    import torch
+
     if type(t) not in (torch.Tensor, torch.nn.Parameter):
         raise UnsupportedState(
             f"state[{path!r}] is a {type(t).__name__}; only plain tensors are supported "
@@ -179,7 +219,7 @@ def _check_tensor(t: torch.Tensor, path: str) -> None:
         raise UnsupportedState(f"state[{path!r}]: {t.layout} / quantized tensors are not supported")
     if t.device.type == "meta":
         raise UnsupportedState(f"state[{path!r}] is on the meta device and has no data")
-    if t.dtype not in _TORCH_DTYPES.values():
+    if t.dtype not in _torch_dtypes().values():
         raise UnsupportedState(f"state[{path!r}] has unsupported dtype {t.dtype}")
 
 
@@ -216,7 +256,11 @@ def unflatten(skeleton: Any, arrays: Callable[[int, str], Any]) -> Any:
                 items = [build(v, join(path, i)) for i, v in enumerate(_items(val, path))]
                 if tag == "size" and not all(type(i) is int and i >= 0 for i in items):
                     raise _malformed(path)
-                return {"list": list, "tuple": tuple, "size": torch.Size}[tag](items)
+                if tag == "size":
+                    import torch
+
+                    return torch.Size(items)
+                return {"list": list, "tuple": tuple}[tag](items)
             if tag == "float" and val in _ALLOWED_FLOATS:
                 return _ALLOWED_FLOATS[val]
             if tag == "npscalar" and isinstance(val, list) and len(val) == 2:
@@ -229,6 +273,8 @@ def unflatten(skeleton: Any, arrays: Callable[[int, str], Any]) -> Any:
             if tag == "dtype" and isinstance(val, str):
                 return torch_dtype(val)
             if tag == "device" and isinstance(val, str):
+                import torch
+
                 return _converted(lambda: torch.device(val), path)
         raise _malformed(path)
 
@@ -305,6 +351,8 @@ def _no_arrays(index: int, path: str) -> Any:
 
 def tensors_by_path(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor in a nested dict/list/tuple, by its path (other values are ignored)."""
+    import torch
+
     found: dict[str, torch.Tensor] = {}
 
     def walk(node: Any, path: str) -> None:
@@ -328,6 +376,8 @@ def map_arrays(obj: Any, fn: Callable[[Any, str], Any], prefix: str = "") -> Any
     """A copy of ``obj`` with every tensor, numpy array and numpy scalar replaced by
     ``fn(value, path)``; dicts, lists and tuples are rebuilt, other leaves kept as they
     are (a tuple of plain scalars, like an RNG state, is kept whole)."""
+    import numpy as np
+    import torch
 
     def walk(node: Any, path: str) -> Any:
         if isinstance(node, (torch.Tensor, np.ndarray, np.generic)):

@@ -105,6 +105,18 @@ def _sweep(doc: Any) -> Sweep:
     return sweep
 
 
+#: The fields of a deleted version's row kept in ``pruned``: its place in the history.
+PRUNED_FIELDS = ("id", "branch", "parent", "step", "metrics", "created")
+#: The most pruned rows kept; the oldest go first (their descendants then start the
+#: history, as after a deletion before this release).
+MAX_PRUNED = 10_000
+
+
+def pruned_row(row: Version) -> Version:
+    """What ``pruned`` keeps of a deleted version: lineage, step, metrics and time."""
+    return Version(**{k: getattr(row, k) for k in PRUNED_FIELDS})
+
+
 _GC = {"epoch": schema.count, "sweeps": schema.mapping(schema.text, _sweep)}
 _INDEX: dict[str, Callable[[Any], Any]] = {
     "branches": schema.mapping(schema.name, schema.vid),
@@ -113,6 +125,7 @@ _INDEX: dict[str, Callable[[Any], Any]] = {
     "deleted": schema.mapping(schema.vid, schema.optional(schema.timestamp)),
     "fences": schema.mapping(schema.name, schema.count),
     "gc": lambda doc: schema.fields(doc, _GC),
+    "pruned": schema.listing(Version.from_dict),
 }
 
 
@@ -134,6 +147,21 @@ class Index:
     gc_epoch: int = 0
     #: Garbage collections sweeping now, by token.
     sweeps: dict[str, Sweep] = field(default_factory=dict)
+    #: Deleted versions' rows (:data:`PRUNED_FIELDS` only), oldest first, so that the
+    #: history (``log``, ``plot``) keeps their lineage and metrics; their data is gone.
+    #: Optional in the file: older releases ignore it (and drop it when they write).
+    pruned: dict[str, Version] = field(default_factory=dict)
+
+    def prune(self, row: Version) -> None:
+        """Keep a deleted version's place in the history (at most :data:`MAX_PRUNED`)."""
+        self.pruned[row.id] = pruned_row(row)
+        for old in list(self.pruned)[: max(0, len(self.pruned) - MAX_PRUNED)]:
+            del self.pruned[old]
+
+    def history(self) -> dict[str, Version]:
+        """Live and pruned versions by id, oldest first: the whole run."""
+        rows = {**self.pruned, **self.versions}
+        return dict(sorted(rows.items(), key=lambda kv: (kv[1].created, kv[0])))
 
     def dumps(self) -> bytes:
         doc = {
@@ -148,6 +176,10 @@ class Index:
                 "sweeps": {k: asdict(s) for k, s in self.sweeps.items()},
             },
         }
+        if self.pruned:
+            doc["pruned"] = [
+                {k: getattr(v, k) for k in PRUNED_FIELDS} for v in self.pruned.values()
+            ]
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
     @classmethod
@@ -180,6 +212,7 @@ class Index:
                 top.get("fences", {}),
                 gc.get("epoch", 0),
                 gc.get("sweeps", {}),
+                {v.id: v for v in sorted(top.get("pruned", []), key=lambda v: (v.created, v.id))},
             )
         except schema.Invalid as e:
             raise CorruptCheckpoint(

@@ -61,3 +61,10 @@ def test_numpy_dtype_names_are_restricted_to_plain_numbers() -> None:
             tree.numpy_dtype(bad)
     with pytest.raises(CorruptCheckpoint):
         tree.torch_dtype("os.system")
+
+
+def test_the_dtypes_read_without_torch_match_torch() -> None:
+    """Manifests are checked without importing torch for these dtypes: their sizes must
+    be torch's, and each must be one torch stores."""
+    for name, size in tree.PLAIN_TORCH_ITEMSIZES.items():
+        assert tree.torch_dtype(name).itemsize == size, name

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cloudckpt.errors import CorruptCheckpoint, InvalidKey, UnsupportedFormat
-from cloudckpt.versions import FORMAT, Index
+from cloudckpt.versions import FORMAT, PRUNED_FIELDS, Index, Version, pruned_row
 
 
 def index_with(**fields: object) -> bytes:
@@ -120,3 +120,25 @@ def test_a_path_like_version_id_never_reads_outside_the_root(tmp_path) -> None:
 def test_dangling_heads_and_loose_formats_are_refused(fields: dict) -> None:
     with pytest.raises(CorruptCheckpoint, match=r"versions\.json"):
         Index.parse(index_with(versions=[ROW], **fields), "s3://b/versions.json")
+
+
+def test_pruned_rows_round_trip_and_older_indexes_read_without_them() -> None:
+    """Deleted versions keep their place in the history; the field is optional, so an
+    index without it (any earlier release's) reads as having none."""
+    assert Index.parse(index_with(), "versions.json").pruned == {}
+    row = Version(
+        "20261202T000000000Z-0a1b2c3d",
+        "main",
+        step=10,
+        metrics={"loss": 2.0},
+        created=1.0,
+        logical_bytes=5,
+        meta={"reason": "x"},
+    )
+    index = Index()
+    index.prune(row)
+    doc = json.loads(index.dumps())
+    assert doc["format"] == FORMAT and set(doc["pruned"][0]) == set(PRUNED_FIELDS)
+    again = Index.parse(index.dumps(), "versions.json")
+    assert again.pruned == {row.id: pruned_row(row)} and again.versions == {}
+    assert again.history()[row.id].metrics == {"loss": 2.0}

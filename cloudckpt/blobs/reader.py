@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cloudckpt import codec
 from cloudckpt.blobs.batch import CHARGE, Batch
@@ -17,6 +14,9 @@ from cloudckpt.blobs.options import TransferOptions, TransferStats
 from cloudckpt.blobs.progress import Progress
 from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint
 from cloudckpt.store import Store
+
+if TYPE_CHECKING:  # imported where bytes are moved, not at import
+    import numpy as np
 
 
 @dataclass
@@ -129,6 +129,8 @@ class BlobReader:
         return stats
 
     def _load_blob(self, fetch: _Fetch, batch: Batch, progress: Progress) -> int:
+        import numpy as np
+
         try:
             key = blob_key(fetch.digest)
             path0 = fetch.parts[0][0]
@@ -166,6 +168,8 @@ class BlobReader:
 
 
 def _is_cpu(dest: Any) -> bool:
+    import numpy as np
+
     return isinstance(dest, np.ndarray) or dest.device.type == "cpu"
 
 
@@ -173,6 +177,8 @@ def _copy_into(dest: Any, offset: int, data: np.ndarray) -> None:
     if _is_cpu(dest):
         _dest_bytes(dest, offset, data.size)[:] = data
     else:
+        import torch
+
         flat = dest.reshape(-1).view(torch.uint8)
         flat[offset : offset + data.size].copy_(torch.from_numpy(data))
 
@@ -180,6 +186,9 @@ def _copy_into(dest: Any, offset: int, data: np.ndarray) -> None:
 def _dest_bytes(dest: Any, offset: int, size: int) -> np.ndarray | None:
     """Writable CPU bytes ``[offset, offset + size)`` of ``dest``; None if it is not on
     the CPU."""
+    import numpy as np
+    import torch
+
     if isinstance(dest, np.ndarray):
         return dest.reshape(-1).view(np.uint8)[offset : offset + size]
     if dest.device.type != "cpu":

@@ -14,10 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, NamedTuple
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cloudckpt import codec
 from cloudckpt.blobs.batch import CHARGE, Batch
@@ -27,6 +24,9 @@ from cloudckpt.blobs.progress import Progress
 from cloudckpt.store import Store
 from cloudckpt.tree import Leaf
 
+if TYPE_CHECKING:  # imported where bytes are moved, not at import
+    import numpy as np
+
 
 def _chunk_bounds(nbytes: int, itemsize: int, chunk_size: int) -> list[tuple[int, int]]:
     step = max(itemsize, chunk_size - chunk_size % itemsize)
@@ -35,6 +35,9 @@ def _chunk_bounds(nbytes: int, itemsize: int, chunk_size: int) -> list[tuple[int
 
 def _bytes_of(value: Any) -> Callable[[int, int], np.ndarray]:
     """A function giving bytes [a, b) of an array as a uint8 numpy array on the CPU."""
+    import numpy as np
+    import torch
+
     if isinstance(value, np.ndarray):
         flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
         return lambda a, b: flat[a:b]
@@ -184,6 +187,8 @@ class BlobWriter:
                     get, a, b = parts[0]
                     raw = get(a, b)
                 else:
+                    import numpy as np
+
                     raw = np.concatenate([get(a, b) for get, a, b in parts])
                 choice = codec.choose(leaf.dtype, leaf.itemsize, raw.nbytes)
                 digest = codec.content_hash(raw)

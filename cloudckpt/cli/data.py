@@ -7,18 +7,21 @@ import argparse
 import dataclasses
 import sys
 
+from cloudckpt.cli import history
 from cloudckpt.cli.common import (
     EXIT_CORRUPT,
     EXIT_ERROR,
     EXIT_NOT_FOUND,
     emit,
+    existing_index,
     megabytes,
     open_repo,
 )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    report = open_repo(args).verify(args.ref)
+    repo = open_repo(args)
+    report = repo.verify(repo.rev_parse(args.ref).id)
 
     def text() -> str:
         head = f"{report.version}: {report.blobs} blobs, {megabytes(report.bytes)} checked"
@@ -34,8 +37,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    meta = open_repo(args).export(
-        args.ref, args.destination, format=args.format, dtype=args.dtype, keys=args.keys or None
+    repo = open_repo(args)
+    meta = repo.export(
+        repo.rev_parse(args.ref).id,
+        args.destination,
+        format=args.format,
+        dtype=args.dtype,
+        keys=args.keys or None,
+        strip_prefix=args.strip_prefix,
     )
     emit(args, meta, lambda: f"exported {meta['cloudckpt_version']} to {args.destination}")
     return 0
@@ -59,20 +68,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print("cloudckpt plot needs matplotlib: pip install matplotlib", file=sys.stderr)
         return EXIT_ERROR
     repo = open_repo(args)
-    series: dict[str, list[tuple[int, float]]] = {}
-    for v in repo.versions():
-        if (
-            args.metric in v.metrics
-            and v.step is not None
-            and (not args.branch or v.branch in args.branch)
-        ):
-            series.setdefault(v.branch, []).append((v.step, v.metrics[args.metric]))
+    series = history.series(existing_index(repo), args.metric, args.branch)
     if not series:
         print(f"no version has metric {args.metric!r}", file=sys.stderr)
         return EXIT_NOT_FOUND
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for branch, points in sorted(series.items()):
-        points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=branch)
     ax.set_xlabel("step")
     ax.set_ylabel(args.metric)
@@ -83,7 +84,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
     fig.savefig(args.output, dpi=100)
     emit(
         args,
-        {"output": args.output, "branches": sorted(series)},
+        {
+            "output": args.output,
+            "branches": sorted(series),
+            "points": {b: len(points) for b, points in sorted(series.items())},
+        },
         lambda: f"wrote {args.output} ({', '.join(sorted(series))})",
     )
     return 0

@@ -6,23 +6,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
 
 from cloudckpt.blobs import iter_chunks
 from cloudckpt.cli.common import (
     decorations,
     emit,
+    existing_index,
     megabytes,
     metrics_text,
     open_repo,
     when,
 )
-from cloudckpt.versions import Version
+from cloudckpt.cli.history import graph, newest_first, walk
+from cloudckpt.errors import CheckpointNotFound
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
     repo = open_repo(args)
-    index = repo.index()
+    index = existing_index(repo)
     rows = list(index.versions.values())
     data = {
         "branches": index.branches,
@@ -46,47 +47,26 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def graph(versions: Sequence[Version], decorate: Callable[[str], str]) -> list[str]:
-    """``git log --graph``-style lines for versions, newest first."""
-    known = {v.id for v in versions}
-    columns: list[str] = []
-    lines = []
-    for v in sorted(versions, key=lambda x: (x.created, x.id), reverse=True):
-        if v.id not in columns:
-            columns.append(v.id)
-        col = columns.index(v.id)
-        marks = " ".join("*" if i == col else "|" for i in range(len(columns)))
-        step = f"step {v.step}" if v.step is not None else "no step"
-        lines.append(f"{marks}  {v.id}{decorate(v.id)} {step} {metrics_text(v)}".rstrip())
-        parent = v.parent if v.parent in known else None
-        if parent is None:
-            columns.pop(col)
-        elif parent in columns:  # a branch point: this column joins the parent's
-            other = columns.index(parent)
-            left, right = min(col, other), max(col, other)
-            columns[left] = parent
-            columns.pop(right)
-            lines.append(" ".join(["|"] * right) + "/")
-        else:
-            columns[col] = parent
-    return lines
-
-
 def cmd_log(args: argparse.Namespace) -> int:
     repo = open_repo(args)
-    index = repo.index()
-    versions = repo.log(args.ref) if args.ref else list(index.versions.values())
+    index = existing_index(repo)
+    if args.ref:
+        versions = list(walk(index, repo.rev_parse(args.ref, index).id))
+    else:
+        versions = newest_first(index.history())
+    pruned = set(index.pruned) - set(index.versions)
     emit(
         args,
-        [dataclasses.asdict(v) for v in versions],
-        lambda: "\n".join(graph(versions, lambda vid: decorations(index, vid))),
+        [{**dataclasses.asdict(v), "pruned": v.id in pruned} for v in versions],
+        lambda: "\n".join(graph(versions, lambda vid: decorations(index, vid), pruned)),
     )
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     repo = open_repo(args)
-    v = repo.resolve(args.ref)
+    index = existing_index(repo)
+    v = repo.rev_parse(args.ref, index)
     doc = repo.manifest(v)
     tensors = []
     for e in doc.tensors:
@@ -108,7 +88,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     def text() -> str:
         ratio = v.stored_bytes / v.logical_bytes if v.logical_bytes else 1.0
         lines = [
-            f"version  {v.id}{decorations(repo.index(), v.id)}",
+            f"version  {v.id}{decorations(index, v.id)}",
             f"branch   {v.branch}   parent {v.parent or '-'}   format {doc.format}"
             + (f"   fence {v.fence}" if v.fence is not None else ""),
             f"step     {v.step}   metrics {metrics_text(v) or '-'}",
@@ -136,7 +116,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    d = open_repo(args).diff(args.a, args.b)
+    repo = open_repo(args)
+    index = existing_index(repo)
+    b = repo.rev_parse(args.b or args.a, index)
+    if args.b is None:  # like `git show REF`: what REF changed from its parent
+        if b.parent is None:
+            raise CheckpointNotFound(f"{args.a!r} ({b.id}) is a first version: no parent to diff")
+        a = repo.rev_parse(b.id + "^", index)
+    else:
+        a = repo.rev_parse(args.a, index)
+    d = repo.diff(a.id, b.id)
 
     def text() -> str:
         lines = [
@@ -158,24 +147,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_branch(args: argparse.Namespace) -> int:
     repo = open_repo(args)
+    index = existing_index(repo)
     if args.name is None:
         emit(
-            args,
-            repo.branches(),
-            lambda: "\n".join(f"{b}  {h}" for b, h in repo.branches().items()),
+            args, index.branches, lambda: "\n".join(f"{b}  {h}" for b, h in index.branches.items())
         )
         return 0
-    v = repo.branch(args.name, args.from_ref)
+    v = repo.branch(args.name, repo.rev_parse(args.from_ref, index).id)
     emit(args, {"branch": args.name, "head": v.id}, lambda: f"branch {args.name} -> {v.id}")
     return 0
 
 
 def cmd_tag(args: argparse.Namespace) -> int:
     repo = open_repo(args)
+    index = existing_index(repo)
     if args.name is None:
-        emit(args, repo.tags(), lambda: "\n".join(f"{t}  {h}" for t, h in repo.tags().items()))
+        emit(args, index.tags, lambda: "\n".join(f"{t}  {h}" for t, h in index.tags.items()))
         return 0
-    v = repo.tag(args.name, args.ref)
+    v = repo.tag(args.name, repo.rev_parse(args.ref, index).id)
     emit(args, {"tag": args.name, "version": v.id}, lambda: f"tag {args.name} -> {v.id}")
     return 0
 
