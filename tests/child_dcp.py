@@ -11,8 +11,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor, init_device_mesh
 
 from cloudckpt.dcp import CloudStorageReader, CloudStorageWriter
@@ -32,6 +35,26 @@ def reader(backend: str, root: str, name: str) -> Any:
 
 def matrix() -> torch.Tensor:
     return torch.arange(32, dtype=torch.float32).reshape(8, 4)
+
+
+def fsdp(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A small FSDP2 model (fully_shard on CPU, gloo) and its AdamW, one step trained."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 12)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    return model, opt
+
+
+def gathered(state: dict[str, Any]) -> dict[str, Any]:
+    """Every DTensor of a state as a whole tensor (the same on every rank)."""
+    return {
+        k: gathered(v) if isinstance(v, dict) else v.full_tensor() if isinstance(v, DTensor) else v
+        for k, v in state.items()
+    }
 
 
 def save(backend: str, root: str) -> dict[str, Any]:
@@ -58,6 +81,12 @@ def save(backend: str, root: str) -> dict[str, Any]:
             ), e
         else:
             raise AssertionError("a save without collectives was published")
+    model, opt = fsdp(seed=1)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, storage_writer=writer(backend, root, "fsdp"))
+    expected = gathered({"model": msd, "optim": osd["state"]})
+    if dist.get_rank() == 0:
+        torch.save(expected, f"{root}/fsdp-expected.pt")
     response = dcp.async_save(
         {"m": sharded, "n": 9},
         storage_writer=writer(backend, root, "async"),
@@ -80,6 +109,24 @@ def reshard(backend: str, root: str) -> dict[str, Any]:
     rows = 8 // dist.get_world_size()
     want = (matrix() * 3)[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
     assert torch.equal(local, want), (local, want)
+    # FSDP2: a fresh model and optimizer (other weights, a step's state) load the save.
+    model, opt = fsdp(seed=7)
+    msd, osd = get_state_dict(model, opt)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, storage_reader=reader(backend, root, "fsdp"))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    msd, osd = get_state_dict(model, opt)
+    got = gathered({"model": msd, "optim": osd["state"]})
+    expected = torch.load(f"{root}/fsdp-expected.pt", weights_only=True)  # the test's own
+    for part in ("model", "optim"):
+        flat_got, flat_want = _flat(got[part]), _flat(expected[part])
+        assert flat_got.keys() == flat_want.keys(), (part, flat_got.keys(), flat_want.keys())
+        for k, want in flat_want.items():
+            assert (
+                torch.equal(flat_got[k], want)
+                if isinstance(want, torch.Tensor)
+                else (flat_got[k] == want)
+            ), (part, k)
     if backend == "cloudckpt":
         # The ranks resolved the ref to different versions (a save landed in between):
         # every rank loads the coordinator's.
@@ -89,6 +136,16 @@ def reshard(backend: str, root: str) -> dict[str, Any]:
         dcp.load(both, storage_reader=mine)
         assert torch.equal(both["m"].full_tensor(), matrix()), both["m"].full_tensor()
     return {"resharded": True}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def main() -> None:
