@@ -124,6 +124,11 @@ class Transaction:
         if self.start is None:
             index = versions.read(self.store)[0]
             self._check_fence(index)
+            if self.request.branch not in index.branches:  # this commit makes the branch
+                try:
+                    schema.new_name(self.request.branch)
+                except schema.Invalid as e:
+                    raise ValueError(str(e)) from None
             self.start = Start(
                 index.branches.get(self.request.branch), index.gc_epoch, not index.sweeps
             )

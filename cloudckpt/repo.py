@@ -370,9 +370,15 @@ class Repo:
 
 
 def _check_name(name: str, kind: str, index: Index) -> None:
-    schema.name(name)
+    schema.new_name(name)
     if name == LATEST or name in index.versions:
         raise ValueError(f"{name!r} cannot name a {kind}: it is reserved or a version id")
+    shadowed = refs.abbreviates(index, name)
+    if shadowed:
+        raise ValueError(
+            f"{name!r} cannot name a {kind}: it abbreviates version {shadowed} (a ref like "
+            f"{name!r} would mean the {kind} instead of that version)"
+        )
 
 
 def _check_live(uri: str, index: Index, vid: str) -> None:

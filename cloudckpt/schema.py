@@ -169,6 +169,22 @@ def name(value: Any) -> str:
     return value
 
 
+#: Characters a new branch or tag name may not hold: ref syntax (``main~2``, ``main^``).
+REF_SYNTAX = frozenset("~^:")
+
+
+def new_name(value: Any) -> str:
+    """A name for a new branch or tag: :func:`name`, without the characters of ref syntax
+    (names read from an existing index are only held to :func:`name`)."""
+    found = name(value)
+    if REF_SYNTAX & set(found):
+        raise Invalid(
+            f"{found!r} cannot name a new branch or tag: '~', '^' and ':' are ref syntax "
+            "(main~2 is main's grandparent)"
+        )
+    return found
+
+
 def plain(value: Any) -> Any:
     """Any JSON value (user data such as ``meta``), depth-bounded."""
     check_depth(value)

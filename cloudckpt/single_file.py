@@ -12,7 +12,7 @@ import fsspec
 
 from cloudckpt.blobs.progress import Progress
 from cloudckpt.errors import UnsupportedState
-from cloudckpt.tree import map_arrays, tensors_by_path
+from cloudckpt.tree import map_arrays
 from cloudckpt.versions import Version
 
 if TYPE_CHECKING:  # imported by the functions, so that the module loads without torch
@@ -100,7 +100,7 @@ def export(
     }
     if strip_prefix is not None:
         meta["stripped_prefix"] = strip_prefix
-        found = tensors_by_path(_cast_tree(state, None))
+        found = _named_tensors(state, version.id)
         names = strip(found, strip_prefix)
         state = {names[path]: t for path, t in found.items()}
     if format == "safetensors":
@@ -108,7 +108,7 @@ def export(
 
         tensors: dict[str, torch.Tensor] = {}
         seen: dict[int, str] = {}
-        for path, t in tensors_by_path(state).items():
+        for path, t in _named_tensors(state, version.id).items():
             if id(t) in seen:  # tied weights: safetensors refuses shared storage
                 t = t.clone()
             seen[id(t)] = path
@@ -205,6 +205,27 @@ def _cast(dtype: str | None) -> torch.dtype | None:
 
 def _apply_cast(t: torch.Tensor, cast: torch.dtype | None) -> torch.Tensor:
     return t.to(cast) if cast is not None and t.is_floating_point() else t
+
+
+def _named_tensors(state: Any, vid: str) -> dict[str, torch.Tensor]:
+    """Every array of ``state`` (numpy ones as tensors) by its dotted path; UnsupportedState
+    if two of them share a path (``{"a.b": x, "a": {"b": y}}``): one file cannot hold both."""
+    import torch
+
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            if path in found:
+                raise UnsupportedState(
+                    f"version {vid}: two tensors export as {path!r}; a single file names "
+                    "each by its dotted path (rename one key, or export with --keys)"
+                )
+            found[path] = value
+        return value
+
+    map_arrays(_cast_tree(state, None), keep)
+    return found
 
 
 def _cast_tree(state: Any, cast: torch.dtype | None) -> Any:

@@ -112,6 +112,13 @@ PRUNED_FIELDS = ("id", "branch", "parent", "step", "metrics", "created")
 MAX_PRUNED = 10_000
 
 
+def _newest_pruned(rows: list[Version]) -> dict[str, Version]:
+    """The pruned rows by id, oldest first, at most :data:`MAX_PRUNED` of the newest (an
+    index written by anyone else is held to the cap on reading, and so on every write)."""
+    rows = sorted(rows, key=lambda v: (v.created, v.id))[-MAX_PRUNED:]
+    return {v.id: v for v in rows}
+
+
 def pruned_row(row: Version) -> Version:
     """What ``pruned`` keeps of a deleted version: lineage, step, metrics and time."""
     return Version(**{k: getattr(row, k) for k in PRUNED_FIELDS})
@@ -212,7 +219,7 @@ class Index:
                 top.get("fences", {}),
                 gc.get("epoch", 0),
                 gc.get("sweeps", {}),
-                {v.id: v for v in sorted(top.get("pruned", []), key=lambda v: (v.created, v.id))},
+                _newest_pruned(top.get("pruned", [])),
             )
         except schema.Invalid as e:
             raise CorruptCheckpoint(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -30,6 +31,17 @@ def main() -> None:
     mgr.restore(holder=holder)
     mgr.step(1)
     mgr.save("small", sync=True)
+    # A slow link: each blob of the large save takes a second, so the test's SIGKILL lands
+    # mid-upload however loaded the machine is (it fired after the upload ended, once).
+    store = mgr.repo.store
+    put = store.put
+
+    def slow_put(key: str, data: Any) -> None:
+        if key.startswith("blobs/"):
+            time.sleep(1.0)
+        put(key, data)
+
+    store.put = slow_put  # type: ignore[method-assign]
     torch.manual_seed(0)
     holder.tensors = {"w": torch.randn(96 << 20 >> 2)}  # 96 MiB of incompressible floats
     mgr.step(2)

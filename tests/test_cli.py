@@ -356,3 +356,37 @@ def test_bash_completion_completes_commands_options_and_choices(capsys) -> None:
         "safetensors",
         "torch",
     ]
+
+
+def test_export_refuses_two_tensors_of_one_path_and_keeps_numpy_arrays(tmp_path, capsys):
+    import numpy as np
+
+    repo = Repo(f"file://{tmp_path}/repo")
+    repo.commit({"model": {"a.b": torch.ones(3), "a": {"b": torch.zeros(3)}}})
+    code, _, err = run(capsys, "export", repo.uri, "main", str(tmp_path / "x.safetensors"))
+    assert code == 1 and "two tensors export as 'model.a.b'" in err
+    assert not (tmp_path / "x.safetensors").exists()
+    repo.commit({"model": {"w": torch.ones(2), "np_w": np.arange(4)}})
+    code, _, err = run(capsys, "export", repo.uri, "main", str(tmp_path / "y.safetensors"))
+    assert code == 0, err
+    written = load_file(tmp_path / "y.safetensors")
+    assert torch.equal(written["model.np_w"], torch.arange(4)), written
+
+
+def test_export_and_import_files_on_s3_use_the_endpoint_flag(repo, capsys, monkeypatch):
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    out = repo.uri.rstrip("/") + "-export/model.safetensors"
+    code, _, err = run(capsys, "--endpoint-url", endpoint, "export", repo.uri, "main", out)
+    assert code == 0, err
+    code, _, err = run(capsys, "--endpoint-url", endpoint, "import", repo.uri, out)
+    assert code == 0, err
+    assert repo.log("main")[0].meta["imported_from"] == out
+
+
+def test_local_file_problems_are_exit_codes_not_tracebacks(repo, capsys, tmp_path) -> None:
+    (tmp_path / "a-directory").mkdir()
+    code, _, err = run(capsys, "export", repo.uri, "main", str(tmp_path / "a-directory"))
+    assert code == 1 and "a-directory" in err
+    code, _, err = run(capsys, "import", repo.uri, str(tmp_path / "missing.safetensors"))
+    assert code == 3 and "missing.safetensors" in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -126,18 +127,36 @@ def test_gc_running_during_commits_never_damages_them(repo) -> None:
     done = threading.Event()
     committed = []
 
+    errors: list[BaseException] = []
+
+    def commit(i: int) -> str:
+        # Collections back to back can outlast a commit's attempts on a loaded machine:
+        # CommitConflict says "commit again", which is what a caller does.
+        for _ in range(3):
+            try:
+                return repo.commit(weights(i)).id
+            except CommitConflict as e:
+                last = e
+        raise last
+
     def commit_loop() -> None:
-        for i in range(6):
-            committed.append(repo.commit(weights(i)).id)
-            if i % 2:
-                repo.delete([committed[-2]])
-        done.set()
+        try:
+            for i in range(6):
+                committed.append(commit(i))
+                if i % 2:
+                    repo.delete([committed[-2]])
+        except BaseException as e:  # reported by the test, not lost in the thread
+            errors.append(e)
+        finally:
+            done.set()
 
     t = threading.Thread(target=commit_loop)
     t.start()
-    while not done.wait(0.05):
+    deadline = time.monotonic() + 300
+    while not done.wait(0.05) and time.monotonic() < deadline:
         repo.gc(grace=0)
-    t.join()
+    t.join(timeout=60)
+    assert not errors and len(committed) == 6, errors
     repo.gc(grace=0)
     for v in repo.versions():
         assert repo.verify(v.id).ok

@@ -186,3 +186,19 @@ def test_a_symbolic_link_inside_the_root_does_not_lead_outside(tmp_path) -> None
     assert list(outside.iterdir()) == []
     os.symlink(tmp_path / "repo", tmp_path / "alias")  # the root itself may be a link
     Store(f"file://{tmp_path}/alias").put("blobs/x", b"1")
+
+
+def test_a_lock_file_planted_as_a_link_creates_nothing_outside(tmp_path) -> None:
+    """The compare-and-swap's ``.lock`` next to versions.json is opened without following
+    a link (one planted there made the lock create a file outside the root)."""
+    import os
+
+    from cloudckpt.errors import CorruptCheckpoint
+
+    (tmp_path / "repo").mkdir()
+    target = tmp_path / "outside-file"
+    os.symlink(target, tmp_path / "repo" / "versions.json.lock")
+    store = Store(f"file://{tmp_path}/repo")
+    with pytest.raises(CorruptCheckpoint, match="symbolic link"):
+        store.put_if_match("versions.json", b"{}", None)
+    assert not target.exists()

@@ -29,14 +29,23 @@ EXIT_ERROR, EXIT_NOT_FOUND, EXIT_CORRUPT, EXIT_CONFLICT, EXIT_STORE = 1, 3, 4, 5
 def exit_code(error: BaseException) -> int | None:
     """The documented exit code of an error a command raised; None for a bug."""
     for kind, code in (
-        (CheckpointNotFound, EXIT_NOT_FOUND),
+        ((CheckpointNotFound, FileNotFoundError), EXIT_NOT_FOUND),
         (CorruptCheckpoint, EXIT_CORRUPT),
         (CommitConflict, EXIT_CONFLICT),
         (StoreError, EXIT_STORE),
-        ((CloudCkptError, UnsupportedState, ValueError), EXIT_ERROR),
+        # OSError: a local file to export to or import from (a directory, no permission).
+        ((CloudCkptError, UnsupportedState, ValueError, OSError), EXIT_ERROR),
     ):
         if isinstance(error, kind):
             return code
+    return None
+
+
+def file_options(args: argparse.Namespace, path: str) -> dict[str, Any] | None:
+    """``storage_options`` for a file that is not the repository (export's destination,
+    import's source): ``--endpoint-url`` applies to it too when it is on S3."""
+    if args.endpoint_url and path.split("://", 1)[0] in ("s3", "s3a"):
+        return {"endpoint_url": args.endpoint_url}
     return None
 
 

@@ -14,6 +14,7 @@ from cloudckpt.cli.common import (
     EXIT_NOT_FOUND,
     emit,
     existing_index,
+    file_options,
     megabytes,
     open_repo,
 )
@@ -45,6 +46,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         keys=args.keys or None,
         strip_prefix=args.strip_prefix,
+        storage_options=file_options(args, args.destination),
     )
     emit(args, meta, lambda: f"exported {meta['cloudckpt_version']} to {args.destination}")
     return 0
@@ -52,7 +54,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     v = open_repo(args).import_file(
-        args.source, branch=args.branch, step=args.step, message=args.message
+        args.source,
+        branch=args.branch,
+        step=args.step,
+        message=args.message,
+        storage_options=file_options(args, args.source),
     )
     emit(args, dataclasses.asdict(v), lambda: f"imported {args.source} as {v.id} on {v.branch}")
     return 0

@@ -48,7 +48,7 @@ def graph(
         if v.id not in columns:
             columns.append(v.id)
         col = columns.index(v.id)
-        marks = " ".join("*" if i == col else "|" for i in range(len(columns)))
+        marks = _marks(col, len(columns))
         step = f"step {v.step}" if v.step is not None else "no step"
         note = " (pruned)" if v.id in pruned else ""
         text = f"{v.id}{decorate(v.id)}{note} {step} {metrics_text(v)}".rstrip()
@@ -61,10 +61,22 @@ def graph(
             left, right = min(col, other), max(col, other)
             columns[left] = parent
             columns.pop(right)
-            lines.append(_Line(" ".join(["|"] * right) + "/", ""))
+            lines.append(_Line(" ".join(["|"] * min(right, MAX_DRAWN)) + "/", ""))
         else:
             columns[col] = parent
     return _collapsed(lines)
+
+
+#: The most lines of descent drawn side by side; more (only a damaged or hostile index
+#: has thousands) are drawn as one "…", so the output stays linear in the versions.
+MAX_DRAWN = 16
+
+
+def _marks(col: int, columns: int) -> str:
+    shown = " ".join("*" if i == col else "|" for i in range(min(columns, MAX_DRAWN)))
+    if columns <= MAX_DRAWN:
+        return shown
+    return f"{shown} … *" if col >= MAX_DRAWN else f"{shown} …"
 
 
 def _collapsed(lines: list[_Line]) -> list[str]:

@@ -9,6 +9,7 @@ compare-and-swap runs under an ``flock``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -123,7 +124,7 @@ class LocalConditional:
     def replace(self, path: str, data: bytes, etag: str | None) -> str:
         """Write only if the ETag is still ``etag`` (None: only if absent); the new ETag."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".lock", "a+b") as lock:
+        with _open_lock(path + ".lock") as lock:
             self._lock(lock, path)
             try:
                 current = self.read(path)
@@ -179,3 +180,15 @@ def write_temp(path: str, data: Buffer) -> str:
         os.unlink(tmp)
         raise
     return tmp
+
+
+def _open_lock(path: str) -> Any:
+    """The lock file at ``path``, never through a symbolic link (one planted there would
+    have the lock create or touch a file outside the repository)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise CorruptCheckpoint(f"{path} is a symbolic link; refused") from None
+    return os.fdopen(fd, "a+b")
