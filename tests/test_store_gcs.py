@@ -7,16 +7,24 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from google.oauth2.credentials import Credentials
 from http_servers import serving
+from processes import reaped
 
+from cloudckpt import Repo
 from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError
 from cloudckpt.store import Store, StoreOptions
 from cloudckpt.store.gcs import GCSBackend
@@ -269,3 +277,32 @@ def test_a_failed_large_upload_leaves_nothing_and_cancels_its_session(faulty: An
 
 def _parts(size: int) -> StoreOptions:
     return StoreOptions(part_size=size, retry=FAST_RETRY.retry)
+
+
+def test_local_gcs_script_serves_until_stopped() -> None:
+    """``infra/local-gcs.sh``: what it prints to export is all a repository needs."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        ["bash", str(root / "infra" / "local-gcs.sh")],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+    with reaped(proc):
+        assert proc.stdout is not None
+        env = {}
+        for line in proc.stdout:
+            if line.startswith("export "):
+                name, value = line.removeprefix("export ").strip().split("=", 1)
+                env[name] = value
+            if line.startswith("# Ctrl-C"):
+                break
+        assert env["STORAGE_EMULATOR_HOST"].startswith("http://127.0.0.1:")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("STORAGE_EMULATOR_HOST", env["STORAGE_EMULATOR_HOST"])
+            repo = Repo("gs://checkpoints/runs/x")
+            version = repo.commit({"w": torch.ones(2)})
+            assert [v.id for v in repo.versions()] == [version.id]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
