@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ import torch
 from google.oauth2.credentials import Credentials
 from http_servers import serving
 from processes import reaped
+from tcp_proxy import REFUSE, SILENT, DyingEndpoint
 
 from cloudckpt import Repo
 from cloudckpt.errors import CheckpointNotFound, PreconditionFailed, StoreError
@@ -306,3 +308,16 @@ def test_local_gcs_script_serves_until_stopped() -> None:
             assert [v.id for v in repo.versions()] == [version.id]
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("mode", [REFUSE, SILENT])
+def test_a_dead_endpoint_is_reported_within_the_call_budget(fake_gcs: FakeGCS, mode: str) -> None:
+    options = StoreOptions(
+        connect_timeout=1, read_timeout=1, retry=RetryPolicy(total_seconds=4, max_backoff=0.5)
+    )
+    with DyingEndpoint(fake_gcs.endpoint, mode) as proxy:
+        store = Store(fake_gcs.fresh_uri("dead"), {"endpoint_url": proxy.endpoint}, options)
+        started = time.monotonic()
+        with pytest.raises(StoreError, match=f"endpoint {proxy.endpoint}"):
+            store.put("blobs/a", b"x")
+        assert time.monotonic() - started < 4 + 1 + 1  # the budget, one read timeout, slack
