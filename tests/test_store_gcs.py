@@ -47,14 +47,20 @@ KiB = 1024
 
 class Faulty(ThreadingHTTPServer):
     """A proxy to the GCS server that answers a request with ``fault(request)`` instead
-    when it returns a status (0: drop the connection unanswered), and records every
-    request (method, path, query)."""
+    when it returns a status (0: drop the connection unanswered; -1: forward it, then
+    drop the answer), and records every request (method, path, query).
+
+    It answers the status check of a resumable upload session itself, as GCS documents
+    it (308, ``Range`` of the bytes stored): fake-gcs-server takes one for the last part.
+    """
 
     def __init__(self, upstream: str, fault: Callable[[str, str, dict[str, str]], int | None]):
         self.upstream = urllib.parse.urlsplit(upstream)
         self.fault = fault
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.authorizations: list[str | None] = []
+        #: upload session -> bytes stored (forwarded and answered)
+        self.stored: dict[str, int] = {}
         super().__init__(("127.0.0.1", 0), _Handler)
 
     @property
@@ -78,10 +84,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.authorizations.append(self.headers.get("Authorization"))
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         status = self.server.fault(self.command, url.path, query)
+        content_range = self.headers.get("Content-Range", "")
+        if self.command == "PUT" and content_range.startswith("bytes */"):
+            stored = self.server.stored.get(self.path, 0)
+            self.send_response(308)
+            if stored:
+                self.send_header("Range", f"bytes=0-{stored - 1}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if status == 0:
             self.close_connection = True
             return
-        if status is not None:
+        if status is not None and status > 0:
             payload = json.dumps({"error": {"code": status, "message": "injected"}}).encode()
             self.send_response(status)
             self.send_header("Content-Length", str(len(payload)))
@@ -94,6 +109,12 @@ class _Handler(BaseHTTPRequestHandler):
         conn.request(self.command, self.path, body=body, headers=headers)
         resp = conn.getresponse()
         data = resp.read()
+        conn.close()
+        if self.command == "PUT" and content_range and resp.status in (200, 201, 308):
+            self.server.stored[self.path] = int(content_range.split("-")[1].split("/")[0]) + 1
+        if status == -1:
+            self.close_connection = True
+            return
         self.send_response(resp.status)
         for name, value in resp.getheaders():
             if name.lower() not in ("content-length", "transfer-encoding", "connection"):
@@ -102,7 +123,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
-        conn.close()
 
     @property
     def host(self) -> str:
@@ -255,15 +275,24 @@ def test_credentials_never_reach_messages_or_logs(
     assert all(SECRET not in text for text in said)
 
 
-def test_a_large_blob_goes_up_in_parts_of_a_resumable_upload(faulty: Any) -> None:
-    proxy, store = faulty(first(1, 503, method="PUT"))  # one part retried
+@pytest.mark.parametrize(
+    ("fault", "puts"),
+    [(503, 4 + 2), (-1, 4 + 1)],  # each retry checks the session's status first
+    ids=["refused-part-sent-again", "stored-part-not-sent-again"],
+)
+def test_a_large_blob_goes_up_in_parts_of_a_resumable_upload(
+    faulty: Any, fault: int, puts: int
+) -> None:
+    """A part that failed is sent again from where the stored bytes end; one whose
+    answer was lost after the server stored it is not sent again."""
+    proxy, store = faulty(first(1, fault, method="PUT"))
     store = Store(store.uri, store.backend.fs.storage_options, _parts(256 * KiB))
     data = bytes(range(256)) * (3 * KiB + 1)  # four parts, the last one of 256 bytes
     store.put("blobs/big", data)
     assert store.get("blobs/big") == data
     starts = [q for m, _, q in proxy.requests if m == "POST"]
     assert [q["uploadType"] for q in starts] == ["resumable"]
-    assert proxy.count("PUT") == 4 + 1
+    assert proxy.count("PUT") == puts
 
 
 def test_a_failed_large_upload_leaves_nothing_and_cancels_its_session(faulty: Any) -> None:

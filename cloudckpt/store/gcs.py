@@ -109,14 +109,19 @@ class GCSBackend(FsspecBackend):
         """One request; an error status raised as FileNotFoundError (404),
         PermissionError (401, 403) or GCSError, naming ``what`` (never a credential)."""
         fs = self.fs
-        await fs._set_session()
-        async with fs.session.request(
+        session = await fs._set_session()
+        if getattr(session, "_retry_connection", False):
+            # aiohttp sends a PUT again, blind, when the connection drops: a resumable
+            # part must instead resume from what the server stored (``_send_part``).
+            session._retry_connection = False
+        async with session.request(
             method,
             url,
             params=params,
             headers=fs._get_headers(headers),
             data=data,
             timeout=self._timeout,
+            allow_redirects=False,  # 308 is "resume incomplete" on an upload session
         ) as resp:
             body = await resp.read()
             if resp.status < 400:
@@ -302,19 +307,21 @@ class GCSBackend(FsspecBackend):
 
     # -- large blobs -----------------------------------------------------------------
     def _put_resumable(self, key: str, data: Buffer, call: RetriedCall) -> None:
-        """A resumable upload, one retried request per part (a part sent again after a
-        lost answer is fine: GCS ignores bytes it already has)."""
+        """A resumable upload, one retried request per part."""
         size = len(data)
         part = max(_PART_ALIGN, self.options.part_size // _PART_ALIGN * _PART_ALIGN)
         view = memoryview(data).cast("B")
         session = call("start-upload", key, lambda: self._run(self._start_resumable, key, size))
+        tried: set[int] = set()
         try:
             for start in range(0, size, part):
-                chunk = view[start : start + part]
+                end = min(start + part, size)
                 call(
                     "upload-part",
                     key,
-                    lambda c=chunk, s=start: self._run(self._send_part, session, key, c, s, size),
+                    lambda s=start, e=end: self._run(
+                        self._send_part, session, key, view, s, e, tried
+                    ),
                 )
         except BaseException:
             # Cancel the session (if this fails too, GCS expires it after a week).
@@ -339,15 +346,29 @@ class GCSBackend(FsspecBackend):
         return str(headers["Location"])
 
     async def _send_part(
-        self, session: str, key: str, chunk: memoryview, start: int, size: int
+        self, session: str, key: str, view: memoryview, start: int, end: int, tried: set[int]
     ) -> None:
-        end = start + len(chunk) - 1
+        """Send ``view[start:end]``. Again after a failed attempt, first ask the session
+        how far it got: the answer to a part it kept may have been lost, and a part must
+        start where the stored bytes end."""
+        size = len(view)
+        if start in tried:
+            status, headers, _ = await self._send(
+                "PUT", session, self._url_of(key), headers={"Content-Range": f"bytes */{size}"}
+            )
+            if status in (200, 201):
+                return  # the last part arrived: the object is complete
+            stored = headers.get("Range")  # "bytes=0-N", absent when nothing is stored
+            start = max(start, int(stored.rsplit("-", 1)[1]) + 1 if stored else 0)
+            if start >= end:
+                return
+        tried.add(start)
         await self._send(
             "PUT",
             session,
             self._url_of(key),
-            headers={"Content-Range": f"bytes {start}-{end}/{size}"},
-            data=chunk,
+            headers={"Content-Range": f"bytes {start}-{end - 1}/{size}"},
+            data=view[start:end],
         )
 
 
