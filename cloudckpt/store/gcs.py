@@ -61,8 +61,8 @@ class GCSBackend(FsspecBackend):
     ``storage_options`` go to gcsfs's ``GCSFileSystem`` as given (``token``, ``project``,
     ``endpoint_url``...); credentials are found as gcsfs finds them (``token``, else
     Application Default Credentials: ``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth
-    application-default login``, the metadata server). ``STORAGE_EMULATOR_HOST`` points
-    it at an emulator (anonymous unless a ``token`` is given).
+    application-default login``, the metadata server). ``STORAGE_EMULATOR_HOST``, or an
+    ``http://`` ``endpoint_url``, is an emulator: anonymous unless a ``token`` is given.
     """
 
     remote = True
@@ -71,7 +71,8 @@ class GCSBackend(FsspecBackend):
         self, uri: str, protocol: str, storage_options: dict[str, Any], options: StoreOptions
     ) -> None:
         opts = dict(storage_options)
-        if os.environ.get("STORAGE_EMULATOR_HOST") or opts.get("endpoint_url"):
+        plain_http = str(opts.get("endpoint_url", "")).startswith("http://")
+        if os.environ.get("STORAGE_EMULATOR_HOST") or plain_http:  # an emulator
             opts.setdefault("token", "anon")
         # A file system of our own (fsspec's shared instances would share our settings).
         opts.setdefault("skip_instance_cache", True)
