@@ -1,4 +1,5 @@
-"""Shared fixtures: real local S3 servers (moto and SeaweedFS) on 127.0.0.1.
+"""Shared fixtures: real local S3 servers (moto and SeaweedFS) and a Google Cloud Storage
+server (fake-gcs-server) on 127.0.0.1.
 
 Each server is started once per test session and stopped by its own PID at the end.
 Every test gets a fresh prefix in the session's bucket, so tests never see each other's
@@ -13,6 +14,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from cloudckpt.testing.local_gcs import FakeGCS
 from cloudckpt.testing.local_s3 import MotoServer, SeaweedFS
 
 
@@ -28,7 +30,15 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
         yield srv
 
 
-BACKENDS = ["memory", "file", "moto", "seaweedfs"]
+@pytest.fixture(scope="session")
+def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGCS]:
+    with FakeGCS(tmp_path_factory.mktemp("gcs")) as srv:
+        yield srv
+
+
+#: The fixture of each kind of store served by a local server.
+SERVERS = {"moto": "moto_server", "seaweedfs": "seaweedfs", "gcs": "fake_gcs"}
+BACKENDS = ["memory", "file", "moto", "seaweedfs", "gcs"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -37,9 +47,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[st
     return make_root(request, request.param, tmp_path)
 
 
-@pytest.fixture(params=["file", "seaweedfs"])
+@pytest.fixture(params=["file", "seaweedfs", "gcs"])
 def root(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
-    """(uri, storage_options) of an empty repository on local files and on SeaweedFS."""
+    """(uri, storage_options) of an empty repository on local files, SeaweedFS and GCS."""
     return make_root(request, request.param, tmp_path)
 
 
@@ -55,7 +65,7 @@ def make_root(
         return f"memory://cloudckpt-tests/{uuid.uuid4().hex}", {}
     if kind == "file":
         return f"file://{tmp_path}/repo", {}
-    server = request.getfixturevalue("moto_server" if kind == "moto" else "seaweedfs")
+    server = request.getfixturevalue(SERVERS[kind])
     return server.fresh_uri("test"), server.storage_options()
 
 

@@ -221,8 +221,15 @@ def test_forced_lease_takeover_fences_the_old_holder() -> None:
     _clean(s.explore(scenario, max_schedules=150, time_budget=5, stop_at_first=True))
 
 
-@pytest.mark.parametrize("backend", ["memory", "file"])
-def test_every_kill_point_of_a_commit_then_repair(backend: str) -> None:
+@pytest.mark.parametrize("backend", ["memory", "file", "gcs"])
+def test_every_kill_point_of_a_commit_then_repair(
+    backend: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if backend == "gcs":  # the actors open the repository by URI: the server from the env
+        server = request.getfixturevalue("fake_gcs")
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        backend = server.fresh_uri("schedules")
     failures = []
     for op in range(1, 12):
         actors = [committer("a", n=1), committer("b", n=1), repair_actor("r")]

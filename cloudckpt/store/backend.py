@@ -36,6 +36,8 @@ Buffer = bytes | bytearray | memoryview
 BACKENDS: dict[str, str] = {
     "s3": "cloudckpt.store.s3:S3Backend",
     "s3a": "cloudckpt.store.s3:S3Backend",
+    "gs": "cloudckpt.store.gcs:GCSBackend",
+    "gcs": "cloudckpt.store.gcs:GCSBackend",
     "file": "cloudckpt.store.local:LocalBackend",
     "local": "cloudckpt.store.local:LocalBackend",
     "memory": "cloudckpt.store.memory:MemoryBackend",

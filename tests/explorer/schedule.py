@@ -92,7 +92,9 @@ class ScheduleResult:
 
 @contextlib.contextmanager
 def fresh_uri(backend: str) -> Iterator[str]:
-    """An empty repository root: ``memory://`` (a fresh uuid path) or ``file://``."""
+    """An empty repository root: ``memory://`` (a fresh uuid path), ``file://``, or a
+    fresh prefix under ``backend`` when it is a URI (a server's root, as ``gs://bucket``:
+    its endpoint comes from the environment)."""
     if backend == "memory":
         uri = f"memory://cloudckpt-schedules/{uuid.uuid4().hex}"
         try:
@@ -107,8 +109,10 @@ def fresh_uri(backend: str) -> Iterator[str]:
             yield f"file://{root}/repo"
         finally:
             shutil.rmtree(root, ignore_errors=True)
+    elif "://" in backend:
+        yield f"{backend.rstrip('/')}/{uuid.uuid4().hex}"
     else:
-        raise ValueError(f"backend {backend!r}: memory or file")
+        raise ValueError(f"backend {backend!r}: memory, file or a root URI")
 
 
 def run_schedule(
