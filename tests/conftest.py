@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from cloudckpt.testing.local_azure import Azurite
 from cloudckpt.testing.local_s3 import MotoServer, SeaweedFS
 
 
@@ -28,7 +29,15 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
         yield srv
 
 
-BACKENDS = ["memory", "file", "moto", "seaweedfs"]
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    with Azurite(tmp_path_factory.mktemp("azurite")) as srv:
+        yield srv
+
+
+BACKENDS = ["memory", "file", "moto", "seaweedfs", "azurite"]
+#: The servers behind the remote kinds of ``make_root``: kind -> session fixture.
+SERVERS = {"moto": "moto_server", "seaweedfs": "seaweedfs", "azurite": "azurite"}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -37,9 +46,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[st
     return make_root(request, request.param, tmp_path)
 
 
-@pytest.fixture(params=["file", "seaweedfs"])
+@pytest.fixture(params=["file", "seaweedfs", "azurite"])
 def root(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
-    """(uri, storage_options) of an empty repository on local files and on SeaweedFS."""
+    """(uri, storage_options) of an empty repository on local files, SeaweedFS and Azurite."""
     return make_root(request, request.param, tmp_path)
 
 
@@ -55,7 +64,7 @@ def make_root(
         return f"memory://cloudckpt-tests/{uuid.uuid4().hex}", {}
     if kind == "file":
         return f"file://{tmp_path}/repo", {}
-    server = request.getfixturevalue("moto_server" if kind == "moto" else "seaweedfs")
+    server = request.getfixturevalue(SERVERS[kind])
     return server.fresh_uri("test"), server.storage_options()
 
 

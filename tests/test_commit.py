@@ -166,6 +166,8 @@ def child_env(request: pytest.FixtureRequest, root: tuple[str, dict[str, Any]]) 
     env = {**os.environ}
     if root[0].startswith("s3://"):
         env.update(request.getfixturevalue("seaweedfs").env())
+    if root[0].startswith("az://"):
+        env.update(request.getfixturevalue("azurite").env())
     return env
 
 

@@ -109,7 +109,7 @@ class AzureBackend(FsspecBackend):
     def put(self, key: str, data: Buffer, call: RetriedCall) -> None:
         if len(data) < 2 * self.options.part_size:
             body = data.tobytes() if isinstance(data, memoryview) else bytes(data)
-            call("put", key, lambda: self._upload(key, body))
+            call("put", key, lambda: self._upload(key, body, overwrite=True))
             return
         # A block blob: each block its own retried request, then one commit. Blocks of an
         # upload that never commits stay invisible (no listing or read sees them) and

@@ -163,7 +163,7 @@ class Azurite:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Serve a local Azure Blob Storage on 127.0.0.1 until interrupted (``infra/local-azure.sh``)."""
+    """Serve a local Azure Blob Storage on 127.0.0.1 until interrupted (infra/local-azure.sh)."""
     p = argparse.ArgumentParser(
         prog="python -m cloudckpt.testing.local_azure", description=main.__doc__
     )
