@@ -111,9 +111,11 @@ class AzureBackend(FsspecBackend):
             body = data.tobytes() if isinstance(data, memoryview) else bytes(data)
             call("put", key, lambda: self._upload(key, body, overwrite=True))
             return
-        # A block blob: each block its own retried request, then one commit. Blocks of an
-        # upload that never commits stay invisible (no listing or read sees them) and
-        # are removed by Azure a week after the last one was staged.
+        # A block blob: each block its own retried request, then one commit. The blocks
+        # of an upload that never commits stay invisible (no listing or read sees them):
+        # gc discards them once abandoned (``abort_stale_writes``), Azure a week after
+        # the last one was staged. A failed upload leaves them: discarding now could
+        # discard the blocks another writer of the same blob is staging.
         view = memoryview(data)
         upload = uuid.uuid4().hex
         blocks = []
@@ -123,16 +125,18 @@ class AzureBackend(FsspecBackend):
             call(
                 f"stage-block {number}",
                 key,
-                lambda b=block_id, d=body: self._sync(  # type: ignore[misc]
-                    lambda: self._blob(key).stage_block(b, d, **self._request)
-                ),
+                lambda b=block_id, d=body: self.stage_block(key, b, d),  # type: ignore[misc]
             )
             blocks.append(block_id)
-        call(
-            "commit-blocks",
-            key,
-            lambda: self._sync(lambda: self._blob(key).commit_block_list(blocks, **self._request)),
-        )
+        call("commit-blocks", key, lambda: self.commit_block_list(key, blocks))
+
+    def stage_block(self, key: str, block_id: str, data: bytes) -> None:
+        """Put Block: one block of a block blob, invisible until committed."""
+        self._sync(lambda: self._blob(key).stage_block(block_id, data, **self._request))
+
+    def commit_block_list(self, key: str, blocks: list[str]) -> None:
+        """Put Block List: the blob becomes these staged blocks, atomically."""
+        self._sync(lambda: self._blob(key).commit_block_list(blocks, **self._request))
 
     def _upload(self, key: str, body: bytes, **conditions: Any) -> dict[str, Any]:
         return self._sync(  # type: ignore[no-any-return]
@@ -231,10 +235,51 @@ class AzureBackend(FsspecBackend):
         return now - props.last_modified.timestamp()  # type: ignore[no-any-return]
 
     def abort_stale_writes(self, older_than: float, call: RetriedCall) -> int:
-        """Nothing to abort: Azure has no request for it, and removes the uncommitted
-        blocks of an upload that never committed a week after the last one was staged
-        (until then they are invisible and cost their bytes)."""
-        return 0
+        """Discard the uncommitted blocks of uploads killed writers left, last staged
+        before ``older_than``: Azure has no abort, but a Put Block List discards the
+        blocks it does not name. So: commit an empty block list only if the blob is
+        absent (a writer that committed it meanwhile keeps it), then delete that empty
+        blob only if unchanged."""
+        stale = call("list-uploads", "", lambda: self._sync(lambda: self._uncommitted(older_than)))
+        for key in stale:
+            call("abort-upload", key, lambda k=key: self._discard_blocks(k))  # type: ignore[misc]
+        return len(stale)
+
+    async def _uncommitted(self, older_than: float) -> list[str]:
+        client = self.fs.service_client.get_container_client(self.container)
+        base = self.root[len(self.container) + 1 :] + "/" if "/" in self.root else ""
+        committed: set[str] = set()
+        async for blob in client.list_blobs(name_starts_with=base, **self._request):
+            committed.add(blob.name)
+        stale = []
+        async for blob in client.list_blobs(
+            name_starts_with=base, include=["uncommittedblobs"], **self._request
+        ):
+            when = int(blob.last_modified.timestamp())  # whole seconds, as S3's
+            if blob.name not in committed and when <= older_than:
+                stale.append(blob.name[len(base) :])
+        return stale
+
+    def _discard_blocks(self, key: str) -> None:
+        from azure.core import MatchConditions
+
+        try:
+            etag = self._sync(
+                lambda: self._blob(key).commit_block_list(
+                    [], match_condition=MatchConditions.IfMissing, **self._request
+                )
+            )["etag"]
+        except (FileExistsError, PreconditionFailed) as e:  # committed meanwhile: keep it
+            clear_frames(e)
+            return
+        try:
+            self._sync(
+                lambda: self._blob(key).delete_blob(
+                    etag=etag, match_condition=MatchConditions.IfNotModified, **self._request
+                )
+            )
+        except (FileNotFoundError, PreconditionFailed) as e:  # gone, or rewritten: theirs
+            clear_frames(e)
 
     def check_root(self, call: RetriedCall) -> None:
         """One Get Container Properties: a missing container must not look like an empty
