@@ -120,6 +120,17 @@ class Azurite:
             client.create_container(name)
         return name
 
+    def uncommitted_blobs(self, uri: str) -> list[str]:
+        """Names under ``uri`` (``az://container/prefix``) that have only uncommitted
+        blocks: what an upload that never committed left."""
+        container, _, prefix = uri.split("://", 1)[1].partition("/")
+        with self.client() as client:
+            listing = client.get_container_client(container)
+            base = f"{prefix.rstrip('/')}/" if prefix else ""
+            committed = {b.name for b in listing.list_blobs(name_starts_with=base)}
+            every = listing.list_blobs(name_starts_with=base, include=["uncommittedblobs"])
+            return sorted(b.name for b in every if b.name not in committed)
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         last: Exception | None = None
