@@ -92,8 +92,12 @@ class ScheduleResult:
 
 @contextlib.contextmanager
 def fresh_uri(backend: str) -> Iterator[str]:
-    """An empty repository root: ``memory://`` (a fresh uuid path) or ``file://``."""
-    if backend == "memory":
+    """An empty repository root: ``memory://`` (a fresh uuid path), ``file://``, or a
+    fresh path under ``backend`` when it is a remote root URI (``az://container/prefix``,
+    its credentials in the environment)."""
+    if "://" in backend:
+        yield f"{backend.rstrip('/')}/{uuid.uuid4().hex[:12]}"
+    elif backend == "memory":
         uri = f"memory://cloudckpt-schedules/{uuid.uuid4().hex}"
         try:
             yield uri
@@ -108,7 +112,7 @@ def fresh_uri(backend: str) -> Iterator[str]:
         finally:
             shutil.rmtree(root, ignore_errors=True)
     else:
-        raise ValueError(f"backend {backend!r}: memory or file")
+        raise ValueError(f"backend {backend!r}: memory, file or a root URI")
 
 
 def run_schedule(
