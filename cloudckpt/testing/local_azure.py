@@ -101,11 +101,12 @@ class Azurite:
         """The standard Azure environment that points a child process at this server."""
         return {"AZURE_STORAGE_CONNECTION_STRING": self.connection_string}
 
-    def client(self) -> Any:
-        """A synchronous ``azure.storage.blob.BlobServiceClient`` of this server."""
+    def client(self, **kwargs: Any) -> Any:
+        """A synchronous ``azure.storage.blob.BlobServiceClient`` of this server
+        (``kwargs``: the SDK's client settings)."""
         from azure.storage.blob import BlobServiceClient
 
-        return BlobServiceClient.from_connection_string(self.connection_string)
+        return BlobServiceClient.from_connection_string(self.connection_string, **kwargs)
 
     def fresh_uri(self, name: str = "run") -> str:
         """``az://<container>/<name>-<random>``: a new, empty prefix in one shared container."""
@@ -116,7 +117,7 @@ class Azurite:
     def create_bucket(self, name: str | None = None) -> str:
         """Create a container (a fresh random name by default) and return its name."""
         name = name or f"ckpt-{uuid.uuid4().hex[:12]}"
-        with self.client() as client:
+        with self.client(retry_total=0) as client:  # the ready loop polls: no SDK backoff
             client.create_container(name)
         return name
 
