@@ -30,6 +30,8 @@ T = TypeVar("T")
 _TRANSIENT_STATUS = {408: errno.ETIMEDOUT, 429: errno.EBUSY, 500: errno.EREMOTEIO}
 _TRANSIENT_STATUS |= {502: errno.EREMOTEIO, 503: errno.EBUSY, 504: errno.ETIMEDOUT}
 _TRANSIENT_CODES = {"ServerBusy", "OperationTimedOut", "InternalError"}
+#: Above this the SDK would split a Put Blob into blocks itself: we stage them instead.
+_SINGLE_PUT_MAX = 64 * 1024 * 1024
 
 
 class AzureBackend(FsspecBackend):
@@ -78,8 +80,10 @@ class AzureBackend(FsspecBackend):
         return self.path(key).split("/", 1)[1]
 
     def get(self, key: str, most: int | None = None) -> bytes | memoryview:
-        if most == 0:
-            return b"" if self.stat(key) is not None else self._missing_blob(key)
+        if most == 0:  # Azure has no empty range
+            if self.stat(key) is None:
+                raise FileNotFoundError(f"{self.path(key)} does not exist")
+            return b""
 
         async def _get() -> bytes:
             stream = await self._blob(key).download_blob(
@@ -95,9 +99,6 @@ class AzureBackend(FsspecBackend):
                 return b""
             raise
 
-    def _missing_blob(self, key: str) -> bytes:
-        raise FileNotFoundError(f"{self.path(key)} does not exist")
-
     def stat(self, key: str) -> ObjectInfo | None:
         try:
             props = self._sync(lambda: self._blob(key).get_blob_properties(**self._request))
@@ -107,7 +108,7 @@ class AzureBackend(FsspecBackend):
         return ObjectInfo(int(props.size), props.last_modified.timestamp())
 
     def put(self, key: str, data: Buffer, call: RetriedCall) -> None:
-        if len(data) < 2 * self.options.part_size:
+        if len(data) < min(2 * self.options.part_size, _SINGLE_PUT_MAX):
             body = data.tobytes() if isinstance(data, memoryview) else bytes(data)
             call("put", key, lambda: self._upload(key, body, overwrite=True))
             return
