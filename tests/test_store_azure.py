@@ -47,6 +47,14 @@ def test_each_azure_scheme_is_served_by_the_azure_backend_with_no_warning(
     assert store.get("a") == b"1"
 
 
+def test_an_abfs_uri_with_the_account_in_its_host_names_the_account() -> None:
+    key = base64.b64encode(b"k" * 32).decode()
+    store = Store("abfs://runs@myaccount.dfs.core.windows.net/exp1", {"account_key": key})
+    assert store.backend.root == "runs/exp1"
+    assert "https://myaccount.blob.core.windows.net" in store.backend.endpoint
+    assert key not in repr(store) + store.backend.endpoint
+
+
 def test_create_if_absent_and_replace_if_unchanged_hold_on_the_server(store: Store) -> None:
     assert store.put_if_absent("lease", b"mine")
     assert not store.put_if_absent("lease", b"theirs")

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import fsspec
 from fsspec.asyn import sync
 
 from cloudckpt import redact
@@ -48,7 +49,9 @@ class AzureBackend(FsspecBackend):
     def __init__(
         self, uri: str, protocol: str, storage_options: dict[str, Any], options: StoreOptions
     ) -> None:
-        opts = dict(storage_options)
+        # ``abfs://container@account.dfs.core.windows.net/prefix`` names the account too.
+        found = fsspec.get_filesystem_class(protocol)._get_kwargs_from_urls(uri)
+        opts = {**found, **storage_options}
         opts.setdefault("skip_instance_cache", True)
         opts.setdefault("connection_timeout", options.connect_timeout)
         opts.setdefault("read_timeout", options.read_timeout)
