@@ -153,6 +153,8 @@ def test_a_missing_container_is_named_with_what_to_check(azurite: Azurite) -> No
         store.check_root,
         lambda: store.get("versions.json"),
         lambda: store.list_keys(),
+        lambda: store.put_if_match("versions.json", b"{}", None),
+        lambda: store.put_if_absent("manifests/a.json", b"{}"),
     ):
         with pytest.raises(StoreError) as info:
             attempt()

@@ -181,6 +181,8 @@ class AzureBackend(FsspecBackend):
         try:
             out = self._upload(key, data, **cond)
         except (FileExistsError, PreconditionFailed, FileNotFoundError) as e:
+            if self.missing_root(e) is not None:
+                raise
             clear_frames(e)
             raise PreconditionFailed(
                 f"{self.path(key)} changed under us (expected ETag {etag})"
