@@ -16,10 +16,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
 	touch $@
 
+# Azurite (Azure Blob Storage for the tests) is an npm package: installed into .azurite/
+# (git-ignored), found there by cloudckpt.testing.local_azure. Needs node and npm.
+AZURITE_VERSION ?= 3.37.0
+AZURITE := .azurite/node_modules/.bin/azurite-blob
+$(AZURITE):
+	npm install --prefix .azurite --no-audit --no-fund --silent azurite@$(AZURITE_VERSION)
+
 # Two workers (one per core here), each test file on one worker: its servers and
 # module fixtures stay together. `make test PYTEST_ARGS=` runs it in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
-test: $(STAMP)
+test: $(STAMP) $(AZURITE)
 	$(BIN)/ruff check cloudckpt tests examples benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -62,6 +69,7 @@ lock:
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info site
+	rm -rf .azurite
 
 # Committers, gc, repair and retention in many processes through injected S3 faults, then
 # a history check (~6 min; CONCURRENCY_ARGS="--seconds 60" for a look).

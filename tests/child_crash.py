@@ -6,8 +6,9 @@ Reads one JSON scenario per line on stdin, answers one JSON line per scenario:
 
 A scenario: ``{"uri", "env", "action": "commit"|"collect", "point": [what, n, "before"|
 "after"] or null, "after_seconds": float or null}``. ``what`` names a store call
-(``put``, ``put_if_absent``, ``put_if_match``, ``read_versioned``, ``delete``) or an S3
-multipart call (``create_multipart_upload``, ``upload_part``, ``complete_multipart_upload``).
+(``put``, ``put_if_absent``, ``put_if_match``, ``read_versioned``, ``delete``), an S3
+multipart call (``create_multipart_upload``, ``upload_part``, ``complete_multipart_upload``)
+or an Azure block call (``stage_block``, ``commit_block_list``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from processes import wait_forked
 import cloudckpt.store.s3_multipart as multipart
 from cloudckpt import Repo, RepoOptions, TransferOptions
 from cloudckpt.store import Store, StoreOptions
+from cloudckpt.store.azure import AzureBackend
 
 MiB = 1 << 20
 OPTIONS = RepoOptions(
@@ -33,6 +35,7 @@ OPTIONS = RepoOptions(
     store=StoreOptions(part_size=5 * MiB),
 )
 STORE_CALLS = ("put", "put_if_absent", "put_if_match", "read_versioned", "delete")
+AZURE_BLOCK_CALLS = ("stage_block", "commit_block_list")
 
 
 def state(step: int) -> dict[str, Any]:
@@ -70,6 +73,8 @@ def _install(point: list[Any]) -> None:
 
     for name in STORE_CALLS:
         setattr(Store, name, wrap(name, getattr(Store, name)))
+    for name in AZURE_BLOCK_CALLS:
+        setattr(AzureBackend, name, wrap(name, getattr(AzureBackend, name)))
     raw = multipart._s3
 
     def s3(fs: Any, method: str, *args: Any, **kwargs: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import pytest
 
+from cloudckpt.testing.local_azure import Azurite
 from cloudckpt.testing.local_gcs import FakeGCS
 from cloudckpt.testing.local_s3 import MotoServer, SeaweedFS
 
@@ -36,9 +37,15 @@ def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGCS]:
         yield srv
 
 
-#: The fixture of each kind of store served by a local server.
-SERVERS = {"moto": "moto_server", "seaweedfs": "seaweedfs", "gcs": "fake_gcs"}
-BACKENDS = ["memory", "file", "moto", "seaweedfs", "gcs"]
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    with Azurite(tmp_path_factory.mktemp("azurite")) as srv:
+        yield srv
+
+
+#: The servers behind the remote kinds of ``make_root``: kind -> session fixture.
+SERVERS = {"moto": "moto_server", "seaweedfs": "seaweedfs", "gcs": "fake_gcs", "azurite": "azurite"}
+BACKENDS = ["memory", "file", "moto", "seaweedfs", "gcs", "azurite"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -47,9 +54,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[st
     return make_root(request, request.param, tmp_path)
 
 
-@pytest.fixture(params=["file", "seaweedfs", "gcs"])
+@pytest.fixture(params=["file", "seaweedfs", "gcs", "azurite"])
 def root(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
-    """(uri, storage_options) of an empty repository on local files, SeaweedFS and GCS."""
+    """(uri, storage_options) of an empty repository on local files, SeaweedFS, GCS and
+    Azurite."""
     return make_root(request, request.param, tmp_path)
 
 

@@ -168,6 +168,8 @@ def child_env(request: pytest.FixtureRequest, root: tuple[str, dict[str, Any]]) 
         env.update(request.getfixturevalue("seaweedfs").env())
     if root[0].startswith("gs://"):
         env.update(request.getfixturevalue("fake_gcs").env())
+    if root[0].startswith("az://"):
+        env.update(request.getfixturevalue("azurite").env())
     return env
 
 

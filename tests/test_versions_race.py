@@ -16,7 +16,7 @@ CHILD = str(Path(__file__).with_name("child_hammer.py"))
 N = 8
 
 
-@pytest.mark.parametrize("server", ["moto_server", "seaweedfs", "fake_gcs"])
+@pytest.mark.parametrize("server", ["moto_server", "seaweedfs", "fake_gcs", "azurite"])
 def test_two_processes_racing_on_one_branch_lose_nothing(server, request) -> None:
     srv = request.getfixturevalue(server)
     uri = srv.fresh_uri("race")

@@ -41,6 +41,9 @@ BACKENDS: dict[str, str] = {
     "file": "cloudckpt.store.local:LocalBackend",
     "local": "cloudckpt.store.local:LocalBackend",
     "memory": "cloudckpt.store.memory:MemoryBackend",
+    "az": "cloudckpt.store.azure:AzureBackend",
+    "abfs": "cloudckpt.store.azure:AzureBackend",
+    "abfss": "cloudckpt.store.azure:AzureBackend",
 }
 #: Any other scheme fsspec knows: conditional writes hold only within this process.
 FALLBACK = "cloudckpt.store.fsspec_generic:SingleWriterBackend"

@@ -93,8 +93,8 @@ class ScheduleResult:
 @contextlib.contextmanager
 def fresh_uri(backend: str) -> Iterator[str]:
     """An empty repository root: ``memory://`` (a fresh uuid path), ``file://``, or a
-    fresh prefix under ``backend`` when it is a URI (a server's root, as ``gs://bucket``:
-    its endpoint comes from the environment)."""
+    fresh prefix under ``backend`` when it is a remote root URI (``gs://bucket``,
+    ``az://container/prefix``: its endpoint and credentials in the environment)."""
     if backend == "memory":
         uri = f"memory://cloudckpt-schedules/{uuid.uuid4().hex}"
         try:
