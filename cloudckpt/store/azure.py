@@ -20,7 +20,7 @@ from fsspec.asyn import sync
 
 from cloudckpt import redact
 from cloudckpt.errors import PreconditionFailed, StoreError
-from cloudckpt.store.backend import Buffer, ObjectInfo, RetriedCall, clear_frames
+from cloudckpt.store.backend import Buffer, ObjectInfo, RetriedCall, clear_frames, root_exists
 from cloudckpt.store.fsspec_generic import FsspecBackend
 from cloudckpt.store.options import StoreOptions
 
@@ -293,14 +293,9 @@ class AzureBackend(FsspecBackend):
 
         def _exists() -> bool:
             client = self.fs.service_client.get_container_client(self.container)
-            try:
-                self._sync(lambda: client.get_container_properties(**self._request))
-            except FileNotFoundError as e:
-                clear_frames(e)
-                return False
-            except PermissionError as e:  # not allowed to ask: the blob calls will tell
-                clear_frames(e)
-            return True
+            return root_exists(
+                lambda: self._sync(lambda: client.get_container_properties(**self._request))
+            )
 
         if not call("get-container", "", _exists):
             raise self._missing_container()

@@ -26,7 +26,15 @@ import xxhash
 from cloudckpt.errors import StoreError
 from cloudckpt.store.options import StoreOptions
 
-__all__ = ["BACKENDS", "Backend", "Buffer", "ObjectInfo", "RetriedCall", "open_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Buffer",
+    "ObjectInfo",
+    "RetriedCall",
+    "open_backend",
+    "root_exists",
+]
 
 T = TypeVar("T")
 Buffer = bytes | bytearray | memoryview
@@ -175,3 +183,17 @@ def clear_frames(exc: BaseException | None) -> None:
         seen.add(id(exc))
         traceback.clear_frames(exc.__traceback__)
         exc = exc.__cause__ or exc.__context__
+
+
+def root_exists(probe: Callable[[], object]) -> bool:
+    """Whether a bucket or container exists, by one request ``probe`` (for ``check_root``):
+    False if it says not found; True if it answers or may not ask (the object calls will
+    say what is wrong then)."""
+    try:
+        probe()
+    except FileNotFoundError as e:
+        clear_frames(e)
+        return False
+    except PermissionError as e:
+        clear_frames(e)
+    return True

@@ -27,7 +27,7 @@ from gcsfs.core import GCSFileSystem
 
 from cloudckpt import redact
 from cloudckpt.errors import PreconditionFailed, StoreError
-from cloudckpt.store.backend import Buffer, ObjectInfo, RetriedCall
+from cloudckpt.store.backend import Buffer, ObjectInfo, RetriedCall, root_exists
 from cloudckpt.store.fsspec_generic import FsspecBackend
 from cloudckpt.store.options import StoreOptions
 
@@ -284,13 +284,8 @@ class GCSBackend(FsspecBackend):
         url = f"{self.fs._location}/storage/v1/b/{urllib.parse.quote(self.bucket, safe='')}"
 
         def _get_bucket() -> bool:
-            try:
-                self._run(self._send, "GET", url, f"gs://{self.bucket}", {"fields": "name"})
-            except FileNotFoundError:
-                return False
-            except PermissionError:  # not allowed to ask: the object calls will tell
-                pass
-            return True
+            where = f"gs://{self.bucket}"
+            return root_exists(lambda: self._run(self._send, "GET", url, where, {"fields": "name"}))
 
         if not call("get-bucket", "", _get_bucket):
             raise self._missing_bucket()

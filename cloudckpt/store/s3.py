@@ -16,7 +16,7 @@ from fsspec.asyn import sync
 from cloudckpt import redact
 from cloudckpt.errors import PreconditionFailed, StoreError
 from cloudckpt.store import s3_multipart, s3_transport
-from cloudckpt.store.backend import Buffer, ObjectInfo, RetriedCall, clear_frames
+from cloudckpt.store.backend import Buffer, ObjectInfo, RetriedCall, clear_frames, root_exists
 from cloudckpt.store.fsspec_generic import FsspecBackend
 from cloudckpt.store.options import StoreOptions
 from cloudckpt.store.retry import error_code
@@ -170,14 +170,9 @@ class S3Backend(FsspecBackend):
         bucket = self.root.split("/", 1)[0]
 
         def _head_bucket() -> bool:
-            try:
-                sync(self.fs.loop, self.fs._call_s3, "head_bucket", Bucket=bucket)
-            except FileNotFoundError as e:
-                clear_frames(e)
-                return False
-            except PermissionError as e:  # not allowed to ask: the object calls will tell
-                clear_frames(e)
-            return True
+            return root_exists(
+                lambda: sync(self.fs.loop, self.fs._call_s3, "head_bucket", Bucket=bucket)
+            )
 
         if not call("head-bucket", "", _head_bucket):
             raise self._missing_bucket()

@@ -8,19 +8,15 @@ created, and stops its own process (by PID) on ``stop()`` or on exit of a ``with
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from cloudckpt.testing.local_s3 import HOST, free_port
+from cloudckpt.testing.local_s3 import HOST, _Server, free_port, serve
 
 #: Azurite's well-known development account (published in Azurite's documentation).
 ACCOUNT = "devstoreaccount1"
@@ -49,7 +45,7 @@ def azurite_binary() -> str:
     return found
 
 
-class Azurite:
+class Azurite(_Server):
     """``azurite-blob`` on a free loopback port, data in a temporary directory."""
 
     def __init__(
@@ -80,11 +76,6 @@ class Azurite:
         )
         self._shared_container: str | None = None
         self._wait_ready(timeout)
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it runs."""
-        return self._proc.pid if self._proc is not None else None
 
     @property
     def connection_string(self) -> str:
@@ -132,46 +123,11 @@ class Azurite:
             every = listing.list_blobs(name_starts_with=base, include=["uncommittedblobs"])
             return sorted(b.name for b in every if b.name not in committed)
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"azurite exited: {self._tail()}")
-            try:
-                self.create_bucket(f"ready-{uuid.uuid4().hex[:8]}")
-                return
-            except Exception as e:  # not ready yet: keep polling until the deadline
-                last = e
-                time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"azurite not ready after {timeout}s: {last}")
-
-    def _tail(self) -> str:
-        self._log.flush()
-        with open(self._log.name, "rb") as f:
-            return f.read()[-2000:].decode(errors="replace")
-
     def stop(self) -> None:
-        """Stop the server process (by its PID) and wait for it."""
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        self._log.close()
+        super().stop()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def __enter__(self) -> Azurite:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -182,16 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", help="data directory (default: a temporary one)")
     p.add_argument("--container", default="checkpoints", help="container to create")
     a = p.parse_args(argv)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with Azurite(a.dir) as server:
-        server.create_bucket(a.container)
-        print(f"# Azurite on {server.endpoint}; container az://{a.container}")
-        for name, value in server.env().items():
-            print(f"export {name}='{value}'")
-        print("# Ctrl-C stops it", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            done.wait()
+    serve(Azurite(a.dir), a.container, "az://", quote=True)
 
 
 if __name__ == "__main__":

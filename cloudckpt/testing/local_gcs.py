@@ -9,18 +9,15 @@ can be created, and stops its own process (by PID) on ``stop()`` or on exit of a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
 import subprocess
 import tempfile
-import threading
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-from cloudckpt.testing.local_s3 import HOST, _Server, free_port
+from cloudckpt.testing.local_s3 import HOST, _Server, free_port, serve
 
 
 def _binary() -> str:
@@ -112,16 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", help="data directory (default: a temporary one)")
     p.add_argument("--bucket", default="checkpoints", help="bucket to create")
     a = p.parse_args(argv)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with FakeGCS(a.dir) as server:
-        server.create_bucket(a.bucket)
-        print(f"# fake-gcs-server on {server.endpoint}; bucket gs://{a.bucket}")
-        for name, value in server.env().items():
-            print(f"export {name}={value}")
-        print("# Ctrl-C stops it", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            done.wait()
+    serve(FakeGCS(a.dir), a.bucket, "gs://")
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def _find_binary(name: str) -> str:
 
 
 class _Server:
-    """A child process serving S3 on ``self.endpoint``."""
+    """A child process serving an object store on ``self.endpoint`` (S3 by default)."""
 
     endpoint: str
     _proc: subprocess.Popen[bytes] | None = None
@@ -222,6 +222,21 @@ class MotoServer(_Server):
         self._wait_ready(timeout)
 
 
+def serve(server: _Server, bucket: str, scheme: str, *, quote: bool = False) -> None:
+    """Run ``server`` with ``bucket`` created until SIGTERM or Ctrl-C, printing the
+    environment that points a shell at it (``quote``: values with ``;`` in them)."""
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    with server:
+        server.create_bucket(bucket)
+        print(f"# {type(server).__name__} on {server.endpoint}; bucket {scheme}{bucket}")
+        for name, value in server.env().items():
+            print(f"export {name}='{value}'" if quote else f"export {name}={value}")
+        print("# Ctrl-C stops it", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            done.wait()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Serve a local S3 on 127.0.0.1 until interrupted (``infra/local-s3.sh``)."""
     p = argparse.ArgumentParser(
@@ -231,17 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", help="SeaweedFS data directory (default: a temporary one)")
     p.add_argument("--bucket", default="checkpoints", help="bucket to create")
     a = p.parse_args(argv)
-    server = MotoServer() if a.moto else SeaweedFS(a.dir)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    with server:
-        server.create_bucket(a.bucket)
-        print(f"# {type(server).__name__} on {server.endpoint}; bucket s3://{a.bucket}")
-        for name, value in server.env().items():
-            print(f"export {name}={value}")
-        print("# Ctrl-C stops it", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            done.wait()
+    serve(MotoServer() if a.moto else SeaweedFS(a.dir), a.bucket, "s3://")
 
 
 if __name__ == "__main__":
