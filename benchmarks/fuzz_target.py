@@ -213,9 +213,20 @@ def _expectations(dest: Path, repo_dir: Path, main: list[str], hf: list[str]) ->
 
 
 def _tensors(state: Any) -> dict[str, torch.Tensor]:
-    from cloudckpt.tree import tensors_by_path
+    """What a safetensors export holds: every tensor and numpy array, by dotted path."""
+    from cloudckpt.tree import map_arrays
 
-    return dict(sorted(tensors_by_path(state).items()))
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(value: Any, path: str) -> Any:
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if isinstance(value, torch.Tensor):
+            found[path] = value
+        return value
+
+    map_arrays(state, keep)
+    return dict(sorted(found.items()))
 
 
 def _restore(uri: str) -> tuple[Any, torch.nn.Module, torch.optim.Optimizer]:

@@ -79,7 +79,8 @@ def export(
 
     ``format``: by default the one the extension implies (``.safetensors``; ``.pt`` or
     ``.pth``: torch), else safetensors; ValueError if it contradicts the extension.
-    ``safetensors``: every tensor (or those ``keys`` select) by its dotted path.
+    ``safetensors``: every tensor and numpy array (or those ``keys`` select) by its dotted
+    path; two of one path are refused (UnsupportedState).
     ``torch``: the state itself, loadable with ``torch.load(f, weights_only=True)``.
     ``strip_prefix="model."`` writes ``model.wte.weight`` as ``wte.weight``: a flat
     state dict (in both formats) that ``load_state_dict`` and safetensors loaders take
