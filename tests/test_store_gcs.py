@@ -350,3 +350,13 @@ def test_a_dead_endpoint_is_reported_within_the_call_budget(fake_gcs: FakeGCS, m
         with pytest.raises(StoreError, match=f"endpoint {proxy.endpoint}"):
             store.put("blobs/a", b"x")
         assert time.monotonic() - started < 4 + 1 + 1  # the budget, one read timeout, slack
+
+
+def test_the_servers_client_sees_what_a_repository_stored(fake_gcs: Any) -> None:
+    uri = fake_gcs.fresh_uri("client")
+    store = Store(uri, fake_gcs.storage_options())
+    store.put("blobs/x", b"abc")
+    bucket, prefix = uri.removeprefix("gs://").split("/", 1)
+    blob = fake_gcs.client().bucket(bucket).blob(f"{prefix}/blobs/x")
+    assert blob.download_as_bytes() == b"abc"
+

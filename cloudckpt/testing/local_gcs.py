@@ -72,7 +72,16 @@ class FakeGCS(_Server):
         return {"STORAGE_EMULATOR_HOST": self.endpoint}
 
     def client(self) -> Any:
-        raise NotImplementedError("no S3 client for a GCS server")
+        """A ``google.cloud.storage.Client`` of this server (anonymous, as the emulator
+        takes any request)."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        return storage.Client(
+            project="cloudckpt-tests",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": self.endpoint},
+        )
 
     def fresh_uri(self, name: str = "run") -> str:
         """``gs://<bucket>/<name>-<random>``: a new, empty prefix in one shared bucket."""
