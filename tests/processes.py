@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 
 @contextmanager
@@ -43,3 +45,29 @@ def wait_forked(pid: int, timeout: float = 60) -> tuple[int, bool]:
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), False
+
+
+def infra_script(name: str, *args: str) -> subprocess.Popen:
+    """Start ``infra/<name>`` (a local server for users) with this interpreter."""
+    return subprocess.Popen(
+        ["bash", str(Path(__file__).resolve().parents[1] / "infra" / name), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
+
+
+def exported_env(proc: subprocess.Popen, timeout: float = 60) -> dict[str, str]:
+    """The ``export NAME=value`` lines an infra script prints before "# Ctrl-C"."""
+    assert proc.stdout is not None
+    env: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("export "):
+            name, value = line.removeprefix("export ").strip().split("=", 1)
+            env[name] = value.strip("'")
+        if line.startswith("# Ctrl-C") or not line:
+            break
+    return env

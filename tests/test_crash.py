@@ -153,19 +153,26 @@ def label(point: Any) -> str:
     return f"{point}s" if isinstance(point, float) else "-".join(map(str, point))
 
 
-@pytest.mark.parametrize("point", COMMIT_POINTS, ids=label)
-def test_commit_killed_at(point: Any, zygote: Any, seaweedfs: Any) -> None:
-    commit_killed_at(point, zygote, seaweedfs)
+#: (the server's fixture, a kill point) for each store the crash harness runs on.
+COMMIT_CASES = [
+    *(("seaweedfs", p) for p in COMMIT_POINTS),
+    *(("fake_gcs", p) for p in GCS_COMMIT_POINTS),
+    *(("azurite", p) for p in AZURE_COMMIT_POINTS),
+]
+COLLECT_CASES = [
+    *(("seaweedfs", p) for p in COLLECT_POINTS),
+    *(("fake_gcs", p) for p in COLLECT_POINTS),
+    *(("azurite", p) for p in AZURE_COLLECT_POINTS),
+]
 
 
-@pytest.mark.parametrize("point", GCS_COMMIT_POINTS, ids=label)
-def test_commit_killed_at_on_gcs(point: Any, zygote: Any, fake_gcs: Any) -> None:
-    commit_killed_at(point, zygote, fake_gcs)
+def case_id(case: Any) -> str:
+    return case if isinstance(case, str) else label(case)
 
 
-@pytest.mark.parametrize("point", AZURE_COMMIT_POINTS, ids=label)
-def test_commit_killed_on_azure_at(point: Any, zygote: Any, azurite: Any) -> None:
-    commit_killed_at(point, zygote, azurite)
+@pytest.mark.parametrize(("server", "point"), COMMIT_CASES, ids=case_id)
+def test_commit_killed_at(server: str, point: Any, zygote: Any, request: Any) -> None:
+    commit_killed_at(point, zygote, request.getfixturevalue(server))
 
 
 def commit_killed_at(point: Any, zygote: Any, server: Any) -> None:
@@ -185,19 +192,9 @@ def commit_killed_at(point: Any, zygote: Any, server: Any) -> None:
     assert_equal_state(repo.load(), state(3))
 
 
-@pytest.mark.parametrize("point", COLLECT_POINTS, ids=label)
-def test_collection_killed_at(point: Any, zygote: Any, seaweedfs: Any) -> None:
-    collection_killed_at(point, zygote, seaweedfs)
-
-
-@pytest.mark.parametrize("point", COLLECT_POINTS, ids=label)
-def test_collection_killed_at_on_gcs(point: Any, zygote: Any, fake_gcs: Any) -> None:
-    collection_killed_at(point, zygote, fake_gcs)
-
-
-@pytest.mark.parametrize("point", AZURE_COLLECT_POINTS, ids=label)
-def test_collection_killed_on_azure_at(point: Any, zygote: Any, azurite: Any) -> None:
-    collection_killed_at(point, zygote, azurite)
+@pytest.mark.parametrize(("server", "point"), COLLECT_CASES, ids=case_id)
+def test_collection_killed_at(server: str, point: Any, zygote: Any, request: Any) -> None:
+    collection_killed_at(point, zygote, request.getfixturevalue(server))
 
 
 def collection_killed_at(point: Any, zygote: Any, server: Any) -> None:

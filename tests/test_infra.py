@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from conftest import S3Requests
-from processes import reaped
+from processes import exported_env, infra_script, reaped
 
 from cloudckpt import Repo, RepoOptions, TransferOptions
 from cloudckpt.lease import WriterLease
@@ -94,24 +93,9 @@ def test_iam_policy_grants_exactly_what_the_store_calls(seaweedfs: Any) -> None:
 
 
 def test_local_s3_script_serves_until_stopped(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "infra" / "local-s3.sh"), "--moto"],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
+    proc = infra_script("local-s3.sh", "--moto")
     with reaped(proc):
-        assert proc.stdout is not None
-        env = {}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if line.startswith("export "):
-                name, value = line.removeprefix("export ").strip().split("=", 1)
-                env[name] = value
-            if line.startswith("# Ctrl-C"):
-                break
+        env = exported_env(proc)
         assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
         opts = {
             "endpoint_url": env["AWS_ENDPOINT_URL"],

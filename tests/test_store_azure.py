@@ -6,17 +6,14 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import subprocess
-import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from azure.core.exceptions import HttpResponseError, ServiceRequestError
-from processes import reaped
+from processes import exported_env, infra_script, reaped
 
 from cloudckpt import Repo
 from cloudckpt.errors import PreconditionFailed, StoreError
@@ -201,24 +198,9 @@ def test_gc_discards_the_blocks_of_an_abandoned_upload_and_keeps_committed_blobs
 
 
 def test_the_local_azure_script_serves_until_stopped() -> None:
-    proc = subprocess.Popen(
-        ["bash", str(Path(__file__).parents[1] / "infra" / "local-azure.sh")],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
+    proc = infra_script("local-azure.sh")
     with reaped(proc):
-        assert proc.stdout is not None
-        env = {}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if line.startswith("export "):
-                name, value = line.removeprefix("export ").strip().split("=", 1)
-                env[name] = value.strip("'")
-            if line.startswith("# Ctrl-C"):
-                break
+        env = exported_env(proc)
         conn = env["AZURE_STORAGE_CONNECTION_STRING"]
         assert "BlobEndpoint=http://127.0.0.1:" in conn
         repo = Repo("az://checkpoints/runs/x", {"connection_string": conn})

@@ -9,21 +9,18 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from google.oauth2.credentials import Credentials
 from http_servers import serving
-from processes import reaped
+from processes import exported_env, infra_script, reaped
 from tcp_proxy import REFUSE, SILENT, DyingEndpoint
 
 from cloudckpt import Repo
@@ -312,23 +309,9 @@ def _parts(size: int) -> StoreOptions:
 
 def test_local_gcs_script_serves_until_stopped() -> None:
     """``infra/local-gcs.sh``: what it prints to export is all a repository needs."""
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen(
-        ["bash", str(root / "infra" / "local-gcs.sh")],
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**os.environ, "PYTHON": sys.executable},
-    )
+    proc = infra_script("local-gcs.sh")
     with reaped(proc):
-        assert proc.stdout is not None
-        env = {}
-        for line in proc.stdout:
-            if line.startswith("export "):
-                name, value = line.removeprefix("export ").strip().split("=", 1)
-                env[name] = value
-            if line.startswith("# Ctrl-C"):
-                break
+        env = exported_env(proc)
         assert env["STORAGE_EMULATOR_HOST"].startswith("http://127.0.0.1:")
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("STORAGE_EMULATOR_HOST", env["STORAGE_EMULATOR_HOST"])
@@ -359,4 +342,3 @@ def test_the_servers_client_sees_what_a_repository_stored(fake_gcs: Any) -> None
     bucket, prefix = uri.removeprefix("gs://").split("/", 1)
     blob = fake_gcs.client().bucket(bucket).blob(f"{prefix}/blobs/x")
     assert blob.download_as_bytes() == b"abc"
-
