@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it.
 _WHERE: dict[str, str] = {
     "BackgroundSaver": "cloudckpt.background",
+    "BlobCache": "cloudckpt.blobs.cache",
+    "CacheOptions": "cloudckpt.blobs.cache",
     "Change": "cloudckpt.diff",
     "CheckpointManager": "cloudckpt.manager",
     "CheckpointNotFound": "cloudckpt.errors",
@@ -34,6 +36,7 @@ _WHERE: dict[str, str] = {
     "KeepEvery": "cloudckpt.policies",
     "KeepLast": "cloudckpt.policies",
     "LeaseHeld": "cloudckpt.errors",
+    "LocalTier": "cloudckpt.tiers.local",
     "Manifest": "cloudckpt.manifest",
     "Notice": "cloudckpt.preemption",
     "ObjectInfo": "cloudckpt.store",
@@ -68,6 +71,8 @@ _WHERE: dict[str, str] = {
 
 __all__ = [
     "BackgroundSaver",
+    "BlobCache",
+    "CacheOptions",
     "Change",
     "CheckpointManager",
     "CheckpointNotFound",
@@ -87,6 +92,7 @@ __all__ = [
     "KeepEvery",
     "KeepLast",
     "LeaseHeld",
+    "LocalTier",
     "Manifest",
     "Notice",
     "ObjectInfo",
@@ -136,6 +142,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from cloudckpt.background import BackgroundSaver, SaveJob
     from cloudckpt.blobs import TransferOptions, TransferStats
+    from cloudckpt.blobs.cache import BlobCache, CacheOptions
     from cloudckpt.diff import Change, Diff
     from cloudckpt.distributed.collectives import Group
     from cloudckpt.distributed.replicated import DistributedOptions
@@ -175,4 +182,5 @@ if TYPE_CHECKING:
     from cloudckpt.results import Resumed, SaveReport, StepResult
     from cloudckpt.resume import ResumableSampler
     from cloudckpt.store import ObjectInfo, RetryPolicy, Store, StoreOptions
+    from cloudckpt.tiers.local import LocalTier
     from cloudckpt.versions import Index, Sweep, Version

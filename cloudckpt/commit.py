@@ -31,6 +31,7 @@ from typing import Any
 
 from cloudckpt import codec, manifest, schema, versions
 from cloudckpt.blobs import BlobWriter, TransferOptions, TransferStats
+from cloudckpt.blobs.cache import BlobCache
 from cloudckpt.blobs.chunks import blob_key
 from cloudckpt.errors import CloudCkptError, CommitConflict, CorruptCheckpoint
 from cloudckpt.manifest import Manifest
@@ -113,9 +114,10 @@ class Transaction:
         transfer: TransferOptions,
         request: CommitRequest,
         start: Start | None = None,
+        cache: BlobCache | None = None,
     ) -> None:
         self.store, self.transfer, self.request = store, transfer, request
-        self.start = start
+        self.start, self.cache = start, cache
         self.t0 = time.perf_counter()
         self.known: dict[str, int] = {}
 
@@ -142,7 +144,7 @@ class Transaction:
 
     def writer(self) -> BlobWriter:
         """A blob writer that skips the parent's blobs (known to be stored)."""
-        return BlobWriter(self.store, self.transfer, self.known)
+        return BlobWriter(self.store, self.transfer, self.known, self.cache)
 
     def publish(
         self,

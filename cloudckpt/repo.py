@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from cloudckpt import fallback, integrity, manifest, refs, schema, tree, versions
 from cloudckpt.blobs import BlobReader, BlobWriter, TransferOptions, TransferStats
+from cloudckpt.blobs.cache import BlobCache, CacheOptions
 from cloudckpt.commit import CommitRequest, Transaction, new_version_id
 from cloudckpt.errors import CheckpointNotFound, CommitConflict
 from cloudckpt.gc import ABANDONED_AFTER, DEFAULT_GRACE, GCReport, collect
@@ -51,6 +52,8 @@ class RepoOptions:
 
     transfer: TransferOptions = field(default_factory=TransferOptions)
     store: StoreOptions = field(default_factory=StoreOptions)
+    #: A blob cache on this host: loads read what it holds instead of the store.
+    cache: CacheOptions | None = None
 
 
 class Repo:
@@ -69,6 +72,7 @@ class Repo:
     ) -> None:
         self.options = options or RepoOptions()
         self.store = Store(uri, storage_options, self.options.store)
+        self.cache = BlobCache(self.options.cache) if self.options.cache else None
         self.uri = self.store.uri
         self.last_stats: TransferStats | None = None
 
@@ -155,12 +159,12 @@ class Repo:
         request = CommitRequest(
             branch, step, dict(metrics or {}), message, dict(meta or {}), fast_forward, fence
         )
-        txn = Transaction(self.store, self.options.transfer, request).begin()
+        txn = Transaction(self.store, self.options.transfer, request, cache=self.cache).begin()
         entries, stats = txn.writer().write(leaves)
 
         def restore(missing: set[str]) -> None:
             known = {d: n for d, n in txn.known.items() if d not in missing}
-            BlobWriter(self.store, self.options.transfer, known).write(leaves)
+            BlobWriter(self.store, self.options.transfer, known, self.cache).write(leaves)
 
         version = txn.publish(skeleton, entries, stats, restore=restore)
         self.last_stats = stats
@@ -296,7 +300,7 @@ class Repo:
         return collect(self.store, grace, dry_run, abandoned_after=abandoned_after)
 
     def _reader(self) -> BlobReader:
-        return BlobReader(self.store, self.options.transfer)
+        return BlobReader(self.store, self.options.transfer, self.cache)
 
     # -- load ------------------------------------------------------------------------
     def load(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from cloudckpt import codec
+
 MiB = 1 << 20
 
 
@@ -32,6 +34,7 @@ class TransferOptions:
     workers: int = field(default_factory=_default_workers)
     compression_level: int = 1
     progress: bool = False
+    compress: bool = True
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1 or self.max_inflight_bytes < 1 or self.workers < 1:
@@ -48,3 +51,12 @@ class TransferStats:
     transferred_blobs: int = 0
     reused_blobs: int = 0
     seconds: float = 0.0
+
+
+def codec_for(
+    options: TransferOptions, dtype: str, itemsize: int, nbytes: int
+) -> codec.CodecChoice:
+    """The codec a blob of ``nbytes`` of ``dtype`` elements is stored with."""
+    if not options.compress:
+        return codec.CodecChoice(codec.RAW, 1)
+    return codec.choose(dtype, itemsize, nbytes)

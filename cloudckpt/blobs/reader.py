@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from cloudckpt import codec
 from cloudckpt.blobs.batch import CHARGE, Batch
+from cloudckpt.blobs.cache import BlobCache
 from cloudckpt.blobs.chunks import ChunkRef, blob_key, iter_chunks
 from cloudckpt.blobs.options import TransferOptions, TransferStats
 from cloudckpt.blobs.progress import Progress
@@ -42,23 +43,28 @@ def _fetches(targets: list[tuple[dict[str, Any], Any]]) -> dict[str, _Fetch]:
 
 
 class BlobReader:
-    """Downloads, decodes and verifies blobs into destination arrays."""
+    """Downloads, decodes and verifies blobs into destination arrays; with a ``cache``,
+    reads the blobs it holds from there and keeps those it downloads."""
 
-    def __init__(self, store: Store, options: TransferOptions) -> None:
+    def __init__(
+        self, store: Store, options: TransferOptions, cache: BlobCache | None = None
+    ) -> None:
         self.store = store
         self.options = options
+        self.cache = cache
         self.codec = codec.Codec(options.compression_level)
 
     def read(self, targets: list[tuple[dict[str, Any], Any]]) -> TransferStats:
         """Fill each ``(manifest entry, destination array)`` pair; returns the stats."""
-        return self._transfer(_fetches(targets), "load", errors=None)
+        return self._transfer(_fetches(targets), "load", errors=None, cache=self.cache)
 
     def verify(self, entries: list[dict[str, Any]]) -> tuple[TransferStats, dict[str, str]]:
         """Download, decompress and hash every blob the entries use, keeping nothing;
         returns the stats and blob key -> what is wrong with it, for each bad blob. A
         store that fails (StoreError) stops it: that is raised."""
         errors: dict[str, str] = {}
-        stats = self._transfer(_fetches([(e, None) for e in entries]), "verify", errors)
+        # The store's copies are what is verified: the cache is neither read nor filled.
+        stats = self._transfer(_fetches([(e, None) for e in entries]), "verify", errors, None)
         return stats, errors
 
     def check_sizes(self, entries: list[dict[str, Any]]) -> None:
@@ -77,6 +83,8 @@ class BlobReader:
             batch.results()
 
     def _check_size(self, fetch: _Fetch) -> None:
+        if self.cache is not None and self.cache.has(fetch.digest, fetch.size):
+            return  # read from the cache, checked by hash then; the store is the fallback
         key = blob_key(fetch.digest)
         where = f"{self.store.url(key)} (holding {fetch.parts[0][0]!r})"
         info = self.store.stat(key)
@@ -94,7 +102,11 @@ class BlobReader:
             )
 
     def _transfer(
-        self, fetches: dict[str, _Fetch], desc: str, errors: dict[str, str] | None
+        self,
+        fetches: dict[str, _Fetch],
+        desc: str,
+        errors: dict[str, str] | None,
+        cache: BlobCache | None,
     ) -> TransferStats:
         t0 = time.perf_counter()
         stats = TransferStats(
@@ -111,7 +123,7 @@ class BlobReader:
                 tolerate or (lambda e: False),
             ) as batch:
                 for digest, fetch in fetches.items():
-                    args = (fetch, batch, progress)
+                    args = (fetch, batch, progress, cache)
                     if not batch.submit(digest, CHARGE * fetch.size, self._load_blob, *args):
                         break
                 done = batch.results()
@@ -128,43 +140,81 @@ class BlobReader:
         stats.seconds = time.perf_counter() - t0
         return stats
 
-    def _load_blob(self, fetch: _Fetch, batch: Batch, progress: Progress) -> int:
-        import numpy as np
-
+    def _load_blob(
+        self, fetch: _Fetch, batch: Batch, progress: Progress, cache: BlobCache | None
+    ) -> int:
         try:
-            key = blob_key(fetch.digest)
-            path0 = fetch.parts[0][0]
-            where = f"{self.store.url(key)} (holding {path0!r})"
-            # Any encoding of the blob's bytes will do (writers with another dtype's codec
-            # or level may have stored it); decoding and the hash check the rest. Nothing
-            # past the longest such encoding is ever read.
-            limit = codec.max_stored(fetch.size)
-            try:
-                blob = self.store.get_buffer(key, limit)
-            except CheckpointNotFound:
-                raise CorruptCheckpoint(f"{where} is missing from the store") from None
-            except CorruptCheckpoint:
-                raise CorruptCheckpoint(
-                    f"{where}: more than {limit} bytes stored, more than any encoding of "
-                    f"its {fetch.size} bytes"
-                ) from None
+            _, dest, ref = fetch.parts[0]
+            direct = len(fetch.parts) == 1 and ref.size == fetch.size and dest is not None
+            if cache is not None and cache.has(fetch.digest, fetch.size):
+                with batch.gate.inside():  # the destination is the caller's
+                    raw = self._raw(fetch, direct)
+                    if cache.read_into(fetch.digest, raw):
+                        self._scatter(fetch, raw, direct)
+                        return 0
+            blob = self._get(fetch)
             with batch.gate.inside():  # the destination is the caller's: not after a failure
-                _, dest, ref = fetch.parts[0]
-                direct = len(fetch.parts) == 1 and ref.size == fetch.size and dest is not None
-                raw = _dest_bytes(dest, ref.offset, ref.size) if direct else None
-                if raw is None:
-                    raw = np.empty(fetch.size, dtype=np.uint8)
-                self.codec.decode_into(blob, raw, where)
-                if codec.content_hash(raw) != fetch.digest:
-                    raise CorruptCheckpoint(f"{where}: content does not match its hash")
-                for _, dest, ref in fetch.parts:
-                    if dest is not None and not (direct and _is_cpu(dest)):
-                        _copy_into(
-                            dest, ref.offset, raw[ref.blob_offset : ref.blob_offset + ref.size]
-                        )
+                raw = self._raw(fetch, direct)
+                self._decode(fetch, blob, raw)
+                self._scatter(fetch, raw, direct)
+                if cache is not None:
+                    cache.put(fetch.digest, raw)
             return len(blob)
         finally:
             progress.update(fetch.size)
+
+    def raw(self, digest: str, size: int) -> np.ndarray:
+        """The verified raw bytes of one blob (from the cache, else the store)."""
+        fetch = _Fetch(digest, 0, size)
+        raw = self._raw(fetch, direct=False)
+        if self.cache is not None and self.cache.read_into(digest, raw):
+            return raw
+        self._decode(fetch, self._get(fetch), raw)
+        return raw
+
+    def _where(self, fetch: _Fetch) -> str:
+        holding = f" (holding {fetch.parts[0][0]!r})" if fetch.parts else ""
+        return f"{self.store.url(blob_key(fetch.digest))}{holding}"
+
+    def _get(self, fetch: _Fetch) -> bytes | memoryview:
+        # Any encoding of the blob's bytes will do (writers with another dtype's codec
+        # or level may have stored it); decoding and the hash check the rest. Nothing
+        # past the longest such encoding is ever read.
+        limit = codec.max_stored(fetch.size)
+        try:
+            return self.store.get_buffer(blob_key(fetch.digest), limit)
+        except CheckpointNotFound:
+            raise CorruptCheckpoint(f"{self._where(fetch)} is missing from the store") from None
+        except CorruptCheckpoint:
+            raise CorruptCheckpoint(
+                f"{self._where(fetch)}: more than {limit} bytes stored, more than any "
+                f"encoding of its {fetch.size} bytes"
+            ) from None
+
+    @staticmethod
+    def _raw(fetch: _Fetch, direct: bool) -> np.ndarray:
+        """Where the blob's raw bytes go: the destination itself when it is the only
+        user and on the CPU, else a scratch array."""
+        import numpy as np
+
+        if direct:
+            _, dest, ref = fetch.parts[0]
+            raw = _dest_bytes(dest, ref.offset, ref.size)
+            if raw is not None:
+                return raw
+        return np.empty(fetch.size, dtype=np.uint8)
+
+    def _decode(self, fetch: _Fetch, blob: bytes | memoryview, raw: np.ndarray) -> None:
+        where = self._where(fetch)
+        self.codec.decode_into(blob, raw, where)
+        if codec.content_hash(raw) != fetch.digest:
+            raise CorruptCheckpoint(f"{where}: content does not match its hash")
+
+    @staticmethod
+    def _scatter(fetch: _Fetch, raw: np.ndarray, direct: bool) -> None:
+        for _, dest, ref in fetch.parts:
+            if dest is not None and not (direct and _is_cpu(dest)):
+                _copy_into(dest, ref.offset, raw[ref.blob_offset : ref.blob_offset + ref.size])
 
 
 def _is_cpu(dest: Any) -> bool:

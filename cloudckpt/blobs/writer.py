@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cloudckpt import codec
 from cloudckpt.blobs.batch import CHARGE, Batch
+from cloudckpt.blobs.cache import BlobCache
 from cloudckpt.blobs.chunks import blob_key
-from cloudckpt.blobs.options import TransferOptions, TransferStats
+from cloudckpt.blobs.options import TransferOptions, TransferStats, codec_for
 from cloudckpt.blobs.progress import Progress
 from cloudckpt.store import Store
 from cloudckpt.tree import Leaf
@@ -117,13 +118,19 @@ class BlobWriter:
 
     ``known`` maps blob hashes the store is known to hold (e.g. from the parent
     version's manifest) to their stored size; they are neither checked nor uploaded.
+    With a ``cache``, the raw bytes of every blob are kept there too.
     """
 
     def __init__(
-        self, store: Store, options: TransferOptions, known: dict[str, int] | None = None
+        self,
+        store: Store,
+        options: TransferOptions,
+        known: dict[str, int] | None = None,
+        cache: BlobCache | None = None,
     ) -> None:
         self.store = store
         self.options = options
+        self.cache = cache
         self.codec = codec.Codec(options.compression_level)
         self._known = dict(known or {})
         self._claims: dict[str, Future[int]] = {}
@@ -190,8 +197,10 @@ class BlobWriter:
                     import numpy as np
 
                     raw = np.concatenate([get(a, b) for get, a, b in parts])
-                choice = codec.choose(leaf.dtype, leaf.itemsize, raw.nbytes)
+                choice = codec_for(self.options, leaf.dtype, leaf.itemsize, raw.nbytes)
                 digest = codec.content_hash(raw)
+                if self.cache is not None:
+                    self.cache.put(digest, raw)
             with self._lock:
                 stored = self._known.get(digest)
                 claim = self._claims.get(digest) if stored is None else None

@@ -111,7 +111,8 @@ class CloudStorageReader(StorageReader):
                 if id(entry) not in needed:
                     needed[id(entry)] = (entry, load_into.allocate(entry, None))
         # Only the saved chunks this rank's plan needs, fetched in parallel.
-        BlobReader(self.repo.store, self.repo.options.transfer).read(list(needed.values()))
+        reader = BlobReader(self.repo.store, self.repo.options.transfer, self.repo.cache)
+        reader.read(list(needed.values()))
         for req in plan.items:
             stored = self._stored(req.storage_index)
             if req.type == LoadItemType.BYTE_IO:

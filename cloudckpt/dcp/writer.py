@@ -96,7 +96,9 @@ class CloudStorageWriter(StorageWriter):
             meta={"dcp": True, **self.meta},
             fence=self.fence,
         )
-        return Transaction(self.repo.store, self.repo.options.transfer, request)
+        return Transaction(
+            self.repo.store, self.repo.options.transfer, request, cache=self.repo.cache
+        )
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         # Another rank than the coordinator begins on its own and reports what it read;

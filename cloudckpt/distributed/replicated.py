@@ -102,7 +102,9 @@ def commit(
         meta["ranks"] = {"world": group.world, "write": "rank0"}
         published = group.from_rank0(lambda: dataclasses.asdict(on_rank0()), context=SAVE_FAILED)
     else:
-        txn = Transaction(repo.store, repo.options.transfer, CommitRequest(**kwargs))
+        txn = Transaction(
+            repo.store, repo.options.transfer, CommitRequest(**kwargs), cache=repo.cache
+        )
         save = _SpreadSave(txn, state, group, meta, lease, before_publish)
         # Rank 0 begins the transaction; every rank uploads against the parent it read,
         # and its publish knows when the uploads started (a garbage collection since then
@@ -198,7 +200,8 @@ def load(
         sizes = [_as_tensor(dest).nbytes for _, dest in targets]
         owner = [0] * len(targets) if options.read == "rank0" else shares(sizes, group.world)
         mine = [t for t, r in zip(targets, owner, strict=True) if r == group.rank]
-        stats = group.on_each_rank(lambda: BlobReader(repo.store, repo.options.transfer).read(mine))
+        reader = BlobReader(repo.store, repo.options.transfer, repo.cache)
+        stats = group.on_each_rank(lambda: reader.read(mine))
         for (_, dest), rank in zip(targets, owner, strict=True):
             group.broadcast_tensor(_as_tensor(dest), src=rank)
         return stats

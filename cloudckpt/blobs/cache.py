@@ -1,0 +1,195 @@
+"""A size-bounded directory of blobs on this host, keyed by content hash.
+
+Saves and loads put the raw (decoded) bytes of each blob they move here; a later load on
+the same host reads them from here instead of the store. Every read is checked against
+the hash that names the file, so a damaged or truncated file is a miss (and removed),
+never wrong data. Files are created whole (written under a temporary name, then renamed),
+so processes on one host may share a cache, and any file -- or the whole directory -- may
+be deleted at any time. The least recently used files go first once the cache is over
+``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cloudckpt import codec
+
+log = logging.getLogger("cloudckpt.cache")
+
+GiB = 1 << 30
+_TMP = ".tmp-"
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """Where the blob cache lives and how large it may grow (``max_bytes``; the least
+    recently used blobs are evicted past it)."""
+
+    path: str
+    max_bytes: int = 64 * GiB
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+
+
+class BlobCache:
+    """The blob cache at ``options.path`` (created on first use). Thread-safe, and safe
+    to share between processes."""
+
+    def __init__(self, options: CacheOptions) -> None:
+        self.options = options
+        self.root = os.path.abspath(os.path.expanduser(options.path))
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+        self._size: int | None = None  # bytes held, as last counted (other processes add)
+
+    def __repr__(self) -> str:
+        return f"BlobCache({self.root!r}, max_bytes={self.options.max_bytes})"
+
+    def path(self, digest: str) -> str:
+        return os.path.join(self.root, digest[:2], digest)
+
+    def has(self, digest: str, size: int) -> bool:
+        """Whether a file of ``size`` bytes is held for ``digest`` (not yet verified)."""
+        try:
+            return os.stat(self.path(digest)).st_size == size
+        except OSError:
+            return False
+
+    def read_into(self, digest: str, out: Any) -> bool:
+        """Fill ``out`` (a contiguous uint8 numpy array of the blob's raw size) from the
+        cache and check its hash; False (``out`` undefined) on a miss or a damaged file."""
+        path = self.path(digest)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                if os.fstat(f.fileno()).st_size != out.size:
+                    raise ValueError("size")
+                view = memoryview(out).cast("B")
+                got = 0
+                while got < out.size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise ValueError("truncated")
+                    got += n
+            if codec.content_hash(out) != digest:
+                raise ValueError("hash")
+        except FileNotFoundError:
+            self.misses += 1
+            return False
+        except (OSError, ValueError) as e:
+            log.warning("cache: %s is damaged (%s); dropping it", path, e)
+            self._remove(path)
+            self.misses += 1
+            return False
+        self._touch(path)
+        self.hits += 1
+        return True
+
+    def put(self, digest: str, raw: Any) -> None:
+        """Keep ``raw`` (a contiguous buffer whose hash is ``digest``) unless held
+        already. Never raises: a cache that cannot be written (disk full, read-only) only
+        logs."""
+        path = self.path(digest)
+        size = memoryview(raw).nbytes
+        if self.has(digest, size):
+            self._touch(path)
+            return
+        tmp = os.path.join(self.root, f"{_TMP}{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                view = memoryview(raw).cast("B")
+                done = 0
+                while done < size:
+                    done += os.write(fd, view[done:])
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cache: cannot keep %s (%s)", digest, e)
+            self._remove(tmp)
+            return
+        with self._lock:
+            if self._size is not None:
+                self._size += size
+            over = self._size is None or self._size > self.options.max_bytes
+        if over:
+            self.evict()
+
+    def evict(self) -> int:
+        """Delete the least recently used files until the cache holds at most
+        ``max_bytes`` (and temporary files a dead writer left); returns bytes freed."""
+        files: list[tuple[float, int, str]] = []
+        total = 0
+        try:
+            tops = list(os.scandir(self.root))
+        except FileNotFoundError:
+            tops = []
+        for top in tops:
+            if top.name.startswith(_TMP):
+                if _stale_tmp(top.path):
+                    self._remove(top.path)
+                continue
+            if not top.is_dir(follow_symlinks=False):
+                continue
+            try:
+                entries = list(os.scandir(top.path))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                files.append((st.st_mtime, st.st_size, entry.path))
+                total += st.st_size
+        freed = 0
+        if total > self.options.max_bytes:
+            for _, size, path in sorted(files):
+                if total - freed <= self.options.max_bytes:
+                    break
+                if self._remove(path):
+                    freed += size
+        with self._lock:
+            self._size = total - freed
+        return freed
+
+    def clear(self) -> None:
+        """Drop every blob held."""
+        import shutil
+
+        shutil.rmtree(self.root, ignore_errors=True)
+        with self._lock:
+            self._size = 0
+
+    @staticmethod
+    def _touch(path: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recency for LRU: atime is unreliable (noatime mounts)
+
+    @staticmethod
+    def _remove(path: str) -> bool:
+        try:
+            os.unlink(path)
+            return True
+        except OSError:
+            return False
+
+
+def _stale_tmp(path: str, age: float = 3600.0) -> bool:
+    import time
+
+    try:
+        return time.time() - os.stat(path).st_mtime > age
+    except OSError:
+        return False

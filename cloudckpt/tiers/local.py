@@ -1,0 +1,140 @@
+"""The local tier: a run's saves on this host's disk (NVMe or ``/dev/shm``), taken at
+their own cadence, uploaded to the bucket at a slower one.
+
+Each run (repository URI and branch) has a repository of its own under the tier's path,
+written by one process per host; blobs are stored uncompressed, so a local save costs a
+write of the state and a local restore a read. Nothing in it is visible to another host
+or to readers of the bucket: a version leaves the host only when it is uploaded (or sent
+to a peer, :mod:`cloudckpt.tiers.replicas`).
+
+Every local version records the bucket head it was saved on top of (``meta["tier"]``):
+a restore takes a local version only if the bucket's branch has not moved since, so a
+host never resumes a run from its own stale lineage after another host went on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudckpt.blobs import BlobReader, TransferOptions
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint
+from cloudckpt.manifest import Manifest
+from cloudckpt.repo import Repo, RepoOptions
+from cloudckpt.tiers.copy import BlobSource
+from cloudckpt.versions import Version
+
+log = logging.getLogger("cloudckpt.tiers")
+
+#: The key of a local version's tier record in its meta.
+TIER_KEY = "tier"
+
+
+@dataclass(frozen=True)
+class LocalTier:
+    """Where and how often a :class:`~cloudckpt.CheckpointManager` saves on this host.
+
+    ``every_steps``: a local save every that many steps (the manager's own save
+    policies say when a save also goes to the bucket; a bucket save is taken locally
+    first and uploaded from there). ``keep``: local versions kept. ``host``: this host's
+    id (several processes of one host share it; hosts differ). ``replicas``: in a job
+    spanning hosts, send each local save to a partner host too. ``transfer``: how local
+    blobs are written (uncompressed by default).
+    """
+
+    path: str
+    every_steps: int = 1
+    keep: int = 2
+    host: str = field(default_factory=socket.gethostname)
+    replicas: bool = True
+    transfer: TransferOptions = field(default_factory=lambda: TransferOptions(compress=False))
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.keep < 1:
+            raise ValueError("every_steps and keep must be at least 1")
+
+    def due(self, step: int) -> bool:
+        """Whether ``step`` is a local save."""
+        return step % self.every_steps == 0
+
+
+def run_dir(root: str, uri: str, branch: str) -> str:
+    """The directory of one run's local repository under a tier's ``root``."""
+    name = hashlib.sha256(f"{uri}\0{branch}".encode()).hexdigest()[:16]
+    return os.path.join(os.path.abspath(os.path.expanduser(root)), name)
+
+
+class HostTier:
+    """One run's local repository on this host (and the peers' replicas it keeps)."""
+
+    def __init__(self, tier: LocalTier, uri: str, branch: str) -> None:
+        self.tier, self.branch = tier, branch
+        self.root = run_dir(tier.path, uri, branch)
+        self.repo = Repo(f"file://{self.root}", options=RepoOptions(transfer=tier.transfer))
+
+    def __repr__(self) -> str:
+        return f"HostTier({self.root!r}, branch={self.branch!r})"
+
+    def commit(
+        self,
+        state: Any,
+        step: int,
+        metrics: dict[str, float],
+        meta: dict[str, Any],
+        bucket_head: str | None,
+    ) -> Version:
+        """Save ``state`` locally (on top of ``bucket_head``, the bucket branch's head);
+        drops local versions past ``keep``."""
+        meta = {**meta, TIER_KEY: {"host": self.tier.host, "bucket_head": bucket_head}}
+        version = self.repo.commit(
+            state, branch=self.branch, step=step, metrics=metrics, meta=meta, fast_forward=True
+        )
+        self.prune()
+        return version
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` local versions; their data goes at once (nothing
+        else writes this repository)."""
+        try:
+            mine = self.versions()
+            doomed = [v.id for v in mine[self.tier.keep :]]
+            if doomed:
+                self.repo.delete(doomed, branch=self.branch)
+                self.repo.gc(grace=0)
+        except CloudCkptError as e:  # the local save landed; the next one prunes
+            log.warning("pruning the local tier %s failed: %s", self.root, e)
+
+    def versions(self) -> list[Version]:
+        """This run's local versions, newest step first (none if the tier is empty)."""
+        try:
+            index = self.repo.index()
+        except CheckpointNotFound:
+            return []
+        mine = [v for v in index.versions.values() if v.branch == self.branch]
+        return sorted(mine, key=lambda v: (v.step or 0, v.created), reverse=True)
+
+    def candidates(self, bucket_head: str | None) -> list[Version]:
+        """Local versions a restore may take: saved on top of the bucket's current head
+        ``bucket_head`` (newest first)."""
+        return [v for v in self.versions() if based_on(v) == bucket_head]
+
+    def manifest(self, version: Version) -> Manifest:
+        return self.repo.manifest(version)
+
+    def source(self) -> BlobSource:
+        """Reads a local blob's raw bytes by hash, checked (CorruptCheckpoint if not)."""
+        reader = BlobReader(self.repo.store, self.repo.options.transfer)
+        return reader.raw
+
+
+def based_on(version: Version) -> str | None:
+    """The bucket head a local version was saved on top of."""
+    record = version.meta.get(TIER_KEY)
+    if not isinstance(record, dict):
+        raise CorruptCheckpoint(f"local version {version.id} has no tier record")
+    head = record.get("bucket_head")
+    return head if isinstance(head, str) else None
