@@ -33,17 +33,20 @@ class SaveJob:
     started: float
     #: Seconds the training loop was blocked (the snapshot); None for a synchronous save.
     blocked: float | None = None
+    #: False: a save to the local tier only (see :class:`~cloudckpt.LocalTier`).
+    to_bucket: bool = True
 
     def report(self, version: Version) -> SaveReport:
         """What the committed save cost, logged at INFO."""
         seconds = time.perf_counter() - self.started
         blocked = seconds if self.blocked is None else self.blocked
         log.info(
-            "saved step %d (%s) as %s: %.1f MB logical, %.1f MB stored, %.1f MB uploaded, "
+            "saved step %d (%s) as %s%s: %.1f MB logical, %.1f MB stored, %.1f MB uploaded, "
             "%.2fs, training blocked %.2fs",
             self.step,
             self.reason,
             version.id,
+            "" if self.to_bucket else " in the local tier",
             version.logical_bytes / 1e6,
             version.stored_bytes / 1e6,
             version.uploaded_bytes / 1e6,
@@ -58,6 +61,7 @@ class SaveJob:
             version.uploaded_bytes,
             seconds,
             blocked,
+            "bucket" if self.to_bucket else "local",
         )
 
 

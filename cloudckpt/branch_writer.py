@@ -3,6 +3,7 @@ on a process group of their own, the head all ranks agree on, and pruning."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -89,16 +90,19 @@ class BranchWriter:
         """Load version ``vid`` into ``into`` on every rank (see ``distributed``)."""
         return replicated.load(self.repo, vid, self.group, self.distributed, into=into)
 
-    def load_newest_good(
+    def restore(
         self,
-        head_id: str,
+        head_id: str | None,
         index: Index,
         into: dict[str, Any],
         apply: Callable[[Version, Any], None],
-    ) -> tuple[Version, dict[str, str]]:
+    ) -> tuple[Version | None, Version | None, dict[str, str]]:
         """Load the newest version of ``head_id``'s lineage that verifies into ``into``
         and ``apply`` it (which raises CorruptCheckpoint if it does not fit): that
-        version, and version id -> why not for each newer one passed over (logged)."""
+        version (twice: loaded, and the bucket's; None if there is no head), and version
+        id -> why not for each newer one passed over (logged)."""
+        if head_id is None:
+            return None, None, {}
 
         def attempt(candidate: Version) -> None:
             apply(candidate, self.load(candidate.id, into))
@@ -106,7 +110,7 @@ class BranchWriter:
         head = self.repo.resolve(head_id, index)
         where = f"{self.repo.uri} branch {self.branch!r}"
         version, _, skipped = fallback.first_good(versions.lineage(index, head.id), attempt, where)
-        return version, skipped
+        return version, version, skipped
 
     def commit(
         self, state: Any, step: int, metrics: dict[str, float], meta: dict[str, Any]
@@ -126,6 +130,27 @@ class BranchWriter:
             meta=meta,
             lease=self.lease if rank == 0 else None,
             before_publish=self._check_lease,
+        )
+
+    def publish_from_rank0(
+        self, publish: Callable[[int | None, Callable[[], None]], Version]
+    ) -> Version:
+        """``publish(fence, check_lease)`` on rank 0 alone (it commits to the branch, the
+        lease's fencing token with it, checking the lease right before publishing); its
+        version on every rank, or its error raised on every rank."""
+        group = self.group  # creates both groups on first use
+        assert self._commit_group is not None
+
+        def on_rank0() -> Version:
+            self.hold_lease()
+            return publish(self.lease.fence if self.lease is not None else None, self._check_lease)
+
+        if not group.distributed:
+            return on_rank0()
+        return Version.from_dict(
+            self._commit_group.from_rank0(
+                lambda: dataclasses.asdict(on_rank0()), context=replicated.SAVE_FAILED
+            )
         )
 
     def prune(self, policies: Policies, resumed_from: str | None) -> None:

@@ -39,8 +39,10 @@ from cloudckpt.policies import (
 from cloudckpt.preemption import PreemptionWatcher, final_save
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.results import Resumed, SaveReport, StepResult
-from cloudckpt.resume import META_KEY, RunRecord
+from cloudckpt.resume import META_KEY, RunRecord, registered
 from cloudckpt.saving import Saves
+from cloudckpt.tiered import TieredSaves
+from cloudckpt.tiers.local import LocalTier
 from cloudckpt.versions import Version
 
 log = logging.getLogger("cloudckpt")
@@ -81,6 +83,9 @@ class CheckpointManager:
     brings every rank to the same final save. The state is taken as replicated (DDP);
     ``distributed`` says how the ranks share writing and reading it. Sharded state
     (FSDP, DTensor) goes through :mod:`cloudckpt.dcp` instead.
+
+    ``local`` (a path or a :class:`LocalTier`): saves land on this host first, bucket
+    saves upload from there, ``restore()`` takes the newest complete version of either.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class CheckpointManager:
         save_failures: SaveFailures | None = None,
         distributed: DistributedOptions | None = None,
         options: RepoOptions | None = None,
+        local: str | LocalTier | None = None,
     ) -> None:
         self.repo = Repo(uri, storage_options, options=options)
         self.branch, self.clock, self.new_branch = branch, clock, new_branch
@@ -144,6 +150,8 @@ class CheckpointManager:
         #: What went wrong since the last save (fallbacks, rollbacks, failed saves),
         #: recorded in the next save's metadata.
         self._events: list[dict[str, Any]] = []
+        tier = LocalTier(local) if isinstance(local, str) else local
+        self.tiers = TieredSaves(tier, self._writer) if tier is not None else None
         self._saves = Saves(
             self._writer,
             self.save_failures,
@@ -152,6 +160,7 @@ class CheckpointManager:
             clock=clock,
             events=self._events,
             after_commit=lambda: self._prune(),  # looked up per call: tests slow it down
+            tiers=self.tiers,
         )
         self._owns_watcher = preemption is True
         self.preemption = PreemptionWatcher().start() if preemption is True else preemption or None
@@ -197,30 +206,27 @@ class CheckpointManager:
         If the newest version fails verification, the next older one on the branch is
         tried, and so on; each fallback is logged.
         """
-        for name, obj in objects.items():
-            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-                raise TypeError(f"{name}: {type(obj).__name__} has no state_dict/load_state_dict")
-        if META_KEY in objects:
-            raise ValueError(f"{META_KEY!r} is reserved")
-        self.objects = dict(objects)
+        self.objects = registered(objects)
         self.extra = extra
         head_id = self._writer.head_holding_lease()
         started = self.clock()
         self.history = RunHistory(started)
         index = self.repo.index()
-        if head_id is None:
+        tiers = self.tiers or self._writer  # the bucket alone without a local tier
+        loaded, bucket, skipped = tiers.restore(head_id, index, self.objects, self._apply)
+        if loaded is None:
             self._writer.check_new_branch(index, self.new_branch)
             log.info("no checkpoint on %s@%s: fresh run", self.repo.uri, self.branch)
             self._completed.mark(0, self.objects)
             return Resumed(extra=extra)
-        version, skipped = self._writer.load_newest_good(head_id, index, self.objects, self._apply)
+        self._saves.committed_step = bucket.step if bucket is not None else None
         for vid, error in skipped.items():
             self._events.append({"action": "fallback", "bad_version": vid, "error": error})
-        self.resumed_from = version.id
+        self.resumed_from = bucket.id if bucket is not None else None
         self.history = RunHistory.resumed(self._writer.versions(index), started)
-        log.info("resumed %s from %s (step %d)", self.repo.uri, version.id, self.step_count)
+        log.info("resumed %s from %s (step %d)", self.repo.uri, loaded.id, self.step_count)
         return Resumed(
-            self.step_count, self.epoch, dict(version.metrics), self.extra, version, skipped
+            self.step_count, self.epoch, dict(loaded.metrics), self.extra, loaded, skipped
         )
 
     def _apply(self, version: Version, state: Any) -> None:
@@ -275,12 +281,14 @@ class CheckpointManager:
         self._completed.mark(self.step_count, self.objects)
         if decision.preempted and not self.preempted:
             return StepResult(self.step_count, saved=self._final_save(), preempted=True)
-        if not decision.reasons:
+        local = self.tiers is not None and self.tiers.tier.due(self.step_count)
+        if not decision.reasons and not local:
             return StepResult(self.step_count)
         busy = decision.busy if self.group.distributed else None
         before = background.inflight
+        reason, bucket = "; ".join(decision.reasons) or "local tier", bool(decision.reasons)
         try:
-            report = self._save("; ".join(decision.reasons), values, None, None, busy)
+            report = self._save(reason, values, None, None, busy, bucket)
         except StoreError as e:
             return StepResult(self.step_count, save_error=self._saves.failed(e, self.step_count))
         started = report is None and background.inflight not in (None, before)
@@ -305,7 +313,7 @@ class CheckpointManager:
         every save: the ranks agree on whether one is in flight.
         """
         busy = self._saves.agreed_busy(self.step_count)
-        return self._save(reason, metrics, sync, meta, busy)
+        return self._save(reason, metrics, sync, meta, busy, True)
 
     def _save(
         self,
@@ -314,9 +322,10 @@ class CheckpointManager:
         sync: bool | None,
         meta: Mapping[str, Any] | None,
         busy: bool | None,
+        to_bucket: bool,
     ) -> SaveReport | None:
         """``save`` once the ranks agreed whether a save is in flight on any (``busy``;
-        None: one process, ask this one)."""
+        None: one process, ask this one); ``to_bucket`` False: the local tier only."""
         t0 = time.perf_counter()
         if not self._saves.make_room(busy, self.step_count, sync):
             log.info("step %d: a save is still uploading; skipping this one", self.step_count)
@@ -325,8 +334,10 @@ class CheckpointManager:
         resources = self.health.before_save(self.repo.uri) if self.health else {}
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
         state[META_KEY] = RunRecord(self.step_count, self.epoch, self.extra).dump()
-        self.history.record(SavePoint(self.step_count, values, self.clock()))
+        if to_bucket:
+            self.history.record(SavePoint(self.step_count, values, self.clock()))
         job = SaveJob(reason, self.step_count, values, {"resources": resources, **(meta or {})}, t0)
+        job.to_bucket = to_bucket
         return self._saves.start(state, job, sync)
 
     def _prune(self) -> None:
@@ -391,18 +402,14 @@ class CheckpointManager:
 
     def _save_after(self, exc: BaseException) -> None:
         """Save on exception: only a state that is exactly a completed step's."""
-        try:
-            self.wait()
-        except Exception as background:
-            log.error("the save in flight failed too: %s", background)
         rank = self.group.rank if self.group.distributed else None
-        if not self.objects or not self._completed.save_after(
-            exc, self.objects, self.step_count, self.committed_step, rank
-        ):
-            return
-        name = type(exc).__name__
-        try:
-            self._events.append({"action": "save_on_exception", "exception": repr(exc)[:500]})
-            self.save(f"exception: {name}", sync=True)
-        except Exception as save_error:
-            log.error("saving after %s failed: %s", name, save_error)
+        self._saves.save_after(
+            exc,
+            lambda: (
+                bool(self.objects)
+                and self._completed.save_after(
+                    exc, self.objects, self.step_count, self.committed_step, rank
+                )
+            ),
+            functools.partial(self.save, sync=True),
+        )

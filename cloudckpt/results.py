@@ -37,6 +37,9 @@ class SaveReport:
     uploaded_bytes: int
     seconds: float
     blocked_seconds: float
+    #: Where it went: ``"bucket"`` (uploaded from the local tier if there is one) or
+    #: ``"local"`` (the local tier only: ``version`` is not in the bucket).
+    tier: str = "bucket"
 
 
 @dataclass(frozen=True)

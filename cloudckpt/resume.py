@@ -165,3 +165,14 @@ def python_rng_untouched() -> Iterator[None]:
         yield
     finally:
         random.setstate(state)
+
+
+def registered(objects: dict[str, Any]) -> dict[str, Any]:
+    """The objects a manager checkpoints, checked: each has ``state_dict`` and
+    ``load_state_dict``, and none takes the name of the run's own record."""
+    for name, obj in objects.items():
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(f"{name}: {type(obj).__name__} has no state_dict/load_state_dict")
+    if META_KEY in objects:
+        raise ValueError(f"{META_KEY!r} is reserved")
+    return dict(objects)

@@ -16,6 +16,7 @@ from cloudckpt.errors import CloudCkptError, StoreError
 from cloudckpt.policies import FailedSaves, SaveFailures
 from cloudckpt.results import SaveReport
 from cloudckpt.resume import python_rng_untouched
+from cloudckpt.tiered import TieredSaves
 
 log = logging.getLogger("cloudckpt")
 
@@ -35,12 +36,17 @@ class Saves:
         clock: Callable[[], float],
         events: list[dict[str, Any]],
         after_commit: Callable[[], None],
+        tiers: TieredSaves | None = None,
     ) -> None:
         self.writer, self.async_save, self.clock = writer, async_save, clock
-        self.background = BackgroundSaver[SaveReport]("cloudckpt-async-save", when_busy)
+        #: The local tier, if the manager has one: saves land there first.
+        self.tiers = tiers
+        self.background = BackgroundSaver[SaveReport | None]("cloudckpt-async-save", when_busy)
         self.failures = FailedSaves(failures, clock())
         self.events, self.after_commit = events, after_commit
         self.last_save: SaveReport | None = None
+        #: The newest save to the local tier only (None on ranks that do not write it).
+        self.last_local_save: SaveReport | None = None
         #: The step of the newest version committed or resumed from.
         self.committed_step: int | None = None
 
@@ -80,9 +86,17 @@ class Saves:
         log.debug("step %d: snapshot in %.3fs, uploading in the background", job.step, job.blocked)
         return None
 
-    def commit(self, state: Any, job: SaveJob) -> SaveReport:
+    def commit(self, state: Any, job: SaveJob) -> SaveReport | None:
         with python_rng_untouched():
-            version = self.writer.commit(state, job.step, job.metrics, job.meta)
+            if self.tiers is None:
+                version = self.writer.commit(state, job.step, job.metrics, job.meta)
+            else:
+                landed = self.tiers.commit(state, job)
+                if not job.to_bucket:
+                    self.last_local_save = job.report(landed) if landed is not None else None
+                    return self.last_local_save
+                assert landed is not None  # a bucket save: its version on every rank
+                version = landed
             if self.writer.group.rank == 0:
                 try:
                     self.after_commit()
@@ -124,3 +138,22 @@ class Saves:
 
     def close(self) -> None:
         self.background.close()
+
+    def save_after(
+        self, exc: BaseException, worth_saving: Callable[[], bool], save: Callable[[str], Any]
+    ) -> None:
+        """After the training loop raised ``exc``: let the save in flight land, then
+        ``save`` if ``worth_saving()`` (a completed step's state, not yet committed);
+        errors are logged, the loop's own exception matters more."""
+        try:
+            self.wait()
+        except Exception as background:
+            log.error("the save in flight failed too: %s", background)
+        if not worth_saving():
+            return
+        name = type(exc).__name__
+        try:
+            self.events.append({"action": "save_on_exception", "exception": repr(exc)[:500]})
+            save(f"exception: {name}")
+        except Exception as save_error:
+            log.error("saving after %s failed: %s", name, save_error)
