@@ -182,6 +182,11 @@ class CheckpointManager:
         return self._saves.last_save
 
     @property
+    def last_local_save(self) -> SaveReport | None:
+        """What the newest save to the local tier only cost (see ``local``)."""
+        return self._saves.last_local_save
+
+    @property
     def committed_step(self) -> int | None:
         """The step of the newest version this run saved or resumed from."""
         return self._saves.committed_step
