@@ -74,6 +74,8 @@ class Saves:
         when ``sync`` is False, or None and the manager saves asynchronously. ``job.meta``
         gains the reason, the mode and the events since the last save."""
         background = not sync if sync is not None else self.async_save
+        if self.tiers is not None:
+            self.tiers.prepare()
         job.meta = {"reason": job.reason, "mode": "async" if background else "sync", **job.meta}
         if self.events:
             job.meta["events"] = list(self.events)

@@ -21,7 +21,7 @@ from typing import Any
 from cloudckpt import fallback, versions
 from cloudckpt.background import SaveJob
 from cloudckpt.branch_writer import BranchWriter
-from cloudckpt.errors import CorruptCheckpoint
+from cloudckpt.errors import CloudCkptError, CorruptCheckpoint
 from cloudckpt.tiers.copy import copy_version
 from cloudckpt.tiers.local import TIER_KEY, HostTier, LocalTier
 from cloudckpt.versions import Index, Version
@@ -39,22 +39,36 @@ class TieredSaves:
         self.bucket_head: str | None = None
         self._leader: bool | None = None
 
-    @property
-    def leader(self) -> bool:
-        """Whether this rank writes its host's local tier (the host's lowest rank)."""
+    def prepare(self) -> None:
+        """Learn which ranks share a host (collective, on the training thread: an async
+        save's thread must not run collectives of the step's group)."""
         if self._leader is None:
             group = self.writer.group
             hosts = group.all_gather_json(self.tier.host) if group.distributed else [None]
             self._leader = hosts.index(hosts[group.rank]) == group.rank
+
+    @property
+    def leader(self) -> bool:
+        """Whether this rank writes its host's local tier (the host's lowest rank)."""
+        self.prepare()
+        assert self._leader is not None
         return self._leader
 
     def commit(self, state: Any, job: SaveJob) -> Version | None:
         """Save ``state`` to the local tier and, if ``job.to_bucket``, upload it from
         there: the bucket version on every rank; else the local version (None on ranks
-        that do not write their host's tier)."""
+        that do not write their host's tier). A bucket save whose local save failed is
+        uploaded from memory."""
         local = None
         if self.leader:
-            local = self.host.commit(state, job.step, job.metrics, job.meta, self.bucket_head)
+            try:
+                local = self.host.commit(state, job.step, job.metrics, job.meta, self.bucket_head)
+            except (CloudCkptError, OSError) as e:
+                if not job.to_bucket:
+                    raise
+                log.error(
+                    "the local save of step %d failed (%s); uploading it from memory", job.step, e
+                )
         if not job.to_bucket:
             return local
         version = self.writer.publish_from_rank0(
@@ -71,33 +85,29 @@ class TieredSaves:
         fence: int | None,
         check_lease: Callable[[], None],
     ) -> Version:
-        """On rank 0: the local version uploaded to the bucket, or, if the local copy
-        does not verify, ``state`` committed directly."""
+        """On rank 0 (which writes its host's tier): the local version uploaded to the
+        bucket; ``state`` committed from memory if there is none (the local save failed)
+        or its copy does not verify."""
         repo, branch = self.writer.repo, self.writer.branch
-        assert local is not None  # rank 0 writes its host's tier
-        record = {"host": self.tier.host, "local": local.id}
-        try:
-            doc = self.host.manifest(local)
-            return copy_version(
-                self.host.source(),
-                doc,
-                repo,
-                branch,
-                fence=fence,
-                meta={TIER_KEY: record},
-                before_publish=check_lease,
-            )
-        except CorruptCheckpoint as e:
-            log.error(
-                "the local copy of step %d does not verify (%s); uploading it from memory",
-                job.step,
-                e,
-            )
-            check_lease()
-            meta = {**job.meta, TIER_KEY: {"host": self.tier.host}}
-            return repo.commit(
-                state, branch=branch, step=job.step, metrics=job.metrics, meta=meta, fence=fence
-            )
+        if local is not None:
+            try:
+                return copy_version(
+                    self.host.source(),
+                    self.host.manifest(local),
+                    repo,
+                    branch,
+                    fence=fence,
+                    meta={TIER_KEY: {"host": self.tier.host, "local": local.id}},
+                    before_publish=check_lease,
+                )
+            except CorruptCheckpoint as e:
+                log.error("the local copy of step %d does not verify (%s)", job.step, e)
+        log.warning("uploading step %d from memory", job.step)
+        check_lease()
+        meta = {**job.meta, TIER_KEY: {"host": self.tier.host}}
+        return repo.commit(
+            state, branch=branch, step=job.step, metrics=job.metrics, meta=meta, fence=fence
+        )
 
     # -- restore ---------------------------------------------------------------------
     def restore(
@@ -111,6 +121,7 @@ class TieredSaves:
         ``apply`` it (it raises CorruptCheckpoint if it does not fit). Returns the
         version loaded (None: nothing to load), the bucket version it is or was based on,
         and version id -> why, for each newer one passed over."""
+        self.prepare()
         self.bucket_head = head_id
         head = self.writer.repo.resolve(head_id, index) if head_id is not None else None
         skipped: dict[str, str] = {}
