@@ -49,3 +49,39 @@ def test_compare_writes_a_report_with_every_contender_and_the_floor(tmp_path: Pa
     ratios = json.loads((tmp_path / "results.json").read_text())["ratios"]
     assert 0 < ratios["stored"] < 1  # compressed below raw
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_tiers_writes_a_report_against_every_target(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "tiers.py"),
+            "--preset",
+            "small",
+            "--repeats",
+            "1",
+            "--local",
+            str(tmp_path),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = (tmp_path / "RESULTS-tiers.md").read_text()
+    for row in (
+        "| torch.save + boto3: bucket restore |",
+        "| cloudckpt: bucket save |",
+        "| one copy into reused buffers |",
+        "| local tier: sync save |",
+        "| local tier: async save, blocked |",
+        "| local tier: restore after a restart |",
+        "| local tier: bucket save uploaded from the tier |",
+        "| blob cache: restore after a restart |",
+    ):
+        assert row in report, row
+    assert report.count("| yes |") + report.count("| no |") == 4  # the four targets
