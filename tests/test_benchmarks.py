@@ -49,3 +49,25 @@ def test_compare_writes_a_report_with_every_contender_and_the_floor(tmp_path: Pa
     ratios = json.loads((tmp_path / "results.json").read_text())["ratios"]
     assert 0 < ratios["stored"] < 1  # compressed below raw
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_scale_model_prints_its_table_and_checks_a_small_configuration() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "scale_model.py"),
+            "--state-bytes",
+            "gpt2-small",
+            "--ranks",
+            "8",
+            "64",
+            "--markdown",
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("\n| gpt2-small |") == 2 * 5  # 2 rank counts x 5 layouts
