@@ -672,26 +672,27 @@ class Model:
         return w
 
     def _fix(self, row: Row, w: Window, hot_key_ok: bool, prefix_ok: bool) -> str:
+        """What would bring the row within the limits over ``w``."""
         fixes = []
         if not prefix_ok:
             if w.min_chunk is not None:
                 fixes.append(f"chunk_size >= {_size(w.min_chunk)}")
             else:
                 need = max(w.hot_put / S3_PUT_LIMIT, w.hot_get / S3_GET_LIMIT)
-                fixes.append(
-                    f"no chunk size: stagger (>= {w.seconds * need:.0f} s) or more prefixes"
-                )
-            if row.kind == "load" and row.layout != "sharded":
-                fixes.append("HEAD only this rank's share in check_sizes")
+                fixes.append(f"no chunk size does: >= {w.seconds * need:.0f} s or more prefixes")
+            if row.layout == "each":
+                fixes.append("or read='spread' with check_sizes HEADing only the rank's share")
+            elif row.layout == "spread":
+                fixes.append("or check_sizes HEADing only the rank's share")
         if not hot_key_ok:
             keys = (
-                "the parent manifest"
-                if row.layout == "replicated"
-                else "versions.json and the manifest"
+                "the manifest" if row.layout == "replicated" else "versions.json and the manifest"
             )
             stagger = row.hot_key_gets * self.config.burst_seconds / S3_GET_LIMIT
-            fixes.append(f"rank 0 reads {keys} and broadcasts (or stagger over >= {stagger:.1f} s)")
-        return "; ".join(fixes)
+            fixes.append(
+                f"rank 0 reads {keys} once and broadcasts (or spread over {stagger:.1f} s)"
+            )
+        return f"{w.seconds:g} s: " + ", ".join(fixes) if fixes else ""
 
 
 def _manifest_bytes(leaves: list[Leaf], planned: list[Planned], dcp: bool) -> int:
@@ -780,9 +781,9 @@ def markdown(rows: list[Row], config: Config) -> str:
 
 def _row(r: Row, cells: list[str]) -> str:
     verdict = " / ".join(f"{w.seconds:g} s: {_mark(w.ok)}" for w in r.windows)
-    fixes = sorted({w.fix for w in r.windows if w.fix})
+    fixes = [w.fix for w in r.windows if w.fix]
     if fixes:
-        verdict += " (" + " | ".join(fixes) + ")"
+        verdict += " (" + "; ".join(fixes) + ")"
     chunks = " / ".join(f"{_chunk(w.min_chunk)}, {_chunk(w.min_chunk_unsplit)}" for w in r.windows)
     manifest = _gb(r.manifest_bytes) + (" **>256 MiB**" if r.manifest_bytes > MAX_DOCUMENT else "")
     return (
@@ -880,7 +881,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     over = [r for r in rows if not r.ok]
     if args.check:
         for r in over:
-            fixes = "; ".join(sorted({w.fix for w in r.windows if w.fix}))
+            fixes = "; ".join(w.fix for w in r.windows if w.fix)
             print(f"over: {r.kind} {r.state} {r.layout} x{r.ranks}: {fixes}", file=sys.stderr)
         return 1 if over else 0
     return 0
