@@ -731,7 +731,7 @@ def _size(n: int) -> str:
 def _chunk(n: int | None) -> str:
     if n is None:
         return "none"
-    return f"<={_size(n)}" if n == CANDIDATES[0] else _size(n)
+    return f"≤{_size(n)}" if n == CANDIDATES[0] else _size(n)
 
 
 def _gb(n: int) -> str:

@@ -148,3 +148,15 @@ def test_json_output(capsys: pytest.CaptureFixture[str]) -> None:
     doc = json.loads(capsys.readouterr().out)
     assert doc["limits"] == {"put": 3500, "get": 5500, "prefixes": 256}
     assert all(row["ok"] for row in doc["rows"])
+
+
+def test_the_design_notes_hold_the_table_the_defaults_print() -> None:
+    notes = (ROOT / "docs" / "design-notes.md").read_text()
+    assert "python benchmarks/scale_model.py --markdown" in notes
+    assert (
+        sm.markdown(
+            sm.build(sm.DEFAULT_STATES, sm.DEFAULT_RANKS, sm.DEFAULT_SAVE_SECONDS, sm.Config()),
+            sm.Config(),
+        )
+        in notes
+    )
