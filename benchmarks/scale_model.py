@@ -348,7 +348,8 @@ SAVE_METADATA = {
         ],
         "rank 0": [
             "GET versions.json (begin: parent, gc epoch, fence)",
-            "GET leases/<branch>.json x2 (lease.check at begin and before publishing)",
+            "GET leases/<branch>.json x2 (a manager's writer lease: lease.check at begin "
+            "and before publishing; none without a lease)",
             "PUT manifests/<id>.json (if-absent)",
             "GET + conditional PUT versions.json (versions.update; +1 pair per lost race)",
             "PUT published/<id> (the acknowledgement marker)",
@@ -415,7 +416,7 @@ class Row:
     chunk_size: int
     blobs: int  # distinct blobs of the version
     blob_bytes: int
-    rank0_blobs: int  # rank 0's blobs (written, or read): the largest share
+    rank0_blobs: int  # rank 0's blobs (written, or read); shares gives it the largest first
     rank0_bytes: int
     rank0: Requests  # rank 0's requests, metadata included
     rank0_extra: Requests  # rank 0's requests beyond the other ranks' metadata
