@@ -85,3 +85,25 @@ def test_tiers_writes_a_report_against_every_target(tmp_path: Path) -> None:
     ):
         assert row in report, row
     assert report.count("| yes |") + report.count("| no |") == 4  # the four targets
+
+
+def test_scale_model_prints_its_table_and_checks_a_small_configuration() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "scale_model.py"),
+            "--state-bytes",
+            "gpt2-small",
+            "--ranks",
+            "8",
+            "64",
+            "--markdown",
+            "--check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("\n| gpt2-small |") == 2 * 5  # 2 rank counts x 5 layouts
