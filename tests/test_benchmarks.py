@@ -49,3 +49,30 @@ def test_compare_writes_a_report_with_every_contender_and_the_floor(tmp_path: Pa
     ratios = json.loads((tmp_path / "results.json").read_text())["ratios"]
     assert 0 < ratios["stored"] < 1  # compressed below raw
     assert (tmp_path / "results.png").stat().st_size > 1000
+
+
+def test_replicas_benchmark_prints_the_peer_and_bucket_restore_table(tmp_path: Path) -> None:
+    out = tmp_path / "replicas.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "replicas.py"),
+            "--preset",
+            "tiny",
+            "--hosts",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    report = out.read_text()
+    assert "| hosts | bucket load | recover | peer total | peer / bucket |" in report
+    assert "\n| 2 | " in report and report in proc.stdout
