@@ -21,9 +21,11 @@ from assertions import assert_state_equal
 
 from cloudckpt import LocalTier, TransferOptions
 from cloudckpt.distributed import Group
+from cloudckpt.errors import RanksFailed
 from cloudckpt.testing.gpt import GPT, GPTConfig
 from cloudckpt.tiers.local import HostTier
 from cloudckpt.tiers.replicas import HostMap, recover, replicate, versions_of
+from cloudckpt.versions import Version
 
 URI, BRANCH, HEAD = "s3://bucket/run", "main", "head-1"
 # Small chunks: many blobs and packs per version.
@@ -57,7 +59,11 @@ class Job:
         return self.state()
 
     def state(self) -> dict[str, Any]:
-        return clone({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
+        """The replicated model and optimizer, and a part of this host's own."""
+        own = torch.full((1000,), float(self.hosts.hosts.index(self.host)))
+        return clone(
+            {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "own": own}
+        )
 
     def save(self, step: int, head: str | None = HEAD) -> Any:
         """A local save on every host, replicated to its partner."""
@@ -77,8 +83,10 @@ class Job:
         torch.manual_seed(99)
         model = GPT(GPTConfig(n_layer=2, n_embd=64))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        self.tier().repo.load(version.id, into={"model": model, "optimizer": opt})
-        return clone({"model": model.state_dict(), "optimizer": opt.state_dict()})
+        loaded = self.tier().repo.load(version.id, into={"model": model, "optimizer": opt})
+        return clone(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "own": loaded["own"]}
+        )
 
     def same_everywhere(self, value: Any) -> Any:
         values = self.group.all_gather_json(value)
@@ -113,6 +121,8 @@ def replaced(job: Job) -> dict[str, Any]:
     third = job.save(3)  # nothing changed since step 2
     if job.leader:
         assert first.blobs_sent > 0 and second.bytes_sent > 0, (first, second)
+        # the replicated model and optimizer are on the partner already: not sent
+        assert first.blobs_linked > first.blobs_sent, first
         assert third.bytes_sent == 0 and third.blobs_sent == 0, third
         source = job.hosts.replicated_by(job.host)
         assert steps(job.tier(), source) == [3, 2]  # keep=2 replicas of its peer
@@ -142,9 +152,17 @@ def replaced(job: Job) -> dict[str, Any]:
 
 
 def corrupt(job: Job) -> dict[str, Any]:
-    """A damaged blob in the replica of a replaced host: no local restore, on every rank."""
+    """A save one host cannot send fails on every rank (none left waiting); a damaged blob
+    in the replica of a replaced host means no local restore, on every rank."""
     job.train(1)
     job.save(1)
+    bogus = Version(id="20260101T000000000Z-0badf00d", branch=BRANCH, step=2)
+    sending = bogus if job.leader and job.host == job.hosts.hosts[-1] else None
+    try:
+        replicate(job.group, job.hosts, job.tier(), sending)
+        raise AssertionError("a version that is not there was replicated")
+    except RanksFailed as e:
+        failed = job.same_everywhere(str(e))
     lost = job.hosts.hosts[-1]
     holder = job.hosts.partner(lost)
     job.replace(lost)
@@ -162,7 +180,7 @@ def corrupt(job: Job) -> dict[str, Any]:
     reason = job.same_everywhere(report.reason)
     if job.host == lost:
         assert job.tier().versions() == []  # nothing published from the damaged transfer
-    return {"reason": reason}
+    return {"reason": reason, "failed": failed}
 
 
 def stale(job: Job) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.tiers import peer
 from cloudckpt.tiers.copy import blobs_of
 from cloudckpt.tiers.local import HostTier
-from cloudckpt.tiers.replicas import HostMap, plan, recover, replicate, versions_of
+from cloudckpt.tiers.plan import plan
+from cloudckpt.tiers.replicas import HostMap, recover, replicate, versions_of
 
 HERE = Path(__file__).resolve().parent
 CHILD = str(HERE / "child_replicas.py")
@@ -180,8 +181,11 @@ def test_a_replaced_host_recovers_from_its_partner_bit_for_bit(
     }
 
 
-def test_a_corrupted_replica_means_no_local_restore_on_any_rank(tmp_path: Path) -> None:
+def test_a_failed_transfer_fails_or_falls_back_on_every_rank(tmp_path: Path) -> None:
+    """A leader that cannot read its save: replicate raises on every rank; a corrupted
+    replica blob: recover returns None on every rank (no hang, no wrong data)."""
     found = run_job(tmp_path, 4, 2, "corrupt")
+    assert "rank 2: CorruptCheckpoint" in found["failed"] and "0badf00d" in found["failed"]
     assert "does not match its hash" in found["reason"]
 
 

@@ -51,10 +51,12 @@ class PeerAborted(CloudCkptError):
 
 @dataclass
 class Moved:
-    """What one side of a conversation moved: blob frames and their payload bytes."""
+    """What one side of a conversation moved: blob frames and their payload bytes (and
+    the blobs the receiver found on its own host instead)."""
 
     bytes: int = 0
     blobs: int = 0
+    linked: int = 0
 
 
 class Link:
@@ -198,16 +200,32 @@ class _Inbox:
             self.ended = True
 
 
-def receive(link: Link, dst: Repo, branch: str) -> tuple[Version | None, Moved]:
+#: Puts a blob this host already holds elsewhere into the destination: ``(digest, raw
+#: size) -> whether it did``.
+Local = Callable[[str, int], bool]
+
+
+def receive(
+    link: Link, dst: Repo, branch: str, local: Local | None = None
+) -> tuple[Version | None, Moved]:
     """The receiver's side: publish the peer's version on ``branch`` of ``dst`` (its
-    manifest's step, metrics and meta), or None when the peer had nothing to send."""
+    manifest's step, metrics and meta), or None when the peer had nothing to send.
+    Blobs ``dst`` lacks that ``local`` can place are not asked for."""
     doc_json = link.recv_json()
     if doc_json is None:
         return None, Moved()
+    linked = 0
     try:
         doc = Manifest.parse(json.dumps(doc_json).encode(), f"the manifest from rank {link.peer}")
         blobs = blobs_of(doc)
-        lack = [d for d in blobs if dst.store.stat(blob_key(d)) is None]
+        lack = []
+        for digest, blob in blobs.items():
+            if dst.store.stat(blob_key(digest)) is not None:
+                continue
+            if local is not None and local(digest, blob.size):
+                linked += 1
+                continue
+            lack.append(digest)
     except BaseException as e:
         link.abort(e)
         raise
@@ -217,4 +235,5 @@ def receive(link: Link, dst: Repo, branch: str) -> tuple[Version | None, Moved]:
         version = copy_version(inbox.get, doc, dst, branch)
     finally:
         inbox.drain()
+    inbox.moved.linked = linked
     return version, inbox.moved

@@ -19,17 +19,20 @@ Every step is collective and fails on every rank when it fails on one; nothing i
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloudckpt.blobs import BlobReader, blob_key
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.errors import CheckpointNotFound, CloudCkptError
-from cloudckpt.repo import Repo
+from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers import peer
 from cloudckpt.tiers.local import HostTier, based_on
+from cloudckpt.tiers.plan import plan
 from cloudckpt.versions import Version
 
 log = logging.getLogger("cloudckpt.tiers")
@@ -81,6 +84,8 @@ class ReplicaReport:
     bytes_sent: int = 0
     blobs_sent: int = 0
     bytes_received: int = 0
+    #: Blobs of the received version this host held already (hard-linked, not sent).
+    blobs_linked: int = 0
     seconds: float = 0.0
     #: The replica version this host stored of its peer's save (leaders only).
     stored: Version | None = None
@@ -120,6 +125,7 @@ class _In:
     repo: Repo
     branch: str
     keep: int | None = None  # prune the repository to this many versions after
+    local: peer.Local | None = None  # places blobs this host holds in another repository
 
 
 def _exchange(
@@ -147,7 +153,7 @@ def _exchange(
     try:
         if inn is not None:
             link = peer.Link(group, inn.peer, peer.REPLY, peer.FORWARD)
-            stored, received = peer.receive(link, inn.repo, inn.branch)
+            stored, received = peer.receive(link, inn.repo, inn.branch, inn.local)
             if stored is not None and inn.keep is not None:
                 prune(inn.repo, inn.branch, inn.keep)
     except BaseException as e:
@@ -182,12 +188,54 @@ def prune(repo: Repo, branch: str, keep: int) -> None:
         repo.gc(grace=0)
 
 
+def siblings(tier: HostTier, dst: Repo) -> peer.Local:
+    """Places a blob in ``dst`` by a hard link to the same blob in another repository of
+    this host (its own tier, the replicas it keeps; all stored alike), once that blob's
+    bytes pass their hash: a replicated state's blobs are not sent to a host that holds
+    them already."""
+    here = _path(dst)
+    replicas = os.path.join(tier.root, "replicas")
+    names = sorted(os.listdir(replicas)) if os.path.isdir(replicas) else []
+    roots = [tier.root, *(os.path.join(replicas, n) for n in names)]
+    others = [
+        Repo(f"file://{r}", options=RepoOptions(transfer=tier.tier.transfer))
+        for r in roots
+        if os.path.realpath(r) != os.path.realpath(here)
+    ]
+
+    def place(digest: str, size: int) -> bool:
+        key = blob_key(digest)
+        for repo in others:
+            found = os.path.join(_path(repo), key)
+            if not os.path.isfile(found):
+                continue
+            try:
+                BlobReader(repo.store, repo.options.transfer).raw(digest, size)  # verified
+                os.makedirs(os.path.dirname(os.path.join(here, key)), exist_ok=True)
+                os.link(found, os.path.join(here, key))
+            except FileExistsError:
+                return True
+            except (OSError, CloudCkptError) as e:  # damaged, or no hard links here: send it
+                log.debug("not linking blob %s from %s: %s", digest, repo.uri, e)
+                continue
+            return True
+        return False
+
+    return place
+
+
+def _path(repo: Repo) -> str:
+    return repo.uri.removeprefix("file://")
+
+
 # -- replicate -----------------------------------------------------------------------------
 def replicate(
     group: Group, hosts: HostMap, tier: HostTier, version: Version | None
 ) -> ReplicaReport:
     """Send this host's new local save ``version`` to its partner, and keep the one this
-    host's peer sends (collective over every rank; non-leaders pass None)."""
+    host's peer sends (collective over every rank; non-leaders pass None, as may a leader
+    with nothing to send). If any rank fails, every rank raises RanksFailed; a replica
+    half received is never published."""
     t0 = time.perf_counter()
     report = ReplicaReport()
     host = hosts.host_of(group.rank)
@@ -197,10 +245,12 @@ def replicate(
     out = inn = None
     if hosts.is_leader(group.rank):
         out = _Out(hosts.leader(partner), lambda: None if version is None else (tier.repo, version))
-        inn = _In(hosts.leader(source), tier.replica(source), tier.branch, tier.tier.keep)
+        dst = tier.replica(source)
+        inn = _In(hosts.leader(source), dst, tier.branch, tier.tier.keep, siblings(tier, dst))
     stored, sent, received = _exchange(group, out, inn, "replicating the local tier: ")
     report.bytes_sent, report.blobs_sent = sent.bytes, sent.blobs
     report.bytes_received, report.stored = received.bytes, stored
+    report.blobs_linked = received.linked
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -224,60 +274,6 @@ def _holdings(me: str, hosts: HostMap, tier: HostTier, head: str | None) -> dict
         h: _listing(versions_of(tier.replica(h), tier.branch), head) for h in hosts.hosts if h != me
     }
     return {"host": me, "head": head, "own": _listing(tier.versions(), head), "replicas": replicas}
-
-
-def plan(hosts: HostMap, reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """The target step and the transfers that put it in every host's own tier, then
-    re-create the replicas partners lack (computed on rank 0 from every leader's
-    :func:`_holdings`)."""
-    held = {r["host"]: r for r in reports if r is not None}
-    if len({r["head"] for r in held.values()}) > 1:
-        return {"target": None, "reason": "the ranks disagree on the bucket head"}
-
-    def reachable(h: str) -> dict[int, tuple[str, str, str]]:
-        """step -> (from host, "own" or "replica", version id) for host ``h``."""
-        found: dict[int, tuple[str, str, str]] = {}
-        holders = [hosts.partner(h)] + [g for g in hosts.hosts if g != hosts.partner(h)]
-        for g in reversed([g for g in holders if g is not None and g != h]):
-            for step, vid in reversed(held[g]["replicas"].get(h, [])):
-                found[step] = (g, "replica", vid)
-        for step, vid in reversed(held[h]["own"]):
-            found[step] = (h, "own", vid)
-        return found
-
-    reach = {h: reachable(h) for h in hosts.hosts}
-    common = set.intersection(*(set(r) for r in reach.values()))
-    if not common:
-        lacking = [h for h in hosts.hosts if not reach[h]]
-        why = f"no local version of {lacking}" if lacking else "no step common to all hosts"
-        return {"target": None, "reason": why}
-    step = max(common)
-    fetch = [
-        {"src": g, "dst": h, "of": h, "id": vid, "into": "own"}
-        for h in hosts.hosts
-        for g, kind, vid in [reach[h][step]]
-        if kind == "replica"
-    ]
-    recreate = []
-    for h in hosts.hosts:
-        p = hosts.partner(h)
-        if p is not None and step not in {s for s, _ in held[p]["replicas"].get(h, [])}:
-            recreate.append({"src": h, "dst": p, "of": h, "id": None, "into": "replica"})
-    own = {h: reach[h][step][2] for h in hosts.hosts if reach[h][step][1] == "own"}
-    return {"target": step, "own": own, "fetch": _rounds(fetch), "recreate": _rounds(recreate)}
-
-
-def _rounds(transfers: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Transfers in rounds where each host sends at most once and receives at most once."""
-    rounds: list[list[dict[str, Any]]] = []
-    for t in transfers:
-        for r in rounds:
-            if all(t["src"] != o["src"] and t["dst"] != o["dst"] for o in r):
-                r.append(t)
-                break
-        else:
-            rounds.append([t])
-    return rounds
 
 
 def _round(
