@@ -289,9 +289,8 @@ def _round(
             if t["dst"] == host:
                 own = t["into"] == "own"
                 repo = tier.repo if own else tier.replica(t["of"])
-                inn = _In(
-                    hosts.leader(t["src"]), repo, tier.branch, None if own else tier.tier.keep
-                )
+                keep = None if own else tier.tier.keep
+                inn = _In(hosts.leader(t["src"]), repo, tier.branch, keep, siblings(tier, repo))
     return _exchange(group, out, inn, "recovering the local tier from peers: ")
 
 
