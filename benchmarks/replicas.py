@@ -1,7 +1,7 @@
 """A replaced host's restore from its partner's replica against from the bucket.
 
     python benchmarks/replicas.py [--preset gpt2|small|tiny] [--hosts 2,4] [--repeats 2]
-                                  [--out FILE]
+                                  [--tier-root DIR] [--out FILE]
 
 Starts a local SeaweedFS, then for each host count launches a torchrun job (gloo, CPU)
 with one rank per "host", each host a local tier directory of its own. Every rank builds
@@ -11,7 +11,9 @@ host saves it locally on top of that bucket head and replicates it to its partne
 the last host is replaced (its directory wiped) and restores the same version twice,
 alternating the order: from the bucket (``Repo.load`` into the model and optimizer), and
 through ``recover`` (receive from the partner into its tier) and a load from the tier.
-Prints a markdown table of the medians (and writes it to ``--out``).
+Prints a markdown table of the medians (and writes it to ``--out``). The hosts' local
+tiers go under ``--tier-root`` (default: the temporary directory; ``/dev/shm`` for a
+tier in memory).
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ def table(args: argparse.Namespace, results: dict[int, dict[str, Any]], load: st
         "# A replaced host's restore: from its partner's replica vs from the bucket",
         "",
         f"`python benchmarks/replicas.py --preset {args.preset} --hosts {args.hosts} "
-        f"--repeats {args.repeats}` on {platform.node()} ({os.cpu_count()} CPUs, "
+        f"--repeats {args.repeats}{f' --tier-root {args.tier_root}' if args.tier_root else ''}` "
+        f"on {platform.node()} ({os.cpu_count()} CPUs, "
         f"{time.strftime('%Y-%m-%d %H:%M')}, load average before: {load}): GPT "
         f"({args.preset}) + AdamW, {logical / 1e6:.0f} MB, one rank per host; the bucket is "
         "a local SeaweedFS. Median seconds of the replaced host; peer = recover (receive "
@@ -148,9 +151,11 @@ def table(args: argparse.Namespace, results: dict[int, dict[str, Any]], load: st
         )
     lines += [
         "",
-        "Every host, the S3 server and gloo's TCP share this one machine, so neither the "
-        "network nor the disks are those of a cluster: the ratio says what the local path "
-        "saves in CPU work (no decompression, no HTTP), not a real cluster's bandwidth.",
+        "Every host, the S3 server and gloo's TCP share this one machine: there is no "
+        "network between hosts, and the bucket's objects are in this machine's page cache "
+        "(a remote bucket only slows the bucket column). A replaced host's restore from "
+        "its partner writes the state into its local tier before loading it, so it is "
+        "bounded by the tier's write speed (a tier in memory: ``--tier-root /dev/shm``).",
         "",
     ]
     return "\n".join(lines)
@@ -162,6 +167,7 @@ def main() -> None:
     p.add_argument("--hosts", default="2,4")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--out", help="also write the table to this file")
+    p.add_argument("--tier-root", help="where the hosts' local tiers go")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--uri", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -172,7 +178,10 @@ def main() -> None:
 
     load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     results: dict[int, dict[str, Any]] = {}
-    with SeaweedFS() as server, tempfile.TemporaryDirectory(prefix="replicas-") as tmp:
+    with (
+        SeaweedFS() as server,
+        tempfile.TemporaryDirectory(prefix="replicas-", dir=args.tier_root) as tmp,
+    ):
         for hosts in (int(h) for h in args.hosts.split(",")):
             cmd = [
                 sys.executable,
