@@ -17,13 +17,14 @@ import torch
 from assertions import assert_state_equal
 
 from cloudckpt import LocalTier, Repo, TransferOptions
+from cloudckpt.blobs import blob_key
 from cloudckpt.distributed import Group
 from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.tiers import peer
 from cloudckpt.tiers.copy import blobs_of
 from cloudckpt.tiers.local import HostTier
 from cloudckpt.tiers.plan import plan
-from cloudckpt.tiers.replicas import HostMap, recover, replicate, versions_of
+from cloudckpt.tiers.replicas import HostMap, recover, replicate, siblings, versions_of
 
 HERE = Path(__file__).resolve().parent
 CHILD = str(HERE / "child_replicas.py")
@@ -129,6 +130,23 @@ def test_a_sender_that_aborts_midway_publishes_nothing(tmp_path: Path) -> None:
     frames = [*_frames(tier, version)[:2], (peer.ABORT, peer._bytes(b"disk on fire"))]
     with pytest.raises(peer.PeerAborted, match="disk on fire"):
         peer.receive(FakeLink(frames), Repo(f"file://{tmp_path / 'dst'}"), "main")
+
+
+def test_blobs_this_host_holds_are_linked_not_sent_unless_damaged(tmp_path: Path) -> None:
+    tier, version, state = _version(tmp_path)
+    frames = _frames(tier, version)
+    digests = list(blobs_of(tier.manifest(version)))
+    victim = Path(tier.root) / blob_key(digests[1])
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 1
+    victim.write_bytes(bytes(data))  # a damaged copy is not linked: it is asked for
+    dst = tier.replica("b")
+    link = FakeLink([frames[0], frames[2]])
+    got, moved = peer.receive(link, dst, "main", siblings(tier, dst))
+    assert json.loads(link.sent[0][1]) == [digests[1]] and link.frames == []
+    assert (moved.blobs, moved.linked) == (1, len(digests) - 1)
+    assert got is not None and got.meta == version.meta
+    assert_state_equal(state, dst.load(got.id))
 
 
 def test_one_host_replicates_nothing_and_recovers_its_newest_local_version(tmp_path: Path) -> None:

@@ -192,18 +192,27 @@ def siblings(tier: HostTier, dst: Repo) -> peer.Local:
     """Places a blob in ``dst`` by a hard link to the same blob in another repository of
     this host (its own tier, the replicas it keeps; all stored alike), once that blob's
     bytes pass their hash: a replicated state's blobs are not sent to a host that holds
-    them already."""
+    them already. (Looked for on the first call, in the conversation: a failure to look
+    is shared with the peer.)"""
     here = _path(dst)
-    replicas = os.path.join(tier.root, "replicas")
-    names = sorted(os.listdir(replicas)) if os.path.isdir(replicas) else []
-    roots = [tier.root, *(os.path.join(replicas, n) for n in names)]
-    others = [
-        Repo(f"file://{r}", options=RepoOptions(transfer=tier.tier.transfer))
-        for r in roots
-        if os.path.realpath(r) != os.path.realpath(here)
-    ]
+    others: list[Repo] = []
+    looked = False
+
+    def look() -> None:
+        nonlocal looked
+        looked = True
+        replicas = os.path.join(tier.root, "replicas")
+        names = sorted(os.listdir(replicas)) if os.path.isdir(replicas) else []
+        roots = [tier.root, *(os.path.join(replicas, n) for n in names)]
+        others.extend(
+            Repo(f"file://{r}", options=RepoOptions(transfer=tier.tier.transfer))
+            for r in roots
+            if os.path.realpath(r) != os.path.realpath(here)
+        )
 
     def place(digest: str, size: int) -> bool:
+        if not looked:
+            look()
         key = blob_key(digest)
         for repo in others:
             found = os.path.join(_path(repo), key)
@@ -310,7 +319,8 @@ def recover(group: Group, hosts: HostMap, tier: HostTier, bucket_head: str | Non
     """Put the newest step every host can reach in every host's own tier, receiving it
     from peers where a host lacks it, then re-create the replicas partners lack
     (collective, every rank, before anything is loaded). The target is None on every
-    rank when there is no such step or a transfer failed: restore from the bucket."""
+    rank when there is no such step or a transfer failed: restore from the bucket. (A
+    group that timed out raises: its ranks can no longer agree on anything.)"""
     t0 = time.perf_counter()
     report = RecoverReport()
     leader = hosts.is_leader(group.rank)
