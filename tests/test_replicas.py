@@ -71,6 +71,27 @@ def test_the_plan_takes_the_newest_step_every_host_reaches() -> None:
     assert plan(hosts, reports)["target"] is None
 
 
+def test_two_replaced_hosts_are_restored_in_one_round_unless_they_were_partners() -> None:
+    hosts = HostMap(("h0", "h1", "h2", "h3"), ("h0", "h1", "h2", "h3"))  # h0 -> h1 -> ...
+    reports = [
+        _holding("h0", [2], {"h3": [2]}),
+        _holding("h1", [], {}),
+        _holding("h2", [2], {"h1": [2]}),
+        _holding("h3", [], {}),
+    ]
+    decided = plan(hosts, reports)
+    assert decided["target"] == 2 and len(decided["fetch"]) == 1
+    assert {(t["src"], t["dst"]) for t in decided["fetch"][0]} == {("h2", "h1"), ("h0", "h3")}
+    assert {(t["src"], t["dst"]) for t in decided["recreate"][0]} == {("h0", "h1"), ("h2", "h3")}
+    reports = [  # h1 and h2 replaced: h2's replica is on h3, h1's was on h2
+        _holding("h0", [2], {"h3": [2]}),
+        _holding("h1", [], {}),
+        _holding("h2", [], {}),
+        _holding("h3", [2], {"h2": [2]}),
+    ]
+    assert plan(hosts, reports)["reason"] == "no local version of ['h1']"
+
+
 def _version(tmp_path: Path) -> tuple[HostTier, Any, dict[str, Any]]:
     tier = HostTier(
         LocalTier(str(tmp_path / "src"), host="a", transfer=TRANSFER), "s3://b/r", "main"
