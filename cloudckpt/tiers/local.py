@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +122,15 @@ class HostTier:
         """Local versions a restore may take: saved on top of the bucket's current head
         ``bucket_head`` (newest first)."""
         return [v for v in self.versions() if based_on(v) == bucket_head]
+
+    def replica(self, host: str) -> Repo:
+        """The replicas of host ``host``'s saves this host keeps (``replicas/<host>``
+        under the run's directory; stored like the tier's own versions)."""
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", host)[:64].lstrip(".") or "_"
+        if name != host:  # distinct ids stay distinct directories
+            name += "-" + hashlib.sha256(host.encode()).hexdigest()[:8]
+        path = os.path.join(self.root, "replicas", name)
+        return Repo(f"file://{path}", options=RepoOptions(transfer=self.tier.transfer))
 
     def manifest(self, version: Version) -> Manifest:
         return self.repo.manifest(version)

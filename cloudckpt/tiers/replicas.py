@@ -1,0 +1,376 @@
+"""Peer replicas of the local tier: each host's recent saves kept on a partner host too.
+
+In a job spanning hosts, every host's leader (its lowest rank) sends each local save to
+its partner -- the next host in a ring of the hosts in rank order -- over the
+checkpoint's gloo group (:mod:`cloudckpt.tiers.peer`); the partner keeps the newest
+``keep`` of them in a replica repository of that host (:meth:`HostTier.replica`). Blobs
+are content-addressed: the partner names the blobs it lacks first, so a blob it already
+stores is never sent again.
+
+At restore, a replaced host (its local directory empty) gets the newest step every host
+can still reach from its partner instead of the bucket, and re-creates its partner's
+replica. A step any host cannot reach, a version based on another bucket head, or a
+damaged transfer (every blob is checked against its hash) means no local restore: every
+rank returns None and the caller restores from the bucket.
+
+Every step is collective and fails on every rank when it fails on one; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cloudckpt.blobs import BlobReader, blob_key
+from cloudckpt.distributed.collectives import Group
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError
+from cloudckpt.repo import Repo, RepoOptions
+from cloudckpt.tiers import peer
+from cloudckpt.tiers.local import HostTier, based_on
+from cloudckpt.tiers.plan import plan
+from cloudckpt.versions import Version
+
+log = logging.getLogger("cloudckpt.tiers")
+
+
+@dataclass(frozen=True)
+class HostMap:
+    """The job's hosts, in order of their lowest rank, and each rank's host."""
+
+    hosts: tuple[str, ...]
+    rank_hosts: tuple[str, ...]
+
+    @classmethod
+    def gather(cls, group: Group, host: str) -> HostMap:
+        """Every rank's host id (collective)."""
+        ids = group.all_gather_json(host)
+        return cls(tuple(dict.fromkeys(ids)), tuple(ids))
+
+    def ranks(self, host: str) -> list[int]:
+        return [r for r, h in enumerate(self.rank_hosts) if h == host]
+
+    def host_of(self, rank: int) -> str:
+        return self.rank_hosts[rank]
+
+    def leader(self, host: str) -> int:
+        """The rank that writes ``host``'s tier: its lowest."""
+        return self.rank_hosts.index(host)
+
+    def is_leader(self, rank: int) -> bool:
+        return self.leader(self.rank_hosts[rank]) == rank
+
+    def partner(self, host: str) -> str | None:
+        """The host ``host`` sends its replica to (None with one host)."""
+        if len(self.hosts) < 2:
+            return None
+        return self.hosts[(self.hosts.index(host) + 1) % len(self.hosts)]
+
+    def replicated_by(self, host: str) -> str | None:
+        """The host whose replica ``host`` keeps (the inverse of :meth:`partner`)."""
+        if len(self.hosts) < 2:
+            return None
+        return self.hosts[(self.hosts.index(host) - 1) % len(self.hosts)]
+
+
+@dataclass
+class ReplicaReport:
+    """What one :func:`replicate` moved from this rank (blob bytes; manifests apart)."""
+
+    bytes_sent: int = 0
+    blobs_sent: int = 0
+    bytes_received: int = 0
+    #: Blobs of the received version this host held already (hard-linked, not sent).
+    blobs_linked: int = 0
+    seconds: float = 0.0
+    #: The replica version this host stored of its peer's save (leaders only).
+    stored: Version | None = None
+
+
+@dataclass
+class RecoverReport:
+    """The outcome of :func:`recover` on this rank."""
+
+    #: The version to load, in this host's own tier; None: restore from the bucket.
+    target: Version | None = None
+    step: int | None = None
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    seconds: float = 0.0
+    #: Why there is no target, or what failed after it was in place.
+    reason: str = ""
+    transfers: list[dict[str, Any]] = field(default_factory=list)
+
+
+# -- moving one version between leaders ---------------------------------------------------
+@dataclass(frozen=True)
+class _Out:
+    """This leader sends rank ``peer`` the version ``find()`` names (in its repository;
+    None: nothing to send). Found by the sending thread, so that a failure to find it is
+    sent to the peer too."""
+
+    peer: int
+    find: Callable[[], tuple[Repo, Version] | None]
+
+
+@dataclass(frozen=True)
+class _In:
+    """This leader stores the version rank ``peer`` sends on ``branch`` of ``repo``."""
+
+    peer: int
+    repo: Repo
+    branch: str
+    keep: int | None = None  # prune the repository to this many versions after
+    local: peer.Local | None = None  # places blobs this host holds in another repository
+
+
+def _exchange(
+    group: Group, out: _Out | None, inn: _In | None, context: str
+) -> tuple[Version | None, peer.Moved, peer.Moved]:
+    """Run this rank's side of a round of conversations (none on a rank with nothing to
+    send or receive), then agree: if any rank failed, every rank raises RanksFailed.
+    Returns the version received here and what was sent and received."""
+    sent, received = peer.Moved(), peer.Moved()
+    stored: Version | None = None
+    errors: list[BaseException] = []
+
+    def sending() -> None:
+        assert out is not None
+        try:
+            link = peer.Link(group, out.peer, peer.FORWARD, peer.REPLY)
+            moved = peer.send(link, out.find)
+            sent.bytes, sent.blobs = moved.bytes, moved.blobs
+        except BaseException as e:  # shared below
+            errors.append(e)
+
+    thread = threading.Thread(target=sending, name="cloudckpt-replica-send", daemon=True)
+    if out is not None:
+        thread.start()
+    try:
+        if inn is not None:
+            link = peer.Link(group, inn.peer, peer.REPLY, peer.FORWARD)
+            stored, received = peer.receive(link, inn.repo, inn.branch, inn.local)
+            if stored is not None and inn.keep is not None:
+                prune(inn.repo, inn.branch, inn.keep)
+    except BaseException as e:
+        errors.append(e)
+    finally:
+        if out is not None:
+            thread.join()  # each of its sends and receives is bounded by the group's timeout
+
+    def outcome() -> None:
+        if errors:
+            raise errors[0]
+
+    group.all_reduce(outcome, lambda _: None, context=context)
+    return stored, sent, received
+
+
+def versions_of(repo: Repo, branch: str) -> list[Version]:
+    """``branch``'s versions in ``repo``, newest step first (none if it is empty)."""
+    try:
+        index = repo.index()
+    except CheckpointNotFound:
+        return []
+    mine = [v for v in index.versions.values() if v.branch == branch]
+    return sorted(mine, key=lambda v: (v.step or 0, v.created), reverse=True)
+
+
+def prune(repo: Repo, branch: str, keep: int) -> None:
+    """Keep the newest ``keep`` versions of ``branch``; their data goes at once."""
+    doomed = [v.id for v in versions_of(repo, branch)[keep:]]
+    if doomed:
+        repo.delete(doomed, branch=branch)
+        repo.gc(grace=0)
+
+
+def siblings(tier: HostTier, dst: Repo) -> peer.Local:
+    """Places a blob in ``dst`` by a hard link to the same blob in another repository of
+    this host (its own tier, the replicas it keeps; all stored alike), once that blob's
+    bytes pass their hash: a replicated state's blobs are not sent to a host that holds
+    them already. (Looked for on the first call, in the conversation: a failure to look
+    is shared with the peer.)"""
+    here = _path(dst)
+    others: list[Repo] = []
+    looked = False
+
+    def look() -> None:
+        nonlocal looked
+        looked = True
+        replicas = os.path.join(tier.root, "replicas")
+        names = sorted(os.listdir(replicas)) if os.path.isdir(replicas) else []
+        roots = [tier.root, *(os.path.join(replicas, n) for n in names)]
+        others.extend(
+            Repo(f"file://{r}", options=RepoOptions(transfer=tier.tier.transfer))
+            for r in roots
+            if os.path.realpath(r) != os.path.realpath(here)
+        )
+
+    def place(digest: str, size: int) -> bool:
+        if not looked:
+            look()
+        key = blob_key(digest)
+        for repo in others:
+            found = os.path.join(_path(repo), key)
+            if not os.path.isfile(found):
+                continue
+            try:
+                BlobReader(repo.store, repo.options.transfer).raw(digest, size)  # verified
+                os.makedirs(os.path.dirname(os.path.join(here, key)), exist_ok=True)
+                os.link(found, os.path.join(here, key))
+            except FileExistsError:
+                return True
+            except (OSError, CloudCkptError) as e:  # damaged, or no hard links here: send it
+                log.debug("not linking blob %s from %s: %s", digest, repo.uri, e)
+                continue
+            return True
+        return False
+
+    return place
+
+
+def _path(repo: Repo) -> str:
+    return repo.uri.removeprefix("file://")
+
+
+# -- replicate -----------------------------------------------------------------------------
+def replicate(
+    group: Group, hosts: HostMap, tier: HostTier, version: Version | None
+) -> ReplicaReport:
+    """Send this host's new local save ``version`` to its partner, and keep the one this
+    host's peer sends (collective over every rank; non-leaders pass None, as may a leader
+    with nothing to send). If any rank fails, every rank raises RanksFailed; a replica
+    half received is never published."""
+    t0 = time.perf_counter()
+    report = ReplicaReport()
+    host = hosts.host_of(group.rank)
+    partner, source = hosts.partner(host), hosts.replicated_by(host)
+    if partner is None or source is None:
+        return report
+    out = inn = None
+    if hosts.is_leader(group.rank):
+        out = _Out(hosts.leader(partner), lambda: None if version is None else (tier.repo, version))
+        dst = tier.replica(source)
+        inn = _In(hosts.leader(source), dst, tier.branch, tier.tier.keep, siblings(tier, dst))
+    stored, sent, received = _exchange(group, out, inn, "replicating the local tier: ")
+    report.bytes_sent, report.blobs_sent = sent.bytes, sent.blobs
+    report.bytes_received, report.stored = received.bytes, stored
+    report.blobs_linked = received.linked
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# -- recover -------------------------------------------------------------------------------
+def _listing(versions: list[Version], head: str | None) -> list[list[Any]]:
+    return [[v.step, v.id] for v in versions if _based_on(v) == head]
+
+
+def _based_on(version: Version) -> str | bool | None:
+    try:
+        return based_on(version)
+    except CloudCkptError:
+        return False  # no tier record: never matches a head
+
+
+def _holdings(me: str, hosts: HostMap, tier: HostTier, head: str | None) -> dict[str, Any]:
+    """What host ``me``'s leader can restore from: its own versions and the replicas it
+    keeps (``[step, id]`` of those based on ``head``)."""
+    replicas = {
+        h: _listing(versions_of(tier.replica(h), tier.branch), head) for h in hosts.hosts if h != me
+    }
+    return {"host": me, "head": head, "own": _listing(tier.versions(), head), "replicas": replicas}
+
+
+def _round(
+    group: Group, hosts: HostMap, tier: HostTier, transfers: list[dict[str, Any]], mine: str | None
+) -> tuple[Version | None, peer.Moved, peer.Moved]:
+    """One round of the plan; ``mine``: this host's target id in its own tier."""
+    host = hosts.host_of(group.rank)
+    out = inn = None
+    if hosts.is_leader(group.rank):
+        for t in transfers:
+            if t["src"] == host:
+                out = _Out(hosts.leader(t["dst"]), _finder(tier, host, t["of"], t["id"] or mine))
+            if t["dst"] == host:
+                own = t["into"] == "own"
+                repo = tier.repo if own else tier.replica(t["of"])
+                keep = None if own else tier.tier.keep
+                inn = _In(hosts.leader(t["src"]), repo, tier.branch, keep, siblings(tier, repo))
+    return _exchange(group, out, inn, "recovering the local tier from peers: ")
+
+
+def _finder(
+    tier: HostTier, host: str, of: str, vid: str | None
+) -> Callable[[], tuple[Repo, Version] | None]:
+    """Finds version ``vid`` in this host's own tier, or in its replica of host ``of``."""
+
+    def find() -> tuple[Repo, Version] | None:
+        repo = tier.repo if of == host else tier.replica(of)
+        return None if vid is None else (repo, repo.resolve(vid))
+
+    return find
+
+
+def recover(group: Group, hosts: HostMap, tier: HostTier, bucket_head: str | None) -> RecoverReport:
+    """Put the newest step every host can reach in every host's own tier, receiving it
+    from peers where a host lacks it, then re-create the replicas partners lack
+    (collective, every rank, before anything is loaded). The target is None on every
+    rank when there is no such step or a transfer failed: restore from the bucket. (A
+    group that timed out raises: its ranks can no longer agree on anything.)"""
+    t0 = time.perf_counter()
+    report = RecoverReport()
+    leader = hosts.is_leader(group.rank)
+    host = hosts.host_of(group.rank)
+    try:
+        decided = group.all_reduce(
+            lambda: _holdings(host, hosts, tier, bucket_head) if leader else None,
+            lambda reports: plan(hosts, reports),
+            context="planning the local restore: ",
+        )
+    except CloudCkptError as e:
+        return _none(report, f"planning failed: {e}", t0)
+    if decided["target"] is None:
+        return _none(report, decided["reason"], t0)
+    mine: str | None = decided["own"].get(host)
+    try:
+        for transfers in decided["fetch"]:
+            got, sent, received = _round(group, hosts, tier, transfers, mine)
+            mine = got.id if got is not None else mine
+            _count(report, sent, received, transfers)
+    except CloudCkptError as e:
+        return _none(report, f"receiving from peers failed: {e}", t0)
+    try:
+        for transfers in decided["recreate"]:
+            _, sent, received = _round(group, hosts, tier, transfers, mine)
+            _count(report, sent, received, transfers)
+    except CloudCkptError as e:  # the target is in place; the next save replicates again
+        report.reason = f"re-creating replicas failed: {e}"
+        log.warning("recover: %s", report.reason)
+    try:
+        ids = group.all_gather_json(mine)
+        vid = ids[hosts.leader(host)]
+        report.target = group.on_each_rank(lambda: tier.repo.resolve(vid), context="recover: ")
+    except CloudCkptError as e:
+        return _none(report, f"the target is not in the tier: {e}", t0)
+    report.step = decided["target"]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _count(
+    report: RecoverReport, sent: peer.Moved, received: peer.Moved, transfers: list[Any]
+) -> None:
+    report.bytes_sent += sent.bytes
+    report.bytes_received += received.bytes
+    report.transfers += transfers
+
+
+def _none(report: RecoverReport, reason: str, t0: float) -> RecoverReport:
+    report.target, report.reason = None, reason
+    report.seconds = time.perf_counter() - t0
+    log.info("no local restore: %s", reason)
+    return report
