@@ -64,22 +64,6 @@ def test_tiers_writes_a_report_against_every_target(tmp_path: Path) -> None:
             str(tmp_path),
             "--out",
             str(tmp_path),
-
-
-def test_replicas_benchmark_prints_the_peer_and_bucket_restore_table(tmp_path: Path) -> None:
-    out = tmp_path / "replicas.md"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "replicas.py"),
-            "--preset",
-            "tiny",
-            "--hosts",
-            "2",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
         ],
         capture_output=True,
         text=True,
@@ -123,7 +107,27 @@ def test_scale_model_prints_its_table_and_checks_a_small_configuration() -> None
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("\n| gpt2-small |") == 2 * 5  # 2 rank counts x 5 layouts
-=======
+
+
+def test_replicas_benchmark_prints_the_peer_and_bucket_restore_table(tmp_path: Path) -> None:
+    out = tmp_path / "replicas.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "replicas.py"),
+            "--preset",
+            "tiny",
+            "--hosts",
+            "2",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
