@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from cloudckpt import LocalTier, Repo
     from cloudckpt.distributed import Group
-    from cloudckpt.tiers.local import HostTier
+    from cloudckpt.tiers.local import BucketHead, HostTier
     from cloudckpt.tiers.replicas import HostMap, recover, replicate
 
     dist.init_process_group("gloo")
@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
                     Repo(args.uri).load(head, into=into)
                 row["bucket"] = time.perf_counter() - t0
             else:
-                report = recover(group, hosts, tier, head)
+                report = recover(group, hosts, tier, BucketHead(head))
                 row["recover"] = time.perf_counter() - t0
                 assert report.target is not None, report.reason
                 if host == lost:

@@ -51,6 +51,13 @@ class BranchWriter:
             self._commit_group = Group.detect()
         return self._group
 
+    @property
+    def commit_group(self) -> Group:
+        """The ranks' group for commits (an async save's thread uses it, never the step's)."""
+        self.group  # noqa: B018  (creates both groups on first use)
+        assert self._commit_group is not None
+        return self._commit_group
+
     def head(self) -> str | None:
         """The id of the branch's newest version, as rank 0 reads it, on every rank."""
         return replicated.from_rank0(self.group, self._head)

@@ -22,8 +22,10 @@ from cloudckpt import fallback, versions
 from cloudckpt.background import SaveJob
 from cloudckpt.branch_writer import BranchWriter
 from cloudckpt.errors import CloudCkptError, CorruptCheckpoint
+from cloudckpt.tiers import replicas
 from cloudckpt.tiers.copy import copy_version
-from cloudckpt.tiers.local import TIER_KEY, HostTier, LocalTier
+from cloudckpt.tiers.local import TIER_KEY, BucketHead, HostTier, LocalTier
+from cloudckpt.tiers.replicas import HostMap, RecoverReport, ReplicaReport
 from cloudckpt.versions import Index, Version
 
 log = logging.getLogger("cloudckpt.tiers")
@@ -37,39 +39,61 @@ class TieredSaves:
         self.host = HostTier(tier, writer.repo.uri, writer.branch)
         #: The bucket head local saves are made on top of.
         self.bucket_head: str | None = None
-        self._leader: bool | None = None
+        self._hosts: HostMap | None = None
+        #: What the last replication of a local save moved (ranks spanning hosts).
+        self.last_replica: ReplicaReport | None = None
+        #: What the last restore's recovery from peers did (ranks spanning hosts).
+        self.last_recover: RecoverReport | None = None
 
     def prepare(self) -> None:
         """Learn which ranks share a host (collective, on the training thread: an async
         save's thread must not run collectives of the step's group)."""
-        if self._leader is None:
+        if self._hosts is None:
             group = self.writer.group
-            hosts = group.all_gather_json(self.tier.host) if group.distributed else [None]
-            self._leader = hosts.index(hosts[group.rank]) == group.rank
+            self._hosts = (
+                HostMap.gather(group, self.tier.host)
+                if group.distributed
+                else HostMap((self.tier.host,), (self.tier.host,))
+            )
+
+    @property
+    def hosts(self) -> HostMap:
+        self.prepare()
+        assert self._hosts is not None
+        return self._hosts
 
     @property
     def leader(self) -> bool:
         """Whether this rank writes its host's local tier (the host's lowest rank)."""
-        self.prepare()
-        assert self._leader is not None
-        return self._leader
+        return self.hosts.is_leader(self.writer.group.rank)
+
+    @property
+    def spans_hosts(self) -> bool:
+        return len(self.hosts.hosts) > 1
 
     def commit(self, state: Any, job: SaveJob) -> Version | None:
-        """Save ``state`` to the local tier and, if ``job.to_bucket``, upload it from
-        there: the bucket version on every rank; else the local version (None on ranks
-        that do not write their host's tier). A bucket save whose local save failed is
-        uploaded from memory."""
-        local = None
+        """Save ``state`` to the local tier (and to the partner host's replica) and, if
+        ``job.to_bucket``, upload it from there: the bucket version on every rank; else
+        the local version (None on ranks that do not write their host's tier). A bucket
+        save whose local save failed is uploaded from memory."""
+        local, failed = None, None
         if self.leader:
             try:
                 local = self.host.commit(state, job.step, job.metrics, job.meta, self.bucket_head)
             except (CloudCkptError, OSError) as e:
+                failed = e
+                log.error("the local save of step %d failed: %s", job.step, e)
+        if self.spans_hosts and self.tier.replicas:
+            try:  # collective; a failure is every rank's
+                commit_group = self.writer.commit_group
+                self.last_replica = replicas.replicate(commit_group, self.hosts, self.host, local)
+            except CloudCkptError as e:
                 if not job.to_bucket:
                     raise
-                log.error(
-                    "the local save of step %d failed (%s); uploading it from memory", job.step, e
-                )
+                log.error("replicating step %d to the partner host failed: %s", job.step, e)
         if not job.to_bucket:
+            if failed is not None:
+                raise failed
             return local
         version = self.writer.publish_from_rank0(
             lambda fence, check: self._upload(local, state, job, fence, check)
@@ -124,9 +148,14 @@ class TieredSaves:
         self.prepare()
         self.bucket_head = head_id
         head = self.writer.repo.resolve(head_id, index) if head_id is not None else None
+        current = BucketHead.of(self.writer.repo, head_id, index)
         skipped: dict[str, str] = {}
         alone = not self.writer.group.distributed
-        for local in self.host.candidates(head_id) if alone else []:
+        if not alone:
+            loaded = self._restore_ranks(current, into, apply, skipped)
+            if loaded is not None:
+                return loaded, head, skipped
+        for local in self.host.candidates(current) if alone else []:
             try:
                 apply(local, self.host.repo.load(local.id, into=into))
                 log.info("resumed from the local tier: step %s (%s)", local.step, local.id)
@@ -151,6 +180,36 @@ class TieredSaves:
         where = f"{self.writer.repo.uri} branch {self.writer.branch!r}"
         version, _, more = fallback.first_good(versions.lineage(index, head_id), attempt, where)
         return version, version, {**skipped, **more}
+
+    def _restore_ranks(
+        self,
+        head: BucketHead,
+        into: dict[str, Any],
+        apply: Callable[[Version, Any], None],
+        skipped: dict[str, str],
+    ) -> Version | None:
+        """Several ranks: the newest step every host can get from its own tier or a peer
+        (received from the peer first), loaded on every rank from its host's tier; None
+        (the bucket next) if there is none or any rank fails to load it."""
+        group = self.writer.group
+        self.last_recover = report = replicas.recover(
+            group, self.hosts, self.host, head, replicated=True
+        )
+        target = report.target
+        if target is None:
+            return None
+
+        def load() -> None:
+            apply(target, self.host.repo.load(target.id, into=into))
+
+        try:
+            group.on_each_rank(load, context="loading from the local tier: ")
+        except CloudCkptError as e:
+            log.error("the local tier's step %s did not load on every rank: %s", target.step, e)
+            skipped[f"local:{target.id}"] = str(e)
+            return None
+        log.info("resumed from the local tiers: step %s (%s)", target.step, target.id)
+        return target
 
 
 def _local_copy(version: Version, host: str) -> str | None:

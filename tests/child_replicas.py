@@ -23,7 +23,7 @@ from cloudckpt import LocalTier, TransferOptions
 from cloudckpt.distributed import Group
 from cloudckpt.errors import RanksFailed
 from cloudckpt.testing.gpt import GPT, GPTConfig
-from cloudckpt.tiers.local import HostTier
+from cloudckpt.tiers.local import BucketHead, HostTier
 from cloudckpt.tiers.replicas import HostMap, recover, replicate, versions_of
 from cloudckpt.versions import Version
 
@@ -131,7 +131,7 @@ def replaced(job: Job) -> dict[str, Any]:
     )
     lost = job.hosts.hosts[-1]
     job.replace(lost)
-    report = recover(job.group, job.hosts, job.tier(), HEAD)
+    report = recover(job.group, job.hosts, job.tier(), BucketHead(HEAD))
     assert report.target is not None, report.reason
     assert job.same_everywhere(report.step) == 3
     assert_state_equal(expected, job.restored(report.target))
@@ -175,7 +175,7 @@ def corrupt(job: Job) -> dict[str, Any]:
         data[len(data) // 2] ^= 0x40
         victim.write_bytes(bytes(data))
     job.group.barrier()
-    report = recover(job.group, job.hosts, job.tier(), HEAD)
+    report = recover(job.group, job.hosts, job.tier(), BucketHead(HEAD))
     assert report.target is None
     reason = job.same_everywhere(report.reason)
     if job.host == lost:
@@ -195,11 +195,11 @@ def stale(job: Job) -> dict[str, Any]:
     if job.host == lost and job.leader:  # a newer save, but on a bucket head since replaced
         job.tier().commit(job.state(), 5, {}, {}, "old-head")
     job.group.barrier()
-    report = recover(job.group, job.hosts, job.tier(), HEAD)
+    report = recover(job.group, job.hosts, job.tier(), BucketHead(HEAD))
     assert report.target is not None, report.reason
     assert job.same_everywhere(report.step) == 1
     assert_state_equal(expected, job.restored(report.target))
-    elsewhere = recover(job.group, job.hosts, job.tier(), "old-head")
+    elsewhere = recover(job.group, job.hosts, job.tier(), BucketHead("old-head"))
     assert elsewhere.target is None
     return {"reason": job.same_everywhere(elsewhere.reason)}
 

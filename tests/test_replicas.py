@@ -22,7 +22,7 @@ from cloudckpt.distributed import Group
 from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.tiers import peer
 from cloudckpt.tiers.copy import blobs_of
-from cloudckpt.tiers.local import HostTier
+from cloudckpt.tiers.local import BucketHead, HostTier
 from cloudckpt.tiers.plan import plan
 from cloudckpt.tiers.replicas import HostMap, recover, replicate, siblings, versions_of
 
@@ -175,8 +175,8 @@ def test_one_host_replicates_nothing_and_recovers_its_newest_local_version(tmp_p
     group = Group()
     hosts = HostMap.gather(group, "a")
     assert replicate(group, hosts, tier, version).bytes_sent == 0
-    assert recover(group, hosts, tier, "H").target == version
-    assert recover(group, hosts, tier, "another head").target is None
+    assert recover(group, hosts, tier, BucketHead("H")).target == version
+    assert recover(group, hosts, tier, BucketHead("another head")).target is None
 
 
 def run_job(tmp_path: Path, ranks: int, per_host: int, scenario: str) -> dict[str, Any]:
@@ -231,3 +231,19 @@ def test_a_failed_transfer_fails_or_falls_back_on_every_rank(tmp_path: Path) -> 
 def test_a_tier_on_another_bucket_head_is_not_used(tmp_path: Path) -> None:
     found = run_job(tmp_path, 2, 1, "stale")
     assert found["reason"] == "no local version of ['h0']"
+
+
+def test_a_replacement_host_with_a_new_id_takes_another_hosts_copy_of_a_replicated_state() -> None:
+    # "b" left; "d" replaces it under a new hostname: no replica of "d" exists anywhere.
+    hosts = HostMap(("a", "c", "d"), ("a", "c", "d"))  # a -> c -> d -> a
+    reports = [
+        _holding("a", [4, 3], {"b": [4, 3]}),
+        _holding("c", [4, 3], {"a": [4]}),
+        _holding("d", [], {}),
+    ]
+    assert plan(hosts, reports)["target"] is None  # a sharded state: d's share is nowhere
+    decided = plan(hosts, reports, replicated=True)
+    assert decided["target"] == 4
+    # from its partner first (d -> a), a's own copy
+    assert decided["fetch"] == [[{"src": "a", "dst": "d", "of": "a", "id": "a-4", "into": "own"}]]
+    assert decided["own"] == {"a": "a-4", "c": "c-4"}

@@ -15,6 +15,7 @@ host never resumes a run from its own stale lineage after another host went on.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -22,12 +23,13 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from cloudckpt import codec
 from cloudckpt.blobs import BlobReader, TransferOptions
 from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint
 from cloudckpt.manifest import Manifest
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers.copy import BlobSource
-from cloudckpt.versions import Version
+from cloudckpt.versions import Index, Version
 
 log = logging.getLogger("cloudckpt.tiers")
 
@@ -118,10 +120,9 @@ class HostTier:
         mine = [v for v in index.versions.values() if v.branch == self.branch]
         return sorted(mine, key=lambda v: (v.step or 0, v.created), reverse=True)
 
-    def candidates(self, bucket_head: str | None) -> list[Version]:
-        """Local versions a restore may take: saved on top of the bucket's current head
-        ``bucket_head`` (newest first)."""
-        return [v for v in self.versions() if based_on(v) == bucket_head]
+    def candidates(self, head: BucketHead) -> list[Version]:
+        """Local versions a restore may take (newest first): see :func:`current`."""
+        return [v for v in self.versions() if current(self.repo, v, head)]
 
     def replica(self, host: str) -> Repo:
         """The replicas of host ``host``'s saves this host keeps (``replicas/<host>``
@@ -139,6 +140,57 @@ class HostTier:
         """Reads a local blob's raw bytes by hash, checked (CorruptCheckpoint if not)."""
         reader = BlobReader(self.repo.store, self.repo.options.transfer)
         return reader.raw
+
+
+@dataclass(frozen=True)
+class BucketHead:
+    """The bucket branch's head, as local versions are compared with it: its id, its
+    parent and step, and the digest of the state it holds (:func:`state_digest`)."""
+
+    id: str | None
+    parent: str | None = None
+    step: int | None = None
+    content: str = ""
+
+    @classmethod
+    def of(cls, repo: Repo, head_id: str | None, index: Index) -> BucketHead:
+        if head_id is None:
+            return cls(None)
+        version = repo.resolve(head_id, index)
+        try:
+            content = state_digest(repo.manifest(version))
+        except CorruptCheckpoint:  # a restore passes it over; no local copy stands for it
+            content = ""
+        return cls(version.id, version.parent, version.step, content)
+
+
+def state_digest(doc: Manifest) -> str:
+    """What a version holds, whatever repository and codec store it: its skeleton and
+    each array's path, kind, dtype, shape and chunk hashes."""
+    arrays = [
+        [e["path"], e["kind"], e["dtype"], e["shape"], [c[0] for c in e["chunks"]]]
+        for e in doc.tensors
+    ]
+    return codec.content_hash(json.dumps([doc.state, arrays], sort_keys=True).encode())
+
+
+def current(repo: Repo, version: Version, head: BucketHead) -> bool:
+    """Whether a restore may take local ``version`` (of ``repo``) with the bucket at
+    ``head``: it was saved on top of the head, or it is the local save the head was
+    uploaded from (saved on the head's parent, at its step, holding the same state --
+    each host's own copy of a bucket save counts). A version without a tier record, or
+    whose manifest does not read, never does."""
+    try:
+        base = based_on(version)
+        if base == head.id:
+            return True
+        if head.id is None or not head.content:
+            return False
+        if base != head.parent or version.step != head.step:
+            return False
+        return state_digest(repo.manifest(version)) == head.content
+    except CorruptCheckpoint:
+        return False
 
 
 def based_on(version: Version) -> str | None:

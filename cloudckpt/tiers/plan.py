@@ -16,23 +16,31 @@ if TYPE_CHECKING:
     from cloudckpt.tiers.replicas import HostMap
 
 
-def plan(hosts: HostMap, reports: list[dict[str, Any]]) -> dict[str, Any]:
+def plan(hosts: HostMap, reports: list[dict[str, Any]], replicated: bool = False) -> dict[str, Any]:
     """The target step and the transfers that put it in every host's own tier, then
     re-create the replicas partners lack (from every leader's report; None for the
-    other ranks)."""
+    other ranks). ``replicated``: every host saves the same state (the manager's DDP
+    state), so a host may also take another host's own version -- a replacement host
+    with a new id has no replica of its own anywhere."""
     held = {r["host"]: r for r in reports if r is not None}
     if len({r["head"] for r in held.values()}) > 1:
         return {"target": None, "reason": "the ranks disagree on the bucket head"}
 
-    def reachable(h: str) -> dict[int, tuple[str, str, str]]:
-        """step -> (from host, "own" or "replica", version id) for host ``h``."""
-        found: dict[int, tuple[str, str, str]] = {}
+    def reachable(h: str) -> dict[int, tuple[str, str, str, str]]:
+        """step -> (from host, "own", "replica" or "peer", version id, whose version)
+        for host ``h``; its own first, then its replicas (the partner's first), then
+        (replicated) the other hosts' own versions."""
+        found: dict[int, tuple[str, str, str, str]] = {}
         holders = [hosts.partner(h)] + [g for g in hosts.hosts if g != hosts.partner(h)]
-        for g in reversed([g for g in holders if g is not None and g != h]):
+        others = [g for g in holders if g is not None and g != h]
+        for g in reversed(others if replicated else []):
+            for step, vid in reversed(held[g]["own"]):
+                found[step] = (g, "peer", vid, g)
+        for g in reversed(others):
             for step, vid in reversed(held[g]["replicas"].get(h, [])):
-                found[step] = (g, "replica", vid)
+                found[step] = (g, "replica", vid, h)
         for step, vid in reversed(held[h]["own"]):
-            found[step] = (h, "own", vid)
+            found[step] = (h, "own", vid, h)
         return found
 
     reach = {h: reachable(h) for h in hosts.hosts}
@@ -43,10 +51,10 @@ def plan(hosts: HostMap, reports: list[dict[str, Any]]) -> dict[str, Any]:
         return {"target": None, "reason": why}
     step = max(common)
     fetch = [
-        {"src": g, "dst": h, "of": h, "id": vid, "into": "own"}
+        {"src": g, "dst": h, "of": of, "id": vid, "into": "own"}
         for h in hosts.hosts
-        for g, kind, vid in [reach[h][step]]
-        if kind == "replica"
+        for g, kind, vid, of in [reach[h][step]]
+        if kind != "own"
     ]
     recreate = []
     for h in hosts.hosts:

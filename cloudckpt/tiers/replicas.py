@@ -31,7 +31,7 @@ from cloudckpt.distributed.collectives import Group
 from cloudckpt.errors import CheckpointNotFound, CloudCkptError
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers import peer
-from cloudckpt.tiers.local import HostTier, based_on
+from cloudckpt.tiers.local import BucketHead, HostTier, current
 from cloudckpt.tiers.plan import plan
 from cloudckpt.versions import Version
 
@@ -265,24 +265,20 @@ def replicate(
 
 
 # -- recover -------------------------------------------------------------------------------
-def _listing(versions: list[Version], head: str | None) -> list[list[Any]]:
-    return [[v.step, v.id] for v in versions if _based_on(v) == head]
+def _listing(repo: Repo, versions: list[Version], head: BucketHead) -> list[list[Any]]:
+    return [[v.step, v.id] for v in versions if current(repo, v, head)]
 
 
-def _based_on(version: Version) -> str | bool | None:
-    try:
-        return based_on(version)
-    except CloudCkptError:
-        return False  # no tier record: never matches a head
-
-
-def _holdings(me: str, hosts: HostMap, tier: HostTier, head: str | None) -> dict[str, Any]:
+def _holdings(me: str, hosts: HostMap, tier: HostTier, head: BucketHead) -> dict[str, Any]:
     """What host ``me``'s leader can restore from: its own versions and the replicas it
-    keeps (``[step, id]`` of those based on ``head``)."""
-    replicas = {
-        h: _listing(versions_of(tier.replica(h), tier.branch), head) for h in hosts.hosts if h != me
-    }
-    return {"host": me, "head": head, "own": _listing(tier.versions(), head), "replicas": replicas}
+    keeps (``[step, id]`` of those a restore may take with the bucket at ``head``)."""
+    replicas = {}
+    for h in hosts.hosts:
+        if h != me:
+            repo = tier.replica(h)
+            replicas[h] = _listing(repo, versions_of(repo, tier.branch), head)
+    own = _listing(tier.repo, tier.versions(), head)
+    return {"host": me, "head": head.id, "own": own, "replicas": replicas}
 
 
 def _round(
@@ -315,12 +311,20 @@ def _finder(
     return find
 
 
-def recover(group: Group, hosts: HostMap, tier: HostTier, bucket_head: str | None) -> RecoverReport:
+def recover(
+    group: Group,
+    hosts: HostMap,
+    tier: HostTier,
+    bucket_head: BucketHead,
+    replicated: bool = False,
+) -> RecoverReport:
     """Put the newest step every host can reach in every host's own tier, receiving it
     from peers where a host lacks it, then re-create the replicas partners lack
     (collective, every rank, before anything is loaded). The target is None on every
     rank when there is no such step or a transfer failed: restore from the bucket. (A
-    group that timed out raises: its ranks can no longer agree on anything.)"""
+    group that timed out raises: its ranks can no longer agree on anything.)
+    ``replicated``: every host saved the same state, so any host's copy will do (see
+    :func:`cloudckpt.tiers.plan.plan`)."""
     t0 = time.perf_counter()
     report = RecoverReport()
     leader = hosts.is_leader(group.rank)
@@ -328,7 +332,7 @@ def recover(group: Group, hosts: HostMap, tier: HostTier, bucket_head: str | Non
     try:
         decided = group.all_reduce(
             lambda: _holdings(host, hosts, tier, bucket_head) if leader else None,
-            lambda reports: plan(hosts, reports),
+            lambda reports: plan(hosts, reports, replicated),
             context="planning the local restore: ",
         )
     except CloudCkptError as e:
