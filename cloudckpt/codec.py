@@ -290,6 +290,12 @@ def _read_planes(body: memoryview, expected: list[int], where: str) -> list[np.n
             planes.append(np.frombuffer(payload, dtype=np.uint8))
             continue
         try:
+            # A frame that declares its length gets an output buffer of that length from
+            # zstandard (max_output_size bounds only frames that do not): a forged
+            # declaration must not become an allocation.
+            declared = zstandard.frame_content_size(payload)
+            if declared not in (-1, size):
+                raise CorruptCheckpoint(f"{where}: a plane's frame declares {declared} of {size}")
             plain = dctx.decompress(payload, max_output_size=size)
         except zstandard.ZstdError as e:
             raise CorruptCheckpoint(f"{where}: cannot decompress ({e})") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,17 @@ def test_length_mismatch_is_refused_before_decompressing() -> None:
     blob, raw = _blob()
     with pytest.raises(CorruptCheckpoint, match="manifest expects"):
         codec.Codec().decode(blob, raw.nbytes * 1000, "blobs/ab/abcd")
+
+
+@pytest.mark.parametrize("declared", [2**40, 2**63, 4096 + 1])
+def test_a_frame_that_declares_another_length_is_refused_before_allocating(declared) -> None:
+    # zstandard sizes its output by a frame's declared content size (max_output_size
+    # bounds only frames without one): 2**40 used to be a MemoryError, not a refusal.
+    frame = struct.pack("<IB", 0xFD2FB528, 0xE0) + struct.pack("<Q", declared)
+    frame += (1 | 1 << 1 | 4096 << 3).to_bytes(3, "little") + b"\x00"  # last, RLE, 4 KiB
+    blob = codec._HEADER.pack(codec.MAGIC, 1, 1, 1, 4096) + codec._PLANE.pack(1, len(frame))
+    with pytest.raises(CorruptCheckpoint, match="declares"):
+        codec.Codec().decode(blob + frame, 4096, "x")
+    honest = frame[:5] + struct.pack("<Q", 4096) + frame[13:]
+    out = codec.Codec().decode(blob + honest, 4096, "x")
+    assert out.tobytes() == bytes(4096)
