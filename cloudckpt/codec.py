@@ -158,8 +158,11 @@ class Codec:
         pos = _HEADER.size
         if choice.name == FPLANES:
             literals = _Literals.get()
+            scratch = None
             for plane in planes:
-                pos = _encode_literal_plane(literals, plane, out, pos)
+                pos = _encode_literal_plane(literals, plane, out, pos, scratch)
+                if plane.flags.owndata:  # a plane made here, not a view of ``raw``:
+                    scratch = plane  # done with, it takes the next gathers
                 del plane
             return memoryview(out)[:pos]
         cctx = zstandard.ZstdCompressor(level=self.level)
@@ -338,9 +341,16 @@ def _literals_context() -> tuple[object, object, object]:
     return lib, ffi, cctx
 
 
-def _encode_literal_plane(literals: _Literals, plane: np.ndarray, out: np.ndarray, pos: int) -> int:
+def _encode_literal_plane(
+    literals: _Literals,
+    plane: np.ndarray,
+    out: np.ndarray,
+    pos: int,
+    scratch: np.ndarray | None = None,
+) -> int:
     """Write one float plane (its header and payload) at ``out[pos:]``; returns the end.
-    The frame is written straight into ``out`` and kept only if smaller than the plane."""
+    The frame is written straight into ``out`` and kept only if smaller than the plane.
+    A strided plane to compress is gathered into ``scratch`` (its size) when given."""
     import numpy as np
 
     size = plane.size
@@ -348,14 +358,19 @@ def _encode_literal_plane(literals: _Literals, plane: np.ndarray, out: np.ndarra
     if size >= _MIN_COMPRESS:
         if size > 2 * _SAMPLE_BYTES:
             sample = np.ascontiguousarray(plane[:_SAMPLE_BYTES])
-            scratch = np.empty(_SAMPLE_BYTES, dtype=np.uint8)
-            worth = 0 < literals.compress_into(sample, scratch) < _SAMPLE_RATIO * _SAMPLE_BYTES
+            frame = np.empty(_SAMPLE_BYTES, dtype=np.uint8)
+            worth = 0 < literals.compress_into(sample, frame) < _SAMPLE_RATIO * _SAMPLE_BYTES
         else:
             worth = True
         if worth:
-            packed = literals.compress_into(
-                np.ascontiguousarray(plane), out[body : body + size - 1]
-            )
+            if plane.flags.c_contiguous:
+                src = plane
+            elif scratch is not None:
+                src = scratch
+                np.copyto(src, plane)
+            else:
+                src = np.ascontiguousarray(plane)
+            packed = literals.compress_into(src, out[body : body + size - 1])
             if packed:
                 _PLANE.pack_into(out, pos, 1, packed)
                 return body + packed
@@ -403,10 +418,11 @@ def _float_planes(elems: np.ndarray) -> Iterator[np.ndarray]:
         yield sign_mant
         return
     # fp32: two strided byte gathers, then contiguous uint8 operations (vectorised).
-    top = np.ascontiguousarray(elems[:, width - 1])
-    nxt = np.ascontiguousarray(elems[:, width - 2])
-    exponent = np.left_shift(top, 1)
-    exponent |= nxt >> 7
+    top = elems[:, width - 1].copy()  # copies even where the view is contiguous (one
+    nxt = elems[:, width - 2].copy()  # element): they are changed in place below
+    exponent = np.right_shift(nxt, 7)  # exponent bit 0
+    exponent += top  # + 2 * top (mod 256): the other seven bits above it, sign dropped
+    exponent += top
     yield exponent
     del exponent
     top &= 0x80
@@ -420,6 +436,18 @@ def _join_planes(planes: list[np.ndarray], out: np.ndarray, float_exponent: bool
     import numpy as np
 
     width = out.shape[1]
+    if float_exponent and width == 2:
+        # bf16: the elements are contiguous uint16 words, built in place.
+        exponent, sign_mant = planes
+        words = out.view(np.uint16)[:, 0]
+        np.copyto(words, sign_mant)  # sign << 7 | 7 mantissa bits
+        sign = words & 0x80
+        words ^= sign  # the mantissa bits
+        sign <<= 8
+        words |= sign  # the sign in bit 15
+        np.left_shift(exponent, 7, out=sign, dtype=np.uint16)
+        words |= sign  # the exponent in bits 14..7
+        return
     if float_exponent:
         exponent, sign_mant = planes[0], planes[1]
         # Contiguous uint8 operations into two scratch planes, then one strided store each.
