@@ -161,8 +161,8 @@ class Codec:
             scratch = None
             for plane in planes:
                 pos = _encode_literal_plane(literals, plane, out, pos, scratch)
-                if plane.flags.owndata:  # a plane made here, not a view of ``raw``:
-                    scratch = plane  # done with, it takes the next gathers
+                if count > 2 and plane.flags.owndata:  # made here, not a view of ``raw``:
+                    scratch = plane  # done with, it takes the mantissa planes' gathers
                 del plane
             return memoryview(out)[:pos]
         cctx = zstandard.ZstdCompressor(level=self.level)
