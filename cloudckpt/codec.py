@@ -227,7 +227,7 @@ class Codec:
         if name == ZSTD:
             width, expected = 1, [n]
         else:
-            if width == 0 or n % width or nplanes != width:
+            if width == 0 or n % width or nplanes != width or (name == FPLANES and width < 2):
                 raise CorruptCheckpoint(f"{where}: inconsistent plane layout")
             expected = [n // width] * width
         planes = _read_planes(body, expected, where)

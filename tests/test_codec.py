@@ -256,3 +256,13 @@ def test_encoding_never_writes_into_the_raw_bytes(n) -> None:
     blob = codec.Codec().encode(memoryview(raw), codec.CodecChoice(codec.FPLANES, 4))
     assert raw.tobytes() == before
     assert codec.Codec().decode(blob, raw.nbytes, "x").tobytes() == before
+
+
+@pytest.mark.parametrize("width", [0, 1])
+def test_a_float_blob_forged_to_another_width_is_refused(width) -> None:
+    # fplanes needs the top two bytes of an element: width 1 was an IndexError.
+    n = 3072
+    blob = codec._HEADER.pack(codec.MAGIC, 3, width, width, n)
+    blob += (codec._PLANE.pack(0, n) + bytes(n)) * width
+    with pytest.raises(CorruptCheckpoint, match="plane layout"):
+        codec.Codec().decode(blob, n, "x")
