@@ -197,6 +197,7 @@ def _previous_fplanes(raw: np.ndarray, width: int, dtype_name: str) -> bytes:
     the top two bytes as strided uint16 words, the exponent plane with the exponent
     parameters, the other planes at level 1 when a sample shrinks."""
     from cloudckpt import codec as C
+    from cloudckpt import float_planes
 
     choice = C.choose(dtype_name, width, raw.nbytes)
     if choice.name != C.FPLANES:
@@ -212,7 +213,7 @@ def _previous_fplanes(raw: np.ndarray, width: int, dtype_name: str) -> bytes:
     C._HEADER.pack_into(out, 0, C.MAGIC, 3, width, width, raw.nbytes)
     pos = C._HEADER.size
     level1 = zstandard.ZstdCompressor(level=1)
-    exponent = zstandard.ZstdCompressor(compression_params=C._exponent_params())
+    exponent = zstandard.ZstdCompressor(compression_params=float_planes.exponent_params())
     for i, p in enumerate(planes):
         pos = C.Codec._encode_plane(exponent if i == 0 else level1, p, out, pos)
     return out[:pos].tobytes()

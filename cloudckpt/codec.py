@@ -15,15 +15,14 @@ Codecs:
   have a narrow exponent range, so that plane compresses well, while the mantissa
   planes are close to random and are stored raw without spending CPU on them.
 
-The float planes are zstd frames made with literal (Huffman) compression forced on and a
-matcher that hardly searches (see ``_Literals``): the format every reader of ``fplanes``
-decodes (codec id 3, unchanged), made in about half the time of zstandard's C API.
+The float planes are made, joined and compressed by ``cloudckpt.float_planes``: zstd
+frames made with literal (Huffman) compression forced on and a matcher that hardly
+searches, the format every reader of ``fplanes`` decodes (codec id 3, unchanged).
 """
 
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING
 import xxhash
 import zstandard
 
+from cloudckpt import float_planes
 from cloudckpt.errors import CorruptCheckpoint
 
 if TYPE_CHECKING:  # imported where bytes are coded, not at import
@@ -83,18 +83,6 @@ def max_raw(stored: int) -> int:
 _IDS = {RAW: 0, ZSTD: 1, PLANES: 2, FPLANES: 3}
 _NAMES = {v: k for k, v in _IDS.items()}
 
-#: zstd settings for the exponent plane: a tiny hash table finds almost no (spurious)
-#: matches on near-random symbols, so zstd spends its bits on Huffman-coded literals.
-#: (Measured against level 1: docs/design-notes.md, Codec.)
-_EXPONENT_PARAMS = dict(
-    window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0
-)
-#: What ``_Literals`` changes, where libzstd's experimental parameters can be reached: a
-#: fast-strategy step of 257 bytes after a miss (target_length + 1: a match is still
-#: found and extended, runs of zeros are still found), and Huffman-coded literals forced
-#: on (libzstd turns them off by itself for a fast strategy with a target length).
-_LITERALS_TARGET_LENGTH = 256
-
 #: Planes smaller than this are not worth a zstd frame.
 _MIN_COMPRESS = 256
 #: A plane is compressed only if a sample of it shrinks below this ratio.
@@ -129,7 +117,7 @@ def choose(dtype_name: str, itemsize: int, nbytes: int) -> CodecChoice:
 class Codec:
     """Encodes and decodes chunks; thread-safe (a zstd context per call, and one libzstd
     context per thread for float planes). ``level`` is the zstd level of the ``planes``
-    and ``zstd`` codecs; float planes always use ``_Literals``."""
+    and ``zstd`` codecs; float planes always use ``float_planes.Literals``."""
 
     def __init__(self, level: int = 1) -> None:
         self.level = level
@@ -157,7 +145,7 @@ class Codec:
         _HEADER.pack_into(out, 0, MAGIC, _IDS[choice.name], choice.width, count, n)
         pos = _HEADER.size
         if choice.name == FPLANES:
-            literals = _Literals.get()
+            literals = float_planes.Literals.get()
             scratch = None
             for plane in planes:
                 pos = _encode_literal_plane(literals, plane, out, pos, scratch)
@@ -246,103 +234,8 @@ def _worth_compressing(cctx: zstandard.ZstdCompressor, plane: np.ndarray) -> boo
     return len(cctx.compress(sample)) < _SAMPLE_RATIO * sample.size
 
 
-def _exponent_params() -> zstandard.ZstdCompressionParameters:
-    return zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, **_EXPONENT_PARAMS)
-
-
-class _Literals:
-    """A zstd compressor for float planes, one per thread (a ``ZSTD_CCtx`` is not shared).
-
-    Its frames are plain zstd frames: libzstd's fast strategy with the exponent
-    parameters, a step of 257 bytes after a miss and literal (Huffman) compression forced
-    on. Those two need libzstd's experimental parameters, which python-zstandard's cffi
-    backend reaches (``zstandard.backend_cffi``: the same bundled libzstd). Where that
-    backend cannot be imported, the C backend's compressor with the exponent parameters
-    makes the same format, at about half the speed. Both release the GIL while they
-    compress.
-    """
-
-    _local = threading.local()
-
-    def __init__(self) -> None:
-        self._lib = self._ffi = self._cctx = None
-        self._fallback: zstandard.ZstdCompressor | None = None
-        try:
-            self._lib, self._ffi, self._cctx = _literals_context()
-        except (ImportError, AttributeError, RuntimeError):  # the same format, slower
-            self._fallback = zstandard.ZstdCompressor(compression_params=_exponent_params())
-
-    @classmethod
-    def get(cls) -> _Literals:
-        """This thread's compressor."""
-        literals = getattr(cls._local, "literals", None)
-        if literals is None:
-            literals = cls._local.literals = cls()
-        return literals
-
-    @property
-    def fast(self) -> bool:
-        """Whether libzstd's experimental parameters are in use (not the fallback)."""
-        return self._fallback is None
-
-    def compress_into(self, src: np.ndarray, dst: np.ndarray) -> int:
-        """Compress contiguous ``src`` into ``dst``; the frame's length, or 0 where it
-        would not fit in ``dst`` (the caller stores ``src`` raw then)."""
-        import numpy as np
-
-        if self._fallback is not None:
-            packed = self._fallback.compress(src)
-            if len(packed) > dst.size:
-                return 0
-            dst[: len(packed)] = np.frombuffer(packed, dtype=np.uint8)
-            return len(packed)
-        lib, ffi = self._lib, self._ffi
-        assert lib is not None and ffi is not None
-        size = lib.ZSTD_compress2(
-            self._cctx,
-            ffi.from_buffer(dst, require_writable=True),
-            dst.size,
-            ffi.from_buffer(src),
-            src.size,
-        )
-        if lib.ZSTD_isError(size):
-            if lib.ZSTD_getErrorCode(size) == lib.ZSTD_error_dstSize_tooSmall:
-                return 0
-            raise RuntimeError(f"zstd: {ffi.string(lib.ZSTD_getErrorName(size)).decode()}")
-        return int(size)
-
-
-def _literals_context() -> tuple[object, object, object]:
-    """libzstd (python-zstandard's cffi backend), its ffi and a compression context set
-    up for ``_Literals``; ImportError or AttributeError where the backend or a parameter
-    is missing, RuntimeError where libzstd refuses a setting."""
-    from zstandard import backend_cffi
-
-    lib, ffi = backend_cffi.lib, backend_cffi.ffi
-    settings = [
-        (lib.ZSTD_c_strategy, lib.ZSTD_fast),
-        (lib.ZSTD_c_windowLog, _EXPONENT_PARAMS["window_log"]),
-        (lib.ZSTD_c_hashLog, _EXPONENT_PARAMS["hash_log"]),
-        (lib.ZSTD_c_chainLog, _EXPONENT_PARAMS["chain_log"]),
-        (lib.ZSTD_c_searchLog, _EXPONENT_PARAMS["search_log"]),
-        (lib.ZSTD_c_minMatch, _EXPONENT_PARAMS["min_match"]),
-        (lib.ZSTD_c_targetLength, _LITERALS_TARGET_LENGTH),
-        (lib.ZSTD_c_literalCompressionMode, lib.ZSTD_ps_enable),
-        (lib.ZSTD_c_checksumFlag, 0),
-        (lib.ZSTD_c_contentSizeFlag, 1),
-    ]
-    cctx = lib.ZSTD_createCCtx()
-    if cctx == ffi.NULL:
-        raise MemoryError("cannot allocate a zstd compression context")
-    cctx = ffi.gc(cctx, lib.ZSTD_freeCCtx)
-    for param, value in settings:
-        if lib.ZSTD_isError(lib.ZSTD_CCtx_setParameter(cctx, param, value)):
-            raise RuntimeError(f"libzstd refused compression parameter {param}={value}")
-    return lib, ffi, cctx
-
-
 def _encode_literal_plane(
-    literals: _Literals,
+    literals: float_planes.Literals,
     plane: np.ndarray,
     out: np.ndarray,
     pos: int,
@@ -386,85 +279,18 @@ def _split_planes(elems: np.ndarray, float_exponent: bool) -> Iterator[np.ndarra
     width = elems.shape[1]
     rest = range(width - 1, -1, -1)
     if float_exponent:
-        yield from _float_planes(elems)
+        yield from float_planes.split(elems)
         rest = range(width - 3, -1, -1)
     for k in rest:
         yield elems[:, k]
 
 
-def _float_planes(elems: np.ndarray) -> Iterator[np.ndarray]:
-    """The exponent plane, then sign | 7 mantissa bits: fresh arrays made from the top two
-    bytes of each element (sign | exponent 7..1, and exponent 0 | 7 mantissa bits)."""
-    import numpy as np
-
-    width = elems.shape[1]
-    m = elems.shape[0]
-    if width == 2:
-        # bf16: the elements are contiguous uint16 words; shift-and-narrow passes over
-        # them beat gathering their bytes.
-        words = elems.view(np.uint16)[:, 0]
-        exponent = np.empty(m, dtype=np.uint8)
-        np.right_shift(words, 7, out=exponent, casting="unsafe")
-        yield exponent
-        del exponent
-        sign_mant = np.empty(m, dtype=np.uint8)
-        np.right_shift(words, 8, out=sign_mant, casting="unsafe")
-        sign_mant &= 0x80
-        low = np.empty(m, dtype=np.uint8)
-        np.copyto(low, words, casting="unsafe")
-        low &= 0x7F
-        sign_mant |= low
-        del low
-        yield sign_mant
-        return
-    # fp32: two strided byte gathers, then contiguous uint8 operations (vectorised).
-    top = elems[:, width - 1].copy()  # copies even where the view is contiguous (one
-    nxt = elems[:, width - 2].copy()  # element): they are changed in place below
-    exponent = np.right_shift(nxt, 7)  # exponent bit 0
-    exponent += top  # + 2 * top (mod 256): the other seven bits above it, sign dropped
-    exponent += top
-    yield exponent
-    del exponent
-    top &= 0x80
-    nxt &= 0x7F
-    nxt |= top  # the sign next to the 7 mantissa bits
-    del top
-    yield nxt
-
-
 def _join_planes(planes: list[np.ndarray], out: np.ndarray, float_exponent: bool) -> None:
-    import numpy as np
-
     width = out.shape[1]
-    if float_exponent and width == 2:
-        # bf16: the elements are contiguous uint16 words, built in place.
-        exponent, sign_mant = planes
-        words = out.view(np.uint16)[:, 0]
-        np.copyto(words, sign_mant)  # sign << 7 | 7 mantissa bits
-        sign = words & 0x80
-        words ^= sign  # the mantissa bits
-        sign <<= 8
-        words |= sign  # the sign in bit 15
-        np.left_shift(exponent, 7, out=sign, dtype=np.uint16)
-        words |= sign  # the exponent in bits 14..7
-        return
+    rest, first = planes, width - 1
     if float_exponent:
-        exponent, sign_mant = planes[0], planes[1]
-        # Contiguous uint8 operations into two scratch planes, then one strided store each.
-        word = np.right_shift(exponent, 1)
-        bits = np.bitwise_and(sign_mant, 0x80)
-        word |= bits
-        out[:, width - 1] = word
-        np.left_shift(exponent, 7, out=word)
-        np.bitwise_and(sign_mant, 0x7F, out=bits)
-        word |= bits
-        out[:, width - 2] = word
-        del word, bits
-        rest = planes[2:]
-        first = width - 3
-    else:
-        rest = planes
-        first = width - 1
+        float_planes.join(planes[0], planes[1], out)
+        rest, first = planes[2:], width - 3
     for i, plane in enumerate(rest):
         out[:, first - i] = plane
 

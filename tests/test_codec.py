@@ -12,7 +12,7 @@ import pytest
 import torch
 import zstandard
 
-from cloudckpt import codec
+from cloudckpt import codec, float_planes
 from cloudckpt.errors import CorruptCheckpoint
 
 
@@ -117,7 +117,7 @@ def _float_blob(dtype: torch.dtype, n: int = 3000) -> tuple[bytes, np.ndarray]:
 def test_the_fast_float_encoder_is_in_use() -> None:
     # The pinned dependencies (zstandard with its cffi backend, cffi) reach libzstd's
     # experimental parameters; without them the codec falls back, twice as slow.
-    assert codec._Literals.get().fast
+    assert float_planes.Literals.get().fast
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -139,10 +139,10 @@ def test_the_fallback_encoder_writes_the_same_format(dtype, monkeypatch) -> None
     def no_backend() -> None:
         raise ImportError("no cffi")
 
-    monkeypatch.setattr(codec, "_literals_context", no_backend)
-    slow = codec._Literals()
+    monkeypatch.setattr(float_planes, "literals_context", no_backend)
+    slow = float_planes.Literals()
     assert not slow.fast
-    monkeypatch.setattr(codec._Literals, "get", classmethod(lambda cls: slow))
+    monkeypatch.setattr(float_planes.Literals, "get", classmethod(lambda cls: slow))
     blob, raw = _float_blob(dtype, 50_000)
     assert blob[4] == 3  # fplanes
     assert codec.Codec().decode(blob, raw.nbytes, "x").tobytes() == raw.tobytes()
