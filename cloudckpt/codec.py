@@ -14,6 +14,10 @@ Codecs:
   top byte first, so that one plane holds exactly the 8-bit exponent. Trained weights
   have a narrow exponent range, so that plane compresses well, while the mantissa
   planes are close to random and are stored raw without spending CPU on them.
+
+The float planes are made, joined and compressed by ``cloudckpt.float_planes``: zstd
+frames made with literal (Huffman) compression forced on and a matcher that hardly
+searches, the format every reader of ``fplanes`` decodes (codec id 3, unchanged).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING
 import xxhash
 import zstandard
 
+from cloudckpt import float_planes
 from cloudckpt.errors import CorruptCheckpoint
 
 if TYPE_CHECKING:  # imported where bytes are coded, not at import
@@ -78,13 +83,6 @@ def max_raw(stored: int) -> int:
 _IDS = {RAW: 0, ZSTD: 1, PLANES: 2, FPLANES: 3}
 _NAMES = {v: k for k, v in _IDS.items()}
 
-#: zstd settings for the exponent plane: a tiny hash table finds almost no (spurious)
-#: matches on near-random symbols, so zstd spends its bits on Huffman-coded literals.
-#: (Measured against level 1: docs/design-notes.md, Codec.)
-_EXPONENT_PARAMS = dict(
-    window_log=17, hash_log=6, chain_log=6, search_log=1, min_match=7, target_length=0
-)
-
 #: Planes smaller than this are not worth a zstd frame.
 _MIN_COMPRESS = 256
 #: A plane is compressed only if a sample of it shrinks below this ratio.
@@ -117,7 +115,9 @@ def choose(dtype_name: str, itemsize: int, nbytes: int) -> CodecChoice:
 
 
 class Codec:
-    """Encodes and decodes chunks; thread-safe (a zstd context per call)."""
+    """Encodes and decodes chunks; thread-safe (a zstd context per call, and one libzstd
+    context per thread for float planes). ``level`` is the zstd level of the ``planes``
+    and ``zstd`` codecs; float planes always use ``float_planes.Literals``."""
 
     def __init__(self, level: int = 1) -> None:
         self.level = level
@@ -144,12 +144,18 @@ class Codec:
         out = np.empty(_HEADER.size + count * _PLANE.size + n, dtype=np.uint8)
         _HEADER.pack_into(out, 0, MAGIC, _IDS[choice.name], choice.width, count, n)
         pos = _HEADER.size
+        if choice.name == FPLANES:
+            literals = float_planes.Literals.get()
+            scratch = None
+            for plane in planes:
+                pos = _encode_literal_plane(literals, plane, out, pos, scratch)
+                if count > 2 and plane.flags.owndata:  # made here, not a view of ``raw``:
+                    scratch = plane  # done with, it takes the mantissa planes' gathers
+                del plane
+            return memoryview(out)[:pos]
         cctx = zstandard.ZstdCompressor(level=self.level)
-        for i, plane in enumerate(planes):
-            ctx = cctx
-            if i == 0 and choice.name == FPLANES:
-                ctx = zstandard.ZstdCompressor(compression_params=_exponent_params())
-            pos = self._encode_plane(ctx, plane, out, pos)
+        for plane in planes:
+            pos = self._encode_plane(cctx, plane, out, pos)
             del plane  # planes are made one at a time: hold one scratch plane at most
         return memoryview(out)[:pos]
 
@@ -209,7 +215,7 @@ class Codec:
         if name == ZSTD:
             width, expected = 1, [n]
         else:
-            if width == 0 or n % width or nplanes != width:
+            if width == 0 or n % width or nplanes != width or (name == FPLANES and width < 2):
                 raise CorruptCheckpoint(f"{where}: inconsistent plane layout")
             expected = [n // width] * width
         planes = _read_planes(body, expected, where)
@@ -228,43 +234,63 @@ def _worth_compressing(cctx: zstandard.ZstdCompressor, plane: np.ndarray) -> boo
     return len(cctx.compress(sample)) < _SAMPLE_RATIO * sample.size
 
 
-def _exponent_params() -> zstandard.ZstdCompressionParameters:
-    return zstandard.ZstdCompressionParameters(strategy=zstandard.STRATEGY_FAST, **_EXPONENT_PARAMS)
+def _encode_literal_plane(
+    literals: float_planes.Literals,
+    plane: np.ndarray,
+    out: np.ndarray,
+    pos: int,
+    scratch: np.ndarray | None = None,
+) -> int:
+    """Write one float plane (its header and payload) at ``out[pos:]``; returns the end.
+    The frame is written straight into ``out`` and kept only if smaller than the plane.
+    A strided plane to compress is gathered into ``scratch`` (its size) when given."""
+    import numpy as np
+
+    size = plane.size
+    body = pos + _PLANE.size
+    if size >= _MIN_COMPRESS:
+        if size > 2 * _SAMPLE_BYTES:
+            sample = np.ascontiguousarray(plane[:_SAMPLE_BYTES])
+            frame = np.empty(_SAMPLE_BYTES, dtype=np.uint8)
+            worth = 0 < literals.compress_into(sample, frame) < _SAMPLE_RATIO * _SAMPLE_BYTES
+        else:
+            worth = True
+        if worth:
+            if plane.flags.c_contiguous:
+                src = plane
+            elif scratch is not None:
+                src = scratch
+                np.copyto(src, plane)
+            else:
+                src = np.ascontiguousarray(plane)
+            packed = literals.compress_into(src, out[body : body + size - 1])
+            if packed:
+                _PLANE.pack_into(out, pos, 1, packed)
+                return body + packed
+    _PLANE.pack_into(out, pos, 0, size)
+    out[body : body + size] = plane  # a strided plane is gathered here, in one copy
+    return body + size
 
 
 def _split_planes(elems: np.ndarray, float_exponent: bool) -> Iterator[np.ndarray]:
     """Byte planes, most significant first, made one at a time. The exponent planes are
     fresh arrays; the others are strided views of ``elems``, (n, width) little-endian."""
-    import numpy as np
 
     width = elems.shape[1]
     rest = range(width - 1, -1, -1)
     if float_exponent:
-        # The top two bytes as one little-endian uint16: sign | 8-bit exponent | 7 bits.
-        # Working on them as one word takes half the passes of byte-wise shifts.
-        hi = elems.view(np.uint16)[:, width // 2 - 1]
-        yield np.right_shift(hi, 7).astype(np.uint8)  # the exponent (the sign shifts out)
-        plane = np.bitwise_and(hi, 0x807F)
-        plane |= plane >> 8  # the sign next to the 7 mantissa bits
-        yield plane.astype(np.uint8)
-        del plane
+        yield from float_planes.split(elems)
         rest = range(width - 3, -1, -1)
     for k in rest:
         yield elems[:, k]
 
 
 def _join_planes(planes: list[np.ndarray], out: np.ndarray, float_exponent: bool) -> None:
-
     width = out.shape[1]
+    rest, first = planes, width - 1
     if float_exponent:
-        exponent, sign_mant = planes[0], planes[1]
-        out[:, width - 1] = (sign_mant & 0x80) | (exponent >> 1)
-        out[:, width - 2] = ((exponent & 1) << 7) | (sign_mant & 0x7F)
-        rest = planes[2:]
-        first = width - 3
-    else:
-        rest = planes
-        first = width - 1
+        float_planes.join(planes[0], planes[1], out)
+        rest, first = planes[2:], width - 3
     for i, plane in enumerate(rest):
         out[:, first - i] = plane
 
@@ -290,6 +316,12 @@ def _read_planes(body: memoryview, expected: list[int], where: str) -> list[np.n
             planes.append(np.frombuffer(payload, dtype=np.uint8))
             continue
         try:
+            # A frame that declares its length gets an output buffer of that length from
+            # zstandard (max_output_size bounds only frames that do not): a forged
+            # declaration must not become an allocation.
+            declared = zstandard.frame_content_size(payload)
+            if declared not in (-1, size):
+                raise CorruptCheckpoint(f"{where}: a plane's frame declares {declared} of {size}")
             plain = dctx.decompress(payload, max_output_size=size)
         except zstandard.ZstdError as e:
             raise CorruptCheckpoint(f"{where}: cannot decompress ({e})") from None

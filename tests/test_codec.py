@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import zstandard
 
-from cloudckpt import codec
+from cloudckpt import codec, float_planes
 from cloudckpt.errors import CorruptCheckpoint
 
 
@@ -92,3 +98,171 @@ def test_length_mismatch_is_refused_before_decompressing() -> None:
     blob, raw = _blob()
     with pytest.raises(CorruptCheckpoint, match="manifest expects"):
         codec.Codec().decode(blob, raw.nbytes * 1000, "blobs/ab/abcd")
+
+
+# -- float planes made through libzstd's experimental parameters (issue 20) --------------
+FIXTURES = Path(__file__).parent / "fixtures" / "codec1"
+
+
+def _float_blob(dtype: torch.dtype, n: int = 3000) -> tuple[bytes, np.ndarray]:
+    g = torch.Generator().manual_seed(20)
+    t = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    t[::7] = 0  # some zero runs: the mantissa planes go through zstd too
+    raw = raw_bytes(t)
+    name = str(dtype).removeprefix("torch.")
+    blob = codec.Codec().encode(memoryview(raw), codec.choose(name, t.element_size(), raw.nbytes))
+    return bytes(blob), raw
+
+
+def test_the_fast_float_encoder_is_in_use() -> None:
+    # The pinned dependencies (zstandard with its cffi backend, cffi) reach libzstd's
+    # experimental parameters; without them the codec falls back, twice as slow.
+    assert float_planes.Literals.get().fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 4096, 70_000, 200_003])
+def test_float_planes_round_trip_at_every_size(dtype: torch.dtype, n: int) -> None:
+    # Sizes around the raw threshold, the one-frame planes and the sampled planes.
+    for t in (torch.randn(n) * 0.02, torch.zeros(n), torch.full((n,), float("nan"))):
+        raw = raw_bytes(t.to(dtype))
+        name = str(dtype).removeprefix("torch.")
+        choice = codec.choose(name, raw.nbytes // n, raw.nbytes)
+        blob = codec.Codec().encode(memoryview(raw), choice)
+        assert len(blob) <= codec.max_stored(raw.nbytes)
+        assert raw.nbytes <= codec.max_raw(len(blob))
+        assert codec.Codec().decode(blob, raw.nbytes, "x").tobytes() == raw.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fallback_encoder_writes_the_same_format(dtype, monkeypatch) -> None:
+    def no_backend() -> None:
+        raise ImportError("no cffi")
+
+    monkeypatch.setattr(float_planes, "literals_context", no_backend)
+    slow = float_planes.Literals()
+    assert not slow.fast
+    monkeypatch.setattr(float_planes.Literals, "get", classmethod(lambda cls: slow))
+    blob, raw = _float_blob(dtype, 50_000)
+    assert blob[4] == 3  # fplanes
+    assert codec.Codec().decode(blob, raw.nbytes, "x").tobytes() == raw.tobytes()
+
+
+def test_blobs_of_every_codec_id_from_the_previous_encoder_still_decode() -> None:
+    index = json.loads((FIXTURES / "index.json").read_text())
+    assert {e["codec"] for e in index.values()} == {"raw", "zstd", "planes", "fplanes"}
+    for name, entry in index.items():
+        blob = (FIXTURES / f"{name}.blob").read_bytes()
+        out = codec.Codec().decode(blob, entry["raw_len"], name)
+        assert codec.content_hash(out) == entry["xxh3_128"], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_new_float_blobs_decode_with_the_previous_decoder_too(dtype) -> None:
+    # Same format, same codec id: the encoder changed, not what readers must know.
+    blob, raw = _float_blob(dtype, 100_000)
+    assert blob[4] == 3
+    header = codec._HEADER.size
+    view, pos, kinds = memoryview(blob), header, []
+    for _ in range(blob[5]):
+        kind, stored = codec._PLANE.unpack_from(view, pos)
+        kinds.append(kind)
+        if kind == 1:  # a plain zstd frame of the plane's length
+            frame = bytes(view[pos + codec._PLANE.size : pos + codec._PLANE.size + stored])
+            params = zstandard.get_frame_parameters(frame)
+            assert params.content_size == raw.nbytes // blob[5]
+            assert len(zstandard.ZstdDecompressor().decompress(frame)) == params.content_size
+        pos += codec._PLANE.size + stored
+    assert kinds[0] == 1 and pos == len(blob)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_truncation_of_a_float_blob_is_refused(dtype) -> None:
+    blob, raw = _float_blob(dtype)
+    for end in range(len(blob)):
+        with pytest.raises(CorruptCheckpoint):
+            codec.Codec().decode(blob[:end], raw.nbytes, "x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_forged_byte_of_a_float_blob_is_refused_or_keeps_the_length(dtype) -> None:
+    # A changed byte either fails decoding with CorruptCheckpoint or decodes to exactly
+    # the declared length (a raw mantissa byte: the content hash catches that one).
+    blob, raw = _float_blob(dtype)
+    refused = 0
+    for i in range(len(blob)):
+        for flip in (0x01, 0x80, 0xFF):
+            forged = bytearray(blob)
+            forged[i] ^= flip
+            try:
+                out = codec.Codec().decode(bytes(forged), raw.nbytes, "x")
+            except CorruptCheckpoint:
+                refused += 1
+                continue
+            assert out.size == raw.nbytes
+    assert refused > 0
+
+
+def test_forged_plane_lengths_are_refused_before_allocating() -> None:
+    blob, raw = _float_blob(torch.float32)
+    header = codec._HEADER.size
+    for stored in (0, 1, 2**32, 2**63):
+        forged = bytearray(blob)
+        codec._PLANE.pack_into(forged, header, 1, stored)
+        with pytest.raises(CorruptCheckpoint):
+            codec.Codec().decode(bytes(forged), raw.nbytes, "x")
+
+
+def test_float_blobs_from_many_threads_at_once_round_trip() -> None:
+    shared = codec.Codec()
+    blobs = {dtype: _float_blob(dtype, 300_000) for dtype in (torch.float32, torch.bfloat16)}
+
+    def work(dtype: torch.dtype) -> bool:
+        expected, raw = blobs[dtype]
+        name = str(dtype).removeprefix("torch.")
+        choice = codec.choose(name, raw.nbytes // 300_000, raw.nbytes)
+        for _ in range(5):
+            blob = shared.encode(memoryview(raw), choice)
+            if bytes(blob) != expected:
+                return False
+            if shared.decode(blob, raw.nbytes, "x").tobytes() != raw.tobytes():
+                return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, [torch.float32, torch.bfloat16] * 8))
+
+
+@pytest.mark.parametrize("declared", [2**40, 2**63, 4096 + 1])
+def test_a_frame_that_declares_another_length_is_refused_before_allocating(declared) -> None:
+    # zstandard sizes its output by a frame's declared content size (max_output_size
+    # bounds only frames without one): 2**40 used to be a MemoryError, not a refusal.
+    frame = struct.pack("<IB", 0xFD2FB528, 0xE0) + struct.pack("<Q", declared)
+    frame += (1 | 1 << 1 | 4096 << 3).to_bytes(3, "little") + b"\x00"  # last, RLE, 4 KiB
+    blob = codec._HEADER.pack(codec.MAGIC, 1, 1, 1, 4096) + codec._PLANE.pack(1, len(frame))
+    with pytest.raises(CorruptCheckpoint, match="declares"):
+        codec.Codec().decode(blob + frame, 4096, "x")
+    honest = frame[:5] + struct.pack("<Q", 4096) + frame[13:]
+    out = codec.Codec().decode(blob + honest, 4096, "x")
+    assert out.tobytes() == bytes(4096)
+
+
+@pytest.mark.parametrize("n", [1, 2, 64, 5000])
+def test_encoding_never_writes_into_the_raw_bytes(n) -> None:
+    # Made planes are reused as scratch for the next gathers; a view of the caller's
+    # bytes never is, whatever the size.
+    raw = raw_bytes(torch.randn(n) * 0.02)
+    before = raw.tobytes()
+    blob = codec.Codec().encode(memoryview(raw), codec.CodecChoice(codec.FPLANES, 4))
+    assert raw.tobytes() == before
+    assert codec.Codec().decode(blob, raw.nbytes, "x").tobytes() == before
+
+
+@pytest.mark.parametrize("width", [0, 1])
+def test_a_float_blob_forged_to_another_width_is_refused(width) -> None:
+    # fplanes needs the top two bytes of an element: width 1 was an IndexError.
+    n = 3072
+    blob = codec._HEADER.pack(codec.MAGIC, 3, width, width, n)
+    blob += (codec._PLANE.pack(0, n) + bytes(n)) * width
+    with pytest.raises(CorruptCheckpoint, match="plane layout"):
+        codec.Codec().decode(blob, n, "x")
