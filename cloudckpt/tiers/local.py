@@ -97,10 +97,17 @@ class HostTier:
         return version
 
     def prune(self) -> None:
-        """Keep the newest ``keep`` local versions; their data goes at once (nothing
-        else writes this repository)."""
+        """Keep the newest ``keep`` local versions (the last saved: the branch head, then
+        by creation; a version of a stale lineage may hold a higher step than the save
+        just made); their data goes at once (nothing else writes this repository)."""
         try:
-            mine = self.versions()
+            index = self.repo.index()
+            head = index.branches.get(self.branch)
+            mine = sorted(
+                (v for v in index.versions.values() if v.branch == self.branch),
+                key=lambda v: (v.id == head, v.created, v.id),
+                reverse=True,
+            )
             doomed = [v.id for v in mine[self.tier.keep :]]
             if doomed:
                 self.repo.delete(doomed, branch=self.branch)
