@@ -23,6 +23,7 @@ from typing import Any
 
 from cloudckpt.blobs import BlobReader, TransferOptions
 from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint
+from cloudckpt.gc import collect
 from cloudckpt.manifest import Manifest
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers.copy import BlobSource
@@ -32,6 +33,11 @@ log = logging.getLogger("cloudckpt.tiers")
 
 #: The key of a local version's tier record in its meta.
 TIER_KEY = "tier"
+#: The ttl of the local pruning's sweeps. A process killed while pruning leaves its sweep
+#: registered, and the next local save (the restarted process's) waits that long for it
+#: before publishing: the bucket's default (a minute) would stall the restart's first
+#: step. Deleting a few local files takes milliseconds.
+LOCAL_SWEEP_TTL = 3.0
 
 
 @dataclass(frozen=True)
@@ -111,7 +117,7 @@ class HostTier:
             doomed = [v.id for v in mine[self.tier.keep :]]
             if doomed:
                 self.repo.delete(doomed, branch=self.branch)
-                self.repo.gc(grace=0)
+                collect(self.repo.store, grace=0, sweep_ttl=LOCAL_SWEEP_TTL)
         except CloudCkptError as e:  # the local save landed; the next one prunes
             log.warning("pruning the local tier %s failed: %s", self.root, e)
 
