@@ -21,7 +21,7 @@ from typing import Any
 from cloudckpt import fallback, versions
 from cloudckpt.background import SaveJob
 from cloudckpt.branch_writer import BranchWriter
-from cloudckpt.errors import CorruptCheckpoint
+from cloudckpt.errors import CorruptCheckpoint, StoreError
 from cloudckpt.tiers.copy import copy_version
 from cloudckpt.tiers.local import TIER_KEY, HostTier, LocalTier
 from cloudckpt.versions import Index, Version
@@ -54,7 +54,10 @@ class TieredSaves:
         that do not write their host's tier)."""
         local = None
         if self.leader:
-            local = self.host.commit(state, job.step, job.metrics, job.meta, self.bucket_head)
+            try:
+                local = self.host.commit(state, job.step, job.metrics, job.meta, self.bucket_head)
+            except StoreError as e:  # the host's disk failed: the bucket does not wait on it
+                log.error("saving step %d to the local tier %s failed: %s", job.step, self.host, e)
         if not job.to_bucket:
             return local
         version = self.writer.publish_from_rank0(
@@ -71,33 +74,33 @@ class TieredSaves:
         fence: int | None,
         check_lease: Callable[[], None],
     ) -> Version:
-        """On rank 0: the local version uploaded to the bucket, or, if the local copy
-        does not verify, ``state`` committed directly."""
+        """On rank 0: the local version uploaded to the bucket, or, if there is none (the
+        local save failed) or it cannot be read back whole, ``state`` committed directly."""
         repo, branch = self.writer.repo, self.writer.branch
-        assert local is not None  # rank 0 writes its host's tier
-        record = {"host": self.tier.host, "local": local.id}
-        try:
-            doc = self.host.manifest(local)
-            return copy_version(
-                self.host.source(),
-                doc,
-                repo,
-                branch,
-                fence=fence,
-                meta={TIER_KEY: record},
-                before_publish=check_lease,
-            )
-        except CorruptCheckpoint as e:
-            log.error(
-                "the local copy of step %d does not verify (%s); uploading it from memory",
-                job.step,
-                e,
-            )
-            check_lease()
-            meta = {**job.meta, TIER_KEY: {"host": self.tier.host}}
-            return repo.commit(
-                state, branch=branch, step=job.step, metrics=job.metrics, meta=meta, fence=fence
-            )
+        if local is not None:
+            record = {"host": self.tier.host, "local": local.id}
+            try:
+                doc = self.host.manifest(local)
+                return copy_version(
+                    self.host.source(),
+                    doc,
+                    repo,
+                    branch,
+                    fence=fence,
+                    meta={TIER_KEY: record},
+                    before_publish=check_lease,
+                )
+            except CorruptCheckpoint as e:
+                log.error(
+                    "the local copy of step %d does not verify (%s); uploading it from memory",
+                    job.step,
+                    e,
+                )
+        check_lease()
+        meta = {**job.meta, TIER_KEY: {"host": self.tier.host}}
+        return repo.commit(
+            state, branch=branch, step=job.step, metrics=job.metrics, meta=meta, fence=fence
+        )
 
     # -- restore ---------------------------------------------------------------------
     def restore(
@@ -120,7 +123,7 @@ class TieredSaves:
                 apply(local, self.host.repo.load(local.id, into=into))
                 log.info("resumed from the local tier: step %s (%s)", local.step, local.id)
                 return local, head, skipped
-            except CorruptCheckpoint as e:
+            except (CorruptCheckpoint, StoreError) as e:  # a bad copy or a failing disk
                 log.error("local version %s does not verify (%s); next", local.id, e)
                 skipped[f"local:{local.id}"] = str(e)
         if head_id is None:
@@ -133,7 +136,7 @@ class TieredSaves:
                 try:
                     apply(candidate, self.host.repo.load(local_id, into=into))
                     return
-                except CorruptCheckpoint as e:
+                except (CorruptCheckpoint, StoreError) as e:
                     log.error("the local copy of %s does not verify (%s)", candidate.id, e)
             apply(candidate, self.writer.load(candidate.id, into))
 

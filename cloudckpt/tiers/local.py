@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cloudckpt.blobs import BlobReader, TransferOptions
-from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint, StoreError
 from cloudckpt.gc import collect
 from cloudckpt.manifest import Manifest
 from cloudckpt.repo import Repo, RepoOptions
@@ -126,6 +126,9 @@ class HostTier:
         try:
             index = self.repo.index()
         except CheckpointNotFound:
+            return []
+        except StoreError as e:  # the host's disk failed: nothing local to resume from
+            log.error("cannot read the local tier %s: %s", self.root, e)
             return []
         mine = [v for v in index.versions.values() if v.branch == self.branch]
         return sorted(mine, key=lambda v: (v.step or 0, v.created), reverse=True)
