@@ -562,3 +562,48 @@ def test_a_local_tier_stores_blobs_uncompressed(s3, tmp_path) -> None:
             assert stored[:4] == codec.MAGIC and stored[4] == 0, "codec id 0: raw"
             assert len(stored) >= chunk.blob_size
     mgr.close()
+
+
+def test_a_local_tier_that_cannot_be_written_does_not_stop_the_run(s3, tmp_path) -> None:
+    """The host's disk fails (here: the tier's path lies under a regular file, so every
+    local read and write fails): restore and bucket saves go on without the tier, from
+    memory; the local-only saves are skipped, not counted as failed saves."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, blocker / "tier")
+    assert mgr.restore(**t.objects()).fresh
+    results = run(mgr, t, 9, snaps)
+    assert [r.saved.tier if r.saved else None for r in results] == [
+        None, None, None, "bucket", None, None, None, "bucket", None,
+    ]  # fmt: skip
+    assert all(r.save_error is None for r in results) and mgr.failed_saves == 0
+    uri, opts = s3
+    bucket = Repo(uri, opts)
+    assert [v.step for v in bucket.versions()] == [4, 8]
+    assert bucket.resolve("main").meta["tier"] == {"host": "h0"}, "uploaded from memory"
+    mgr.close()
+    again = Trainer(seed=1)
+    mgr = manager(s3, blocker / "tier")
+    assert mgr.restore(**again.objects()).step == 8
+    again.assert_at(snaps[8])
+    mgr.close()
+
+
+def test_a_local_copy_that_cannot_be_read_is_passed_over(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    run(mgr, t, 6, snaps)
+    host = mgr.tiers.host
+    local6, local5 = host.versions()
+    path = Path(host.root) / blob_key(only_blobs_of(host, local6, [local5])[0])
+    path.unlink()
+    path.mkdir()  # reading it fails with an OS error, not a hash mismatch
+    mgr.close()
+    again = Trainer(seed=1)
+    mgr = manager(s3, tmp_path / "h0")
+    start = mgr.restore(**again.objects())
+    assert start.step == 5 and list(start.skipped) == [f"local:{local6.id}"]
+    again.assert_at(snaps[5])
+    mgr.close()
