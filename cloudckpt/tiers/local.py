@@ -135,8 +135,10 @@ class HostTier:
 
     def candidates(self, bucket_head: str | None) -> list[Version]:
         """Local versions a restore may take: saved on top of the bucket's current head
-        ``bucket_head`` (newest first)."""
-        return [v for v in self.versions() if based_on(v) == bucket_head]
+        ``bucket_head``, the most recently saved first (after a health rollback, the
+        steps saved since are newer than the higher ones of the lineage abandoned)."""
+        mine = [v for v in self.versions() if based_on(v) == bucket_head]
+        return sorted(mine, key=lambda v: (v.created, v.id), reverse=True)
 
     def manifest(self, version: Version) -> Manifest:
         return self.repo.manifest(version)
