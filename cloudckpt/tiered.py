@@ -21,7 +21,7 @@ from typing import Any
 from cloudckpt import fallback, versions
 from cloudckpt.background import SaveJob
 from cloudckpt.branch_writer import BranchWriter
-from cloudckpt.errors import CloudCkptError, CorruptCheckpoint
+from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, StoreError
 from cloudckpt.tiers import replicas
 from cloudckpt.tiers.copy import copy_version
 from cloudckpt.tiers.local import TIER_KEY, BucketHead, HostTier, LocalTier
@@ -76,24 +76,19 @@ class TieredSaves:
         ``job.to_bucket``, upload it from there: the bucket version on every rank; else
         the local version (None on ranks that do not write their host's tier). A bucket
         save whose local save failed is uploaded from memory."""
-        local, failed = None, None
+        local = None
         if self.leader:
             try:
                 local = self.host.commit(state, job.step, job.metrics, job.meta, self.bucket_head)
-            except (CloudCkptError, OSError) as e:
-                failed = e
-                log.error("the local save of step %d failed: %s", job.step, e)
+            except (StoreError, OSError) as e:  # the host's disk failed: the bucket does not wait
+                log.error("saving step %d to the local tier %s failed: %s", job.step, self.host, e)
         if self.spans_hosts and self.tier.replicas:
             try:  # collective; a failure is every rank's
                 commit_group = self.writer.commit_group
                 self.last_replica = replicas.replicate(commit_group, self.hosts, self.host, local)
-            except CloudCkptError as e:
-                if not job.to_bucket:
-                    raise
+            except CloudCkptError as e:  # the partner keeps its older replica
                 log.error("replicating step %d to the partner host failed: %s", job.step, e)
         if not job.to_bucket:
-            if failed is not None:
-                raise failed
             return local
         version = self.writer.publish_from_rank0(
             lambda fence, check: self._upload(local, state, job, fence, check)
@@ -160,7 +155,7 @@ class TieredSaves:
                 apply(local, self.host.repo.load(local.id, into=into))
                 log.info("resumed from the local tier: step %s (%s)", local.step, local.id)
                 return local, head, skipped
-            except CorruptCheckpoint as e:
+            except (CorruptCheckpoint, StoreError) as e:  # a bad copy or a failing disk
                 log.error("local version %s does not verify (%s); next", local.id, e)
                 skipped[f"local:{local.id}"] = str(e)
         if head_id is None:
@@ -173,7 +168,7 @@ class TieredSaves:
                 try:
                     apply(candidate, self.host.repo.load(local_id, into=into))
                     return
-                except CorruptCheckpoint as e:
+                except (CorruptCheckpoint, StoreError) as e:
                     log.error("the local copy of %s does not verify (%s)", candidate.id, e)
             apply(candidate, self.writer.load(candidate.id, into))
 

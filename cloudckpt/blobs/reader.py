@@ -128,6 +128,9 @@ class BlobReader:
                         break
                 done = batch.results()
             for digest, outcome in done.items():
+                if outcome is None:  # read from the cache: nothing came from the store
+                    stats.reused_blobs += 1
+                    continue
                 if isinstance(outcome, BaseException):
                     assert errors is not None
                     errors[blob_key(digest)] = str(outcome)
@@ -142,7 +145,9 @@ class BlobReader:
 
     def _load_blob(
         self, fetch: _Fetch, batch: Batch, progress: Progress, cache: BlobCache | None
-    ) -> int:
+    ) -> int | None:
+        """Fill the blob's destinations; the bytes fetched from the store, or None when
+        the cache held it."""
         try:
             _, dest, ref = fetch.parts[0]
             direct = len(fetch.parts) == 1 and ref.size == fetch.size and dest is not None
@@ -151,7 +156,7 @@ class BlobReader:
                     raw = self._raw(fetch, direct)
                     if cache.read_into(fetch.digest, raw):
                         self._scatter(fetch, raw, direct)
-                        return 0
+                        return None
             blob = self._get(fetch)
             with batch.gate.inside():  # the destination is the caller's: not after a failure
                 raw = self._raw(fetch, direct)

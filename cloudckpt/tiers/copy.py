@@ -107,6 +107,8 @@ def _store(
         if info is not None:
             return info.size, False
         raw = source(digest, blob.size)
+        if memoryview(raw).nbytes != blob.size or codec.content_hash(raw) != digest:
+            raise CorruptCheckpoint(f"the source's copy of blob {digest} does not match its hash")
         choice = codec_for(options, blob.dtype, blob.itemsize, blob.size)
         data = coder.encode(memoryview(raw), choice)
         dst.store.put(blob_key(digest), data)

@@ -25,7 +25,8 @@ from typing import Any
 
 from cloudckpt import codec
 from cloudckpt.blobs import BlobReader, TransferOptions
-from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint
+from cloudckpt.errors import CheckpointNotFound, CloudCkptError, CorruptCheckpoint, StoreError
+from cloudckpt.gc import collect
 from cloudckpt.manifest import Manifest
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers.copy import BlobSource
@@ -35,6 +36,11 @@ log = logging.getLogger("cloudckpt.tiers")
 
 #: The key of a local version's tier record in its meta.
 TIER_KEY = "tier"
+#: The ttl of the local pruning's sweeps. A process killed while pruning leaves its sweep
+#: registered, and the next local save (the restarted process's) waits that long for it
+#: before publishing: the bucket's default (a minute) would stall the restart's first
+#: step. Deleting a few local files takes milliseconds.
+LOCAL_SWEEP_TTL = 3.0
 
 
 @dataclass(frozen=True)
@@ -100,14 +106,21 @@ class HostTier:
         return version
 
     def prune(self) -> None:
-        """Keep the newest ``keep`` local versions; their data goes at once (nothing
-        else writes this repository)."""
+        """Keep the newest ``keep`` local versions (the last saved: the branch head, then
+        by creation; a version of a stale lineage may hold a higher step than the save
+        just made); their data goes at once (nothing else writes this repository)."""
         try:
-            mine = self.versions()
+            index = self.repo.index()
+            head = index.branches.get(self.branch)
+            mine = sorted(
+                (v for v in index.versions.values() if v.branch == self.branch),
+                key=lambda v: (v.id == head, v.created, v.id),
+                reverse=True,
+            )
             doomed = [v.id for v in mine[self.tier.keep :]]
             if doomed:
                 self.repo.delete(doomed, branch=self.branch)
-                self.repo.gc(grace=0)
+                collect(self.repo.store, grace=0, sweep_ttl=LOCAL_SWEEP_TTL)
         except CloudCkptError as e:  # the local save landed; the next one prunes
             log.warning("pruning the local tier %s failed: %s", self.root, e)
 
@@ -117,12 +130,18 @@ class HostTier:
             index = self.repo.index()
         except CheckpointNotFound:
             return []
+        except StoreError as e:  # the host's disk failed: nothing local to resume from
+            log.error("cannot read the local tier %s: %s", self.root, e)
+            return []
         mine = [v for v in index.versions.values() if v.branch == self.branch]
         return sorted(mine, key=lambda v: (v.step or 0, v.created), reverse=True)
 
     def candidates(self, head: BucketHead) -> list[Version]:
-        """Local versions a restore may take (newest first): see :func:`current`."""
-        return [v for v in self.versions() if current(self.repo, v, head)]
+        """Local versions a restore may take (see :func:`current`), the most recently
+        saved first (after a health rollback, the steps saved since are newer than the
+        higher ones of the lineage abandoned)."""
+        mine = [v for v in self.versions() if current(self.repo, v, head)]
+        return sorted(mine, key=lambda v: (v.created, v.id), reverse=True)
 
     def replica(self, host: str) -> Repo:
         """The replicas of host ``host``'s saves this host keeps (``replicas/<host>``

@@ -1,0 +1,307 @@
+"""The blob cache (blobs/cache.py) against a real S3 server (SeaweedFS): loads after a
+restart fetch only what the cache lacks, damaged cache files are never trusted, the cache
+may vanish at any time or be shared by processes, stays under its size bound, and
+``Repo.verify`` checks the store's copies, not the cache's."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from assertions import assert_state_equal
+
+from cloudckpt import Repo, RepoOptions, TransferOptions, codec
+from cloudckpt.blobs import blob_key, iter_chunks
+from cloudckpt.blobs.cache import BlobCache, CacheOptions
+
+CHILD = str(Path(__file__).with_name("child_cache.py"))
+
+
+@pytest.fixture
+def s3(seaweedfs: Any) -> tuple[str, dict[str, Any]]:
+    return seaweedfs.fresh_uri("cache"), seaweedfs.storage_options()
+
+
+#: Small chunks: many blobs per state.
+CHUNKED = TransferOptions(chunk_size=32 * 1024, workers=4)
+
+
+def options(cache_dir: Any, max_bytes: int = 1 << 30) -> RepoOptions:
+    """Small chunks, a cache at ``cache_dir``."""
+    return RepoOptions(transfer=CHUNKED, cache=CacheOptions(str(cache_dir), max_bytes))
+
+
+def training_state(seed: int = 0) -> dict[str, Any]:
+    """A real model and its Adam state after two steps: 18 chunk blobs of 32 KiB and a
+    pack of the small tensors."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss = model(torch.randn(8, 128)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 2}
+
+
+def digests(repo: Repo, ref: str = "main") -> set[str]:
+    doc = repo.manifest(repo.resolve(ref))
+    return {c.digest for e in doc.tensors for c in iter_chunks(e)}
+
+
+def cached_files(cache_dir: Any) -> dict[str, Path]:
+    """digest -> file of every blob held (not temporary files)."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in root.glob("??/*") if p.is_file()}
+
+
+def blob_gets(repo: Repo) -> list[str]:
+    """Record the blob keys ``repo`` reads from its store from now on."""
+    seen: list[str] = []
+    original = repo.store.get_buffer
+
+    def get_buffer(key: str, limit: int | None = None) -> Any:
+        if key.startswith("blobs/"):
+            seen.append(key)
+        return original(key, limit)
+
+    repo.store.get_buffer = get_buffer  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_restarted_load_fetches_only_what_the_cache_lacks(s3, tmp_path) -> None:
+    uri, opts = s3
+    cache_dir = tmp_path / "cache"
+    want = training_state()
+    Repo(uri, opts, options=options(cache_dir)).commit(want, step=2)
+    held = cached_files(cache_dir)
+    every = digests(Repo(uri, opts))
+    assert set(held) == every, "a save keeps the raw bytes of every blob it writes"
+    dropped = sorted(every)[::3]
+    for digest in dropped:
+        held[digest].unlink()
+
+    repo = Repo(uri, opts, options=options(cache_dir))  # a restart: a new Repo, same cache
+    gets = blob_gets(repo)
+    assert_state_equal(want, repo.load())
+    assert sorted(gets) == sorted(blob_key(d) for d in dropped)
+    assert repo.last_stats.transferred_blobs == len(dropped)
+    assert repo.last_stats.reused_blobs == len(every) - len(dropped)
+    assert repo.cache.hits == len(every) - len(dropped)
+    assert set(cached_files(cache_dir)) == every, "what was fetched is kept again"
+
+    again = Repo(uri, opts, options=options(cache_dir))
+    gets = blob_gets(again)
+    assert_state_equal(want, again.load())
+    assert gets == [] and again.last_stats.transferred_blobs == 0
+    assert again.cache.hits == len(every)
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def _grow(path: Path) -> None:
+    path.write_bytes(path.read_bytes() + b"\0" * 16)
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_flip, _truncate, _grow, _empty], ids=lambda f: f.__name__)
+def test_a_damaged_cache_file_is_dropped_and_read_from_the_store(s3, tmp_path, damage) -> None:
+    uri, opts = s3
+    cache_dir = tmp_path / "cache"
+    want = training_state(1)
+    Repo(uri, opts, options=options(cache_dir)).commit(want, step=2)
+    held = cached_files(cache_dir)
+    victim = max(held, key=lambda d: held[d].stat().st_size)  # the largest: a model weight
+    damage(held[victim])
+
+    repo = Repo(uri, opts, options=options(cache_dir))
+    gets = blob_gets(repo)
+    assert_state_equal(want, repo.load())
+    assert gets == [blob_key(victim)]
+    assert repo.last_stats.transferred_blobs == 1
+    assert repo.cache.hits == len(held) - 1
+    fixed = np.fromfile(held[victim], dtype=np.uint8)
+    assert codec.content_hash(fixed) == victim, "the good copy replaced the damaged one"
+
+
+def test_flipped_byte_is_a_miss_and_the_file_is_removed(tmp_path) -> None:
+    cache = BlobCache(CacheOptions(str(tmp_path / "c")))
+    raw = np.arange(4096, dtype=np.uint8)
+    digest = codec.content_hash(raw)
+    cache.put(digest, raw)
+    _flip(Path(cache.path(digest)))
+    out = np.empty(4096, dtype=np.uint8)
+    assert not cache.read_into(digest, out)
+    assert not os.path.exists(cache.path(digest)) and cache.misses == 1
+    cache.put(digest, raw)
+    assert cache.read_into(digest, out) and bytes(out) == bytes(raw) and cache.hits == 1
+
+
+def test_deleting_the_cache_directory_during_loads_never_gives_wrong_data(s3, tmp_path) -> None:
+    uri, opts = s3
+    cache_dir = tmp_path / "cache"
+    states = [training_state(10), training_state(11)]
+    writer = Repo(uri, opts, options=options(cache_dir))
+    ids = [writer.commit(s, step=n).id for n, s in enumerate(states)]
+    stop = threading.Event()
+    wiped = [0]  # rmtree calls so far
+    fetched = 0  # blobs the loads read from the store
+
+    def wipe() -> None:
+        for n in range(2000):  # bounded; stopped as soon as the loads are done
+            if stop.wait(0.3 if n % 3 == 0 else 0.01):  # now and then, the cache survives
+                return
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            wiped[0] += 1
+
+    thread = threading.Thread(target=wipe, daemon=True)
+    thread.start()
+    repo = Repo(uri, opts, options=options(cache_dir))
+    try:
+        for n in range(40):  # until the wipes met loads on both paths, bounded
+            k = n % 2
+            assert_state_equal(states[k], repo.load(ids[k]))
+            fetched += repo.last_stats.transferred_blobs
+            if n >= 8 and wiped[0] > 5 and repo.cache.hits > 0 and fetched > 0:
+                break
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert wiped[0] > 5
+    assert repo.cache.hits > 0 and fetched > 0, "both paths were taken"
+    for digest, path in cached_files(cache_dir).items():  # what survived is whole
+        assert codec.content_hash(np.fromfile(path, dtype=np.uint8)) == digest
+
+
+def test_two_processes_sharing_a_cache_load_and_save_exact_states(seaweedfs, tmp_path) -> None:
+    uri = seaweedfs.fresh_uri("cache-shared")
+    cache_dir = tmp_path / "shared"
+    env = {**os.environ, **seaweedfs.env(), "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, CHILD, uri, str(cache_dir), str(seed), "4"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    outs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        outs.append(out)
+        assert proc.returncode == 0, out
+        assert out.strip().splitlines()[-1].startswith("ok "), out
+    assert not list(Path(cache_dir).glob(".tmp-*")), "a finished writer leaves no temporary file"
+    held = cached_files(cache_dir)
+    assert held
+    for digest, path in held.items():
+        assert codec.content_hash(np.fromfile(path, dtype=np.uint8)) == digest
+    assert sum(int(out.split()[-1]) for out in outs) > 0, "the loads were served by the cache"
+
+
+def _fill(cache: BlobCache, n: int, size: int) -> str:
+    raw = np.full(size, n, dtype=np.uint8)
+    digest = codec.content_hash(raw)
+    cache.put(digest, raw)
+    time.sleep(0.02)  # distinct modification times
+    return digest
+
+
+def test_lru_eviction_keeps_under_max_bytes_and_drops_the_least_recently_used(tmp_path) -> None:
+    cache = BlobCache(CacheOptions(str(tmp_path / "lru"), max_bytes=3000))
+    a, b, c = (_fill(cache, n, 1000) for n in range(3))
+    assert set(cached_files(cache.root)) == {a, b, c}
+    out = np.empty(1000, dtype=np.uint8)
+    assert cache.read_into(a, out)  # a is now more recent than b and c
+    time.sleep(0.02)
+    d = _fill(cache, 3, 1000)
+    assert set(cached_files(cache.root)) == {a, c, d}, "b was the least recently used"
+    assert cache.read_into(c, out)
+    time.sleep(0.02)
+    e = _fill(cache, 4, 1500)  # over by 1500: the two least recently used go (a, d)
+    assert set(cached_files(cache.root)) == {c, e}
+    total = sum(p.stat().st_size for p in cached_files(cache.root).values())
+    assert total <= 3000
+
+
+def test_loads_keep_the_cache_directory_under_max_bytes(s3, tmp_path) -> None:
+    uri, opts = s3
+    want = training_state(3)
+    Repo(uri, opts, options=RepoOptions(transfer=CHUNKED)).commit(want, step=2)
+    limit = 200 * 1024  # a third of the state
+    repo = Repo(uri, opts, options=options(tmp_path / "small", max_bytes=limit))
+    for _ in range(2):
+        assert_state_equal(want, repo.load())
+        sizes = [p.stat().st_size for p in cached_files(tmp_path / "small").values()]
+        assert sizes and sum(sizes) <= limit
+
+
+def test_an_unwritable_cache_only_logs(s3, tmp_path, caplog) -> None:
+    uri, opts = s3
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")  # no one, root included, can create under it
+    want = training_state(4)
+    caplog.set_level(logging.WARNING, logger="cloudckpt.cache")
+    Repo(uri, opts, options=options(blocker / "cache")).commit(want, step=2)
+    repo = Repo(uri, opts, options=options(blocker / "cache"))
+    assert_state_equal(want, repo.load())
+    assert repo.last_stats.transferred_blobs == len(digests(repo))
+    assert "cache: cannot keep" in caplog.text
+    # The cache path itself a file: the same.
+    other = Repo(uri, opts, options=options(blocker))
+    assert_state_equal(want, other.load())
+
+
+def test_verify_reads_the_store_never_the_cache(s3, tmp_path) -> None:
+    uri, opts = s3
+    cache_dir = tmp_path / "cache"
+    want = training_state(5)
+    repo = Repo(uri, opts, options=options(cache_dir))
+    version = repo.commit(want, step=2)
+    held = cached_files(cache_dir)
+    victim = max(held, key=lambda d: held[d].stat().st_size)
+    key = blob_key(victim)
+    stored = bytearray(repo.store.get(key))
+    stored[len(stored) // 2] ^= 0x01
+    repo.store.put(key, bytes(stored))  # the store's copy is bad, the cached one good
+    good = held[victim].read_bytes()
+
+    report = Repo(uri, opts, options=options(cache_dir)).verify(version.id)
+    assert not report.ok
+    assert key in report.problems
+    assert held[victim].read_bytes() == good, "verify neither dropped nor replaced it"
+    # A load through the cache still gets exact data (from the good cached copy).
+    assert_state_equal(want, Repo(uri, opts, options=options(cache_dir)).load())

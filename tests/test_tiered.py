@@ -1,0 +1,630 @@
+"""The local tier (tiered.py, tiers/local.py, tiers/copy.py) with a bucket on a real S3
+server (SeaweedFS) and a real model and optimizer: local saves every step, bucket saves
+uploaded from the tier, restore across tiers (newest local first, never a stale lineage,
+falling back tier by tier past damaged copies), async saves, the final preemption save,
+retention on each tier, and copying a version between repositories."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from assertions import assert_state_equal
+
+from cloudckpt import CheckpointManager, HealthCheck, Repo, RepoOptions, TransferOptions, codec
+from cloudckpt.blobs import blob_key, iter_chunks
+from cloudckpt.errors import CorruptCheckpoint
+from cloudckpt.preemption import Notice, PreemptionWatcher
+from cloudckpt.tiers.copy import copy_version
+from cloudckpt.tiers.local import HostTier, LocalTier
+from cloudckpt.versions import Version
+
+
+@pytest.fixture
+def s3(seaweedfs: Any) -> tuple[str, dict[str, Any]]:
+    return seaweedfs.fresh_uri("tiered"), seaweedfs.storage_options()
+
+
+class Trainer:
+    """A small real model and optimizer; ``train()`` runs one real step."""
+
+    def __init__(self, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+        )
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-2)
+
+    def train(self) -> float:
+        x = torch.randn(16, 32)
+        loss = ((self.model(x) - x.sum(1, keepdim=True)) ** 2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def objects(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.opt}
+
+    def snapshot(self) -> dict[str, Any]:
+        return copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
+
+    def assert_at(self, want: dict[str, Any]) -> None:
+        assert_state_equal(want["model"], self.model.state_dict())
+        assert_state_equal(want["optimizer"], self.opt.state_dict())
+
+
+def manager(s3: Any, path: Any, host: str = "h0", **kwargs: Any) -> CheckpointManager:
+    uri, opts = s3
+    tier = kwargs.pop("tier", None) or LocalTier(str(path), every_steps=1, host=host)
+    kwargs.setdefault("save_every_steps", 4)
+    return CheckpointManager(uri, opts, local=tier, health=HealthCheck(spike_factor=1e9), **kwargs)
+
+
+def run(
+    mgr: CheckpointManager, t: Trainer, until: int, snaps: dict[int, Any] | None = None
+) -> list[Any]:
+    """Train and step from the manager's step to ``until``; the StepResults."""
+    results = []
+    for step in range(mgr.step_count + 1, until + 1):
+        loss = t.train()
+        if snaps is not None:
+            snaps[step] = t.snapshot()
+        results.append(mgr.step(step, metrics={"loss": loss}))
+    return results
+
+
+def bucket_steps(s3: Any) -> list[int | None]:
+    uri, opts = s3
+    return [v.step for v in Repo(uri, opts).versions()]
+
+
+def local_steps(mgr: CheckpointManager) -> list[int | None]:
+    assert mgr.tiers is not None
+    return [v.step for v in mgr.tiers.host.versions()]
+
+
+def only_blobs_of(host: HostTier, version: Version, others: list[Version]) -> list[str]:
+    """The blobs of ``version`` no other of ``others`` uses, largest first."""
+
+    def blobs(v: Version) -> dict[str, int]:
+        return {c.digest: c.blob_size for e in host.manifest(v).tensors for c in iter_chunks(e)}
+
+    mine = blobs(version)
+    shared = {d for v in others if v.id != version.id for d in blobs(v)}
+    return sorted((d for d in mine if d not in shared), key=lambda d: -mine[d])
+
+
+def flip_blob(host: HostTier, digest: str) -> None:
+    path = Path(host.root) / blob_key(digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_local_saves_every_step_and_bucket_saves_upload_from_the_tier(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "tier")
+    assert mgr.restore(**t.objects()).fresh
+    assert mgr.tiers is not None
+    served: list[str] = []
+    source = mgr.tiers.host.source
+
+    def spied() -> Any:
+        read = source()
+
+        def raw(digest: str, size: int) -> Any:
+            served.append(digest)
+            return read(digest, size)
+
+        return raw
+
+    mgr.tiers.host.source = spied  # type: ignore[method-assign]
+
+    def no_second_snapshot(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a bucket save committed the state again instead of uploading")
+
+    mgr.repo.commit = no_second_snapshot  # type: ignore[method-assign]
+    uploaded_from: dict[int, str] = {}
+    tiers = []
+    for step in range(1, 9):
+        (result,) = run(mgr, t, step, snaps)
+        assert result.saved is not None
+        tiers.append(result.saved.tier)
+        if result.saved.tier == "bucket":
+            uploaded_from[result.step] = mgr.tiers.host.versions()[0].id
+            assert mgr.tiers.host.versions()[0].step == result.step
+    assert tiers == ["local"] * 3 + ["bucket"] + ["local"] * 3 + ["bucket"]
+    uri, opts = s3
+    bucket = Repo(uri, opts)
+    versions = bucket.versions()
+    assert [v.step for v in versions] == [4, 8]
+    for v in versions:
+        assert v.meta["tier"] == {"host": "h0", "local": uploaded_from[v.step]}
+        assert_state_equal(snaps[v.step]["model"], bucket.load(v.id)["model"])
+        assert bucket.verify(v.id).ok
+    every = {c.digest for v in versions for e in bucket.manifest(v).tensors for c in iter_chunks(e)}
+    assert set(served) == every, "every blob the bucket got was read from the local tier"
+    assert len(served) == len(every), "and each only once"
+    local_ids = {v.id for v in mgr.tiers.host.versions()}
+    assert local_ids.isdisjoint(bucket.index().versions), "local versions stay local"
+    assert local_steps(mgr) == [8, 7]
+    mgr.close()
+
+
+def test_a_local_only_version_is_never_visible_in_the_bucket(s3, tmp_path) -> None:
+    t = Trainer()
+    mgr = manager(s3, tmp_path / "tier")
+    mgr.restore(**t.objects())
+    run(mgr, t, 3)
+    uri, opts = s3
+    assert Repo(uri, opts).versions() == []
+    assert local_steps(mgr) == [3, 2]
+    assert mgr.last_save is None and mgr.committed_step is None
+    mgr.close()
+
+
+def test_restart_resumes_the_newest_local_step_and_another_host_the_buckets(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    run(mgr, t, 6, snaps)
+    newest_local = mgr.tiers.host.versions()[0]
+    mgr.close()
+
+    again = Trainer(seed=1)
+    mgr = manager(s3, tmp_path / "h0")
+    start = mgr.restore(**again.objects())
+    assert start.step == 6 and mgr.step_count == 6
+    assert start.version is not None and start.version.id == newest_local.id
+    again.assert_at(snaps[6])
+    assert mgr.committed_step == 4, "the bucket holds step 4"
+    run(mgr, again, 8)  # the run goes on: the next bucket save lands on step 4
+    assert bucket_steps(s3) == [4, 8]
+    mgr.close()
+
+    other = Trainer(seed=2)
+    mgr = manager(s3, tmp_path / "h1", host="h1")
+    start = mgr.restore(**other.objects())
+    assert start.step == 8
+    assert start.version is not None and start.version.step == 8
+    mgr.close()
+    fresh_host = Trainer(seed=3)
+    mgr = manager(s3, tmp_path / "h2", host="h2")
+    mgr.restore(**fresh_host.objects())
+    assert_state_equal(other.model.state_dict(), fresh_host.model.state_dict())
+    mgr.close()
+
+
+def test_another_host_resumes_the_buckets_newest_step_bit_exact(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    run(mgr, t, 6, snaps)
+    mgr.close()
+    other = Trainer(seed=5)
+    mgr = manager(s3, tmp_path / "h1", host="h1")
+    start = mgr.restore(**other.objects())
+    assert start.step == 4 and mgr.step_count == 4
+    other.assert_at(snaps[4])
+    mgr.close()
+
+
+def test_a_stale_local_lineage_is_not_taken(s3, tmp_path) -> None:
+    t0, snaps0 = Trainer(), {}
+    h0 = manager(s3, tmp_path / "h0")
+    h0.restore(**t0.objects())
+    run(h0, t0, 6, snaps0)  # local to step 6 over bucket step 4
+    h0.close()
+
+    t1, snaps1 = Trainer(seed=9), {}
+    h1 = manager(s3, tmp_path / "h1", host="h1")
+    assert h1.restore(**t1.objects()).step == 4
+    run(h1, t1, 8, snaps1)
+    assert bucket_steps(s3) == [4, 8]
+    h1.close()
+
+    back = Trainer(seed=10)
+    h0 = manager(s3, tmp_path / "h0")
+    start = h0.restore(**back.objects())
+    assert start.step == 8, "h0's own step 6 is on a lineage the bucket left"
+    back.assert_at(snaps1[8])
+    snaps: dict[int, Any] = {}
+    run(h0, back, 9, snaps)  # its next local save is on top of step 8
+    h0.close()
+    last = Trainer(seed=11)
+    h0 = manager(s3, tmp_path / "h0")
+    assert h0.restore(**last.objects()).step == 9
+    last.assert_at(snaps[9])
+    h0.close()
+
+
+def test_a_save_after_resuming_below_a_stale_local_step_is_kept(s3, tmp_path) -> None:
+    """keep=1 and a stale local version at a higher step than the run resumed at: the
+    pruning after the next local save must drop the stale one, not the save just made."""
+    t0 = Trainer()
+    tier0 = LocalTier(str(tmp_path / "h0"), every_steps=1, keep=1, host="h0")
+    h0 = manager(s3, None, tier=tier0)
+    h0.restore(**t0.objects())
+    run(h0, t0, 7)  # bucket step 4, local step 7 (keep=1)
+    h0.close()
+    t1 = Trainer(seed=1)
+    h1 = manager(s3, tmp_path / "h1", host="h1")
+    assert h1.restore(**t1.objects()).step == 4
+    run(h1, t1, 5)
+    h1.save("manual")  # bucket step 5
+    h1.close()
+
+    t2, snaps = Trainer(seed=2), {}
+    h0 = manager(s3, None, tier=tier0)
+    assert h0.restore(**t2.objects()).step == 5
+    run(h0, t2, 6, snaps)  # a local save of step 6 on top of bucket step 5
+    assert local_steps(h0) == [6]
+    report = h0.save("manual")  # a bucket save of step 6, uploaded from the tier
+    assert report is not None and report.version.step == 6
+    assert h0.repo.resolve("main").meta["tier"]["local"] == h0.tiers.host.versions()[0].id
+    h0.close()
+    t3 = Trainer(seed=3)
+    h0 = manager(s3, None, tier=tier0)
+    assert h0.restore(**t3.objects()).step == 6
+    t3.assert_at(snaps[6])
+    h0.close()
+
+
+def test_a_damaged_local_copy_falls_back_to_the_next_version(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    run(mgr, t, 6, snaps)  # bucket 4; local 6 and 5
+    host = mgr.tiers.host
+    local6, local5 = host.versions()
+    flip_blob(host, only_blobs_of(host, local6, [local5])[0])
+    mgr.close()
+
+    again = Trainer(seed=1)
+    mgr = manager(s3, tmp_path / "h0")
+    start = mgr.restore(**again.objects())
+    assert start.step == 5
+    again.assert_at(snaps[5])
+    assert list(start.skipped) == [f"local:{local6.id}"]
+    mgr.close()
+
+    flip_blob(host, only_blobs_of(host, local5, [local6])[0])  # both local copies bad
+    third = Trainer(seed=2)
+    mgr = manager(s3, tmp_path / "h0")
+    start = mgr.restore(**third.objects())
+    assert start.step == 4, "the bucket's step 4"
+    third.assert_at(snaps[4])
+    assert set(start.skipped) == {f"local:{local6.id}", f"local:{local5.id}"}
+    run(mgr, third, 5)  # and the run goes on
+    mgr.close()
+
+
+def test_a_damaged_local_copy_of_a_bucket_version_is_read_from_the_bucket(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    tier = LocalTier(str(tmp_path / "h0"), every_steps=1, keep=3, host="h0")
+    mgr = manager(s3, None, tier=tier)
+    mgr.restore(**t.objects())
+    run(mgr, t, 4, snaps)
+    host = mgr.tiers.host
+    uploaded = mgr.repo.resolve("main")
+    (local4,) = (v for v in host.versions() if v.id == uploaded.meta["tier"]["local"])
+    flip_blob(host, only_blobs_of(host, local4, host.versions())[0])
+    mgr.close()
+    again = Trainer(seed=1)
+    mgr = manager(s3, None, tier=tier)
+    start = mgr.restore(**again.objects())
+    assert start.step == 4 and start.version is not None and start.version.id == uploaded.id
+    again.assert_at(snaps[4])
+    mgr.close()
+
+
+def test_a_damaged_local_copy_at_upload_time_uploads_from_memory(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    host = mgr.tiers.host
+    commit = host.commit
+
+    def commit_then_damage(state: Any, step: int, *args: Any) -> Version:
+        version = commit(state, step, *args)
+        if step == 4:
+            flip_blob(host, only_blobs_of(host, version, [])[0])
+        return version
+
+    host.commit = commit_then_damage  # type: ignore[method-assign]
+    results = run(mgr, t, 4, snaps)
+    assert results[-1].saved is not None and results[-1].saved.tier == "bucket"
+    uri, opts = s3
+    bucket = Repo(uri, opts)
+    head = bucket.resolve("main")
+    assert head.step == 4 and head.meta["tier"] == {"host": "h0"}, "not from the local copy"
+    assert bucket.verify(head.id).ok
+    state = bucket.load(head.id)
+    assert_state_equal(snaps[4]["model"], state["model"])
+    assert_state_equal(snaps[4]["optimizer"], state["optimizer"])
+    mgr.close()
+
+
+def test_async_saves_with_a_local_tier(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0", async_save=True)
+    mgr.restore(**t.objects())
+    results = run(mgr, t, 8, snaps)
+    assert all(r.saved is None for r in results), "async: nothing is committed in step()"
+    assert any(r.saving for r in results)
+    report = mgr.wait()
+    assert report is not None and report.tier == "bucket" and report.version.step == 8
+    assert 0 <= report.blocked_seconds <= report.seconds
+    local = mgr._saves.last_local_save
+    assert local is not None and local.tier == "local" and local.version.step == 7
+    assert local.blocked_seconds <= local.seconds
+    assert bucket_steps(s3) == [4, 8]
+    uri, opts = s3
+    bucket = Repo(uri, opts)
+    for v in bucket.versions():
+        assert_state_equal(snaps[v.step]["model"], bucket.load(v.id)["model"])
+    assert local_steps(mgr) == [8, 7]
+    mgr.close()
+    again = Trainer(seed=4)
+    mgr = manager(s3, tmp_path / "h0", async_save=True)
+    assert mgr.restore(**again.objects()).step == 8
+    again.assert_at(snaps[8])
+    mgr.close()
+
+
+def test_the_final_preemption_save_goes_to_the_bucket(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    watcher = PreemptionWatcher(signals=())
+    mgr = manager(s3, tmp_path / "h0", preemption=watcher)
+    mgr.restore(**t.objects())
+    run(mgr, t, 5, snaps)
+    watcher.trigger(Notice("test", time.monotonic() + 30))
+    (result,) = run(mgr, t, 6, snaps)
+    assert result.preempted and result.saved is not None and result.saved.tier == "bucket"
+    uri, opts = s3
+    head = Repo(uri, opts).resolve("main")
+    assert head.step == 6 and head.meta["reason"] == "preemption (test)"
+    assert head.meta["tier"]["local"] == mgr.tiers.host.versions()[0].id
+    mgr.close()
+    other = Trainer(seed=1)
+    mgr = manager(s3, tmp_path / "h1", host="h1")
+    assert mgr.restore(**other.objects()).step == 6
+    other.assert_at(snaps[6])
+    mgr.close()
+
+
+def test_retention_prunes_only_bucket_versions(s3, tmp_path) -> None:
+    t = Trainer()
+    tier = LocalTier(str(tmp_path / "h0"), every_steps=1, keep=3, host="h0")
+    mgr = manager(s3, None, tier=tier, keep_last=1, gc_every=1, gc_grace=0)
+    mgr.restore(**t.objects())
+    run(mgr, t, 8)
+    assert bucket_steps(s3) == [8]
+    assert local_steps(mgr) == [8, 7, 6], "the local tier keeps its own count"
+    mgr.close()
+
+
+def test_local_tier_keep_bounds_the_local_versions_and_their_data(s3, tmp_path) -> None:
+    t = Trainer()
+    tier = LocalTier(str(tmp_path / "h0"), every_steps=1, keep=3, host="h0")
+    mgr = manager(s3, None, tier=tier, save_every_steps=100)
+    mgr.restore(**t.objects())
+    run(mgr, t, 10)
+    assert local_steps(mgr) == [10, 9, 8]
+    host = mgr.tiers.host
+    referenced = {
+        blob_key(c.digest)
+        for v in host.versions()
+        for e in host.manifest(v).tensors
+        for c in iter_chunks(e)
+    }
+    assert set(host.repo.store.list_keys("blobs")) == referenced, "pruned data went at once"
+    for v in host.versions():
+        assert host.repo.verify(v.id).ok
+    mgr.close()
+
+
+def test_every_steps_spaces_the_local_saves(s3, tmp_path) -> None:
+    t = Trainer()
+    tier = LocalTier(str(tmp_path / "h0"), every_steps=2, keep=10, host="h0")
+    mgr = manager(s3, None, tier=tier)
+    mgr.restore(**t.objects())
+    saved = [(r.step, r.saved.tier if r.saved else None) for r in run(mgr, t, 8)]
+    assert saved == [
+        (1, None), (2, "local"), (3, None), (4, "bucket"),
+        (5, None), (6, "local"), (7, None), (8, "bucket"),
+    ]  # fmt: skip
+    mgr.close()
+
+
+# -- copy_version ------------------------------------------------------------------------
+def _state(seed: int) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "shared": torch.randn(64 * 1024, generator=torch.Generator().manual_seed(99)),
+        "w": torch.randn(64 * 1024, generator=g),
+        "b": torch.randn(100, generator=g),
+        "step": seed,
+    }
+
+
+CHUNKS = RepoOptions(transfer=TransferOptions(chunk_size=64 * 1024, workers=2))
+
+
+def _source_repo(tmp_path: Any, state: dict[str, Any]) -> tuple[Repo, Version]:
+    src = Repo(
+        f"file://{tmp_path}/src",
+        options=RepoOptions(transfer=TransferOptions(chunk_size=64 * 1024, compress=False)),
+    )
+    return src, src.commit(state, step=state["step"])
+
+
+def _reading(src: Repo, log: list[str]) -> Any:
+    from cloudckpt.blobs import BlobReader
+
+    read = BlobReader(src.store, src.options.transfer).raw
+
+    def source(digest: str, size: int) -> Any:
+        log.append(digest)
+        return read(digest, size)
+
+    return source
+
+
+def test_copy_version_uploads_only_the_blobs_the_destination_lacks(s3, tmp_path) -> None:
+    uri, opts = s3
+    dst = Repo(uri, opts, options=CHUNKS)
+    dst.commit(_state(1), branch="other", step=1)  # holds "shared", not as the parent
+    parent = dst.commit(_state(2), step=2)
+    src, version = _source_repo(tmp_path, {**_state(2), "w": _state(3)["w"], "step": 3})
+    doc = src.manifest(version)
+    wanted = {c.digest for e in doc.tensors for c in iter_chunks(e)}
+    held = {
+        c.digest for v in dst.versions() for e in dst.manifest(v).tensors for c in iter_chunks(e)
+    }
+    read: list[str] = []
+    copied = copy_version(_reading(src, read), doc, dst, "main", meta={"copied": True})
+    assert sorted(read) == sorted(wanted - held)
+    assert dst.last_stats.transferred_blobs == len(wanted - held) > 0
+    assert dst.last_stats.reused_blobs == len(wanted & held) > 0
+    assert copied.parent == parent.id and copied.step == 3 and copied.meta["copied"] is True
+    assert dst.verify(copied.id).ok
+    assert_state_equal(src.load(version.id), dst.load(copied.id))
+
+
+def test_copy_version_skips_blobs_stored_outside_the_parent(s3, tmp_path) -> None:
+    uri, opts = s3
+    dst = Repo(uri, opts, options=CHUNKS)
+    dst.commit(_state(1), branch="other", step=1)
+    src, version = _source_repo(tmp_path, _state(1))
+    read: list[str] = []
+    copied = copy_version(_reading(src, read), src.manifest(version), dst, "main")
+    assert read == [] and dst.last_stats.transferred_blobs == 0
+    assert_state_equal(src.load(version.id), dst.load(copied.id))
+
+
+def _liar(src: Repo, victim: str) -> Any:
+    read = _reading(src, [])
+
+    def source(digest: str, size: int) -> Any:
+        raw = np.array(read(digest, size), copy=True)
+        if digest == victim:
+            raw[len(raw) // 2] ^= 1
+        return raw
+
+    return source
+
+
+def test_copy_version_refuses_wrong_bytes_and_publishes_nothing(s3, tmp_path) -> None:
+    uri, opts = s3
+    dst = Repo(uri, opts, options=CHUNKS)
+    first = dst.commit(_state(1), step=1)
+    src, version = _source_repo(tmp_path, _state(2))
+    doc = src.manifest(version)
+    victim = next(c.digest for e in doc.tensors for c in iter_chunks(e) if e["path"] == "w")
+    with pytest.raises(CorruptCheckpoint):
+        copy_version(_liar(src, victim), doc, dst, "main")
+    assert [v.id for v in Repo(uri, opts).versions()] == [first.id]
+    assert dst.store.stat(blob_key(victim)) is None, "the wrong bytes were not stored"
+    assert dst.verify(first.id).ok
+
+
+def test_copy_version_checks_the_size_of_what_the_source_gives(s3, tmp_path) -> None:
+    uri, opts = s3
+    dst = Repo(uri, opts, options=CHUNKS)
+    src, version = _source_repo(tmp_path, _state(2))
+    doc = src.manifest(version)
+    good = _reading(src, [])
+
+    def short(digest: str, size: int) -> Any:
+        return good(digest, size)[:-4]
+
+    with pytest.raises(CorruptCheckpoint):
+        copy_version(short, doc, dst, "main")
+    assert Repo(uri, opts).versions() == []
+
+
+def test_a_local_tier_stores_blobs_uncompressed(s3, tmp_path) -> None:
+    t = Trainer()
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    run(mgr, t, 1)
+    host = mgr.tiers.host
+    for entry in host.manifest(host.versions()[0]).tensors:
+        for chunk in iter_chunks(entry):
+            stored = (Path(host.root) / blob_key(chunk.digest)).read_bytes()
+            assert stored[:4] == codec.MAGIC and stored[4] == 0, "codec id 0: raw"
+            assert len(stored) >= chunk.blob_size
+    mgr.close()
+
+
+def test_a_local_tier_that_cannot_be_written_does_not_stop_the_run(s3, tmp_path) -> None:
+    """The host's disk fails (here: the tier's path lies under a regular file, so every
+    local read and write fails): restore and bucket saves go on without the tier, from
+    memory; the local-only saves are skipped, not counted as failed saves."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, blocker / "tier")
+    assert mgr.restore(**t.objects()).fresh
+    results = run(mgr, t, 9, snaps)
+    assert [r.saved.tier if r.saved else None for r in results] == [
+        None, None, None, "bucket", None, None, None, "bucket", None,
+    ]  # fmt: skip
+    assert all(r.save_error is None for r in results) and mgr.failed_saves == 0
+    uri, opts = s3
+    bucket = Repo(uri, opts)
+    assert [v.step for v in bucket.versions()] == [4, 8]
+    assert bucket.resolve("main").meta["tier"] == {"host": "h0"}, "uploaded from memory"
+    mgr.close()
+    again = Trainer(seed=1)
+    mgr = manager(s3, blocker / "tier")
+    assert mgr.restore(**again.objects()).step == 8
+    again.assert_at(snaps[8])
+    mgr.close()
+
+
+def test_a_local_copy_that_cannot_be_read_is_passed_over(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    run(mgr, t, 6, snaps)
+    host = mgr.tiers.host
+    local6, local5 = host.versions()
+    path = Path(host.root) / blob_key(only_blobs_of(host, local6, [local5])[0])
+    path.unlink()
+    path.mkdir()  # reading it fails with an OS error, not a hash mismatch
+    mgr.close()
+    again = Trainer(seed=1)
+    mgr = manager(s3, tmp_path / "h0")
+    start = mgr.restore(**again.objects())
+    assert start.step == 5 and list(start.skipped) == [f"local:{local6.id}"]
+    again.assert_at(snaps[5])
+    mgr.close()
+
+
+def test_a_restart_after_a_rollback_resumes_the_state_the_run_went_on_from(s3, tmp_path) -> None:
+    """The health check rolls the run back to the bucket's step 4 at step 8 (loss NaN);
+    the local steps 5-7 of the abandoned lineage are still on disk. After the run saved
+    step 5 again, a restart resumes that step 5, not the abandoned step 7."""
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    run(mgr, t, 7)
+    t.train()
+    result = mgr.step(8, metrics={"loss": float("nan")})
+    assert result.rolled_back is not None and result.step == 4
+    run(mgr, t, 5, snaps)  # the run goes on from step 4: a local save of step 5
+    mgr.close()
+    again = Trainer(seed=1)
+    mgr = manager(s3, tmp_path / "h0")
+    start = mgr.restore(**again.objects())
+    assert start.step == 5
+    again.assert_at(snaps[5])
+    mgr.close()
