@@ -39,7 +39,7 @@ import torch
 from cloudckpt import CheckpointManager, Repo
 from cloudckpt.repo import RepoOptions
 from cloudckpt.store import StoreOptions
-from cloudckpt.testing.gpt import GPT, GPTConfig
+from cloudckpt.testing.gpt import GPT, benchmark_model
 from cloudckpt.testing.local_s3 import SeaweedFS
 
 HERE = Path(__file__).resolve().parent
@@ -133,16 +133,7 @@ def spread(c: Contender, field_name: str) -> str:
 
 # -- the training state --------------------------------------------------------------------
 def build(preset: str) -> tuple[GPT, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    cfg = GPTConfig.gpt2_small() if preset == "gpt2" else GPTConfig(n_layer=4, n_embd=256)
-    cfg = GPTConfig(**{**cfg.__dict__, "block_size": 64})
-    model = GPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    idx = torch.randint(0, cfg.vocab_size, (2, 33))
-    model(idx[:, :-1], idx[:, 1:]).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model, opt
+    return benchmark_model(preset)
 
 
 def state_of(model: GPT, opt: torch.optim.Optimizer) -> dict[str, Any]:

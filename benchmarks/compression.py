@@ -161,16 +161,9 @@ def chunks_of(tensors: list[torch.Tensor]) -> list[tuple[np.ndarray, int]]:
 
 def gpt2_state(preset: str) -> list[torch.Tensor]:
     """Weights + AdamW moments after one step, as benchmarks/compare.py builds them."""
-    from cloudckpt.testing.gpt import GPT, GPTConfig
+    from cloudckpt.testing.gpt import benchmark_model
 
-    torch.manual_seed(0)
-    cfg = GPTConfig.gpt2_small() if preset == "gpt2" else GPTConfig(n_layer=4, n_embd=256)
-    cfg = GPTConfig(**{**cfg.__dict__, "block_size": 64})
-    model = GPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    idx = torch.randint(0, cfg.vocab_size, (2, 33))
-    model(idx[:, :-1], idx[:, 1:]).backward()
-    opt.step()
+    model, opt = benchmark_model(preset)
     tensors = {id(t): t.detach() for t in model.state_dict().values()}
     for st in opt.state.values():
         tensors.update({id(v): v for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")})

@@ -35,25 +35,10 @@ BRANCH = "main"
 
 
 def build(preset: str) -> tuple[Any, Any]:
-    """The model and AdamW after one real step (as benchmarks/compare.py builds them)."""
-    import torch
+    """The model and AdamW after one real step (as every benchmark measures them)."""
+    from cloudckpt.testing.gpt import benchmark_model
 
-    from cloudckpt.testing.gpt import GPT, GPTConfig
-
-    torch.manual_seed(0)
-    cfg = {
-        "gpt2": GPTConfig.gpt2_small(),
-        "small": GPTConfig(n_layer=4, n_embd=256),
-        "tiny": GPTConfig(n_layer=2, n_embd=64),
-    }[preset]
-    cfg = GPTConfig(**{**cfg.__dict__, "block_size": 64})
-    model = GPT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    idx = torch.randint(0, cfg.vocab_size, (2, 33))
-    model(idx[:, :-1], idx[:, 1:]).backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model, opt
+    return benchmark_model(preset)
 
 
 def worker(args: argparse.Namespace) -> None:

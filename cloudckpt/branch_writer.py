@@ -103,16 +103,18 @@ class BranchWriter:
         index: Index,
         into: dict[str, Any],
         apply: Callable[[Version, Any], None],
+        load: Callable[[Version], Any] | None = None,
     ) -> tuple[Version | None, Version | None, dict[str, str]]:
         """Load the newest version of ``head_id``'s lineage that verifies into ``into``
         and ``apply`` it (which raises CorruptCheckpoint if it does not fit): that
         version (twice: loaded, and the bucket's; None if there is no head), and version
-        id -> why not for each newer one passed over (logged)."""
+        id -> why not for each newer one passed over (logged). ``load``: how a
+        candidate's state is loaded into ``into`` (default: from the bucket)."""
         if head_id is None:
             return None, None, {}
 
         def attempt(candidate: Version) -> None:
-            apply(candidate, self.load(candidate.id, into))
+            apply(candidate, load(candidate) if load else self.load(candidate.id, into))
 
         head = self.repo.resolve(head_id, index)
         where = f"{self.repo.uri} branch {self.branch!r}"

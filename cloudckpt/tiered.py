@@ -18,7 +18,6 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from cloudckpt import fallback, versions
 from cloudckpt.background import SaveJob
 from cloudckpt.branch_writer import BranchWriter
 from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, StoreError
@@ -162,18 +161,17 @@ class TieredSaves:
             return None, None, skipped
         held = {v.id for v in self.host.versions()} if alone else set()
 
-        def attempt(candidate: Version) -> None:
+        def load(candidate: Version) -> Any:
+            """A bucket version's state, from this host's local copy if it has one."""
             local_id = _local_copy(candidate, self.tier.host)
             if local_id in held:
                 try:
-                    apply(candidate, self.host.repo.load(local_id, into=into))
-                    return
+                    return self.host.repo.load(local_id, into=into)
                 except (CorruptCheckpoint, StoreError) as e:
                     log.error("the local copy of %s does not verify (%s)", candidate.id, e)
-            apply(candidate, self.writer.load(candidate.id, into))
+            return self.writer.load(candidate.id, into)
 
-        where = f"{self.writer.repo.uri} branch {self.writer.branch!r}"
-        version, _, more = fallback.first_good(versions.lineage(index, head_id), attempt, where)
+        version, _, more = self.writer.restore(head_id, index, into, apply, load)
         return version, version, {**skipped, **more}
 
     def _restore_ranks(

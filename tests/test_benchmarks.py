@@ -14,27 +14,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_compare_writes_a_report_with_every_contender_and_the_floor(tmp_path: Path) -> None:
+def bench(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``benchmarks/<script>`` with ``args``; it must succeed."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "compare.py"),
-            "--preset",
-            "small",
-            "--repeats",
-            "1",
-            "--only",
-            "torch.save + boto3",
-            "--out",
-            str(tmp_path),
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_compare_writes_a_report_with_every_contender_and_the_floor(tmp_path: Path) -> None:
+    bench(
+        "compare.py",
+        "--preset",
+        "small",
+        "--repeats",
+        "1",
+        "--only",
+        "torch.save + boto3",
+        "--out",
+        str(tmp_path),
+        timeout=300,
+    )
     report = (tmp_path / "RESULTS.md").read_text()
     for row in (
         "| cloudckpt |",
@@ -52,26 +58,18 @@ def test_compare_writes_a_report_with_every_contender_and_the_floor(tmp_path: Pa
 
 
 def test_tiers_writes_a_report_against_every_target(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "tiers.py"),
-            "--preset",
-            "small",
-            "--repeats",
-            "1",
-            "--local",
-            str(tmp_path),
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
+    bench(
+        "tiers.py",
+        "--preset",
+        "small",
+        "--repeats",
+        "1",
+        "--local",
+        str(tmp_path),
+        "--out",
+        str(tmp_path),
         timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = (tmp_path / "RESULTS-tiers.md").read_text()
     for row in (
         "| torch.save + boto3: bucket restore |",
@@ -88,49 +86,34 @@ def test_tiers_writes_a_report_against_every_target(tmp_path: Path) -> None:
 
 
 def test_scale_model_prints_its_table_and_checks_a_small_configuration() -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "scale_model.py"),
-            "--state-bytes",
-            "gpt2-small",
-            "--ranks",
-            "8",
-            "64",
-            "--markdown",
-            "--check",
-        ],
-        capture_output=True,
-        text=True,
+    proc = bench(
+        "scale_model.py",
+        "--state-bytes",
+        "gpt2-small",
+        "--ranks",
+        "8",
+        "64",
+        "--markdown",
+        "--check",
         timeout=120,
-        cwd=ROOT,
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("\n| gpt2-small |") == 2 * 5  # 2 rank counts x 5 layouts
 
 
 def test_replicas_benchmark_prints_the_peer_and_bucket_restore_table(tmp_path: Path) -> None:
     out = tmp_path / "replicas.md"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "replicas.py"),
-            "--preset",
-            "tiny",
-            "--hosts",
-            "2",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    proc = bench(
+        "replicas.py",
+        "--preset",
+        "tiny",
+        "--hosts",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
         timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)},
     )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     report = out.read_text()
     assert "| hosts | bucket load | recover | peer total | peer / bucket |" in report
     assert "\n| 2 | " in report and report in proc.stdout

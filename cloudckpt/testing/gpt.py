@@ -95,3 +95,25 @@ def train_state(
         loss.backward()
         opt.step()
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": steps}
+
+
+#: The benchmarks' model sizes: GPT-2 small (124M parameters) and two small ones.
+PRESETS = {
+    "gpt2": GPTConfig.gpt2_small,
+    "small": lambda: GPTConfig(n_layer=4, n_embd=256),
+    "tiny": lambda: GPTConfig(n_layer=2, n_embd=64),
+}
+
+
+def benchmark_model(preset: str = "gpt2") -> tuple[GPT, torch.optim.Optimizer]:
+    """A GPT of one of :data:`PRESETS` (block size 64) and its AdamW after one real step:
+    the training state every benchmark measures (GPT-2 small: 1.48 GB of tensors)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**PRESETS[preset]().__dict__, "block_size": 64})
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(0, cfg.vocab_size, (2, 33))
+    model(idx[:, :-1], idx[:, 1:]).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
