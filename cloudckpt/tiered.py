@@ -7,9 +7,11 @@ Where a save goes and where a restore looks::
     step() ──every_steps──▶ local tier (host disk, /dev/shm) ──▶ partner host (replica)
        └──save policies───▶ local tier ──upload (blobs it lacks)──▶ bucket
 
-    restore(): local versions saved on top of the bucket's head (newest first), then the
-    bucket's lineage -- each bucket version read from this host's local copy of it when
-    there is one -- each checked by hash; a version that fails is passed over.
+    restore(): local versions saved on top of the bucket's head, or the one the head was
+    uploaded from (most recent first); then the bucket's lineage -- each bucket version
+    read from this host's local copy of it when there is one -- each checked by hash; a
+    version that fails is passed over. Ranks spanning hosts first agree on a step every
+    host can get from its own tier or a peer's (cloudckpt.tiers.replicas).
 """
 
 from __future__ import annotations
@@ -109,16 +111,20 @@ class TieredSaves:
         repo, branch = self.writer.repo, self.writer.branch
         if local is not None:
             try:
+                try:
+                    doc = self.host.manifest(local)
+                except StoreError as e:  # the host's disk fails
+                    raise CorruptCheckpoint(str(e)) from e
                 return copy_version(
                     self.host.source(),
-                    self.host.manifest(local),
+                    doc,
                     repo,
                     branch,
                     fence=fence,
                     meta={TIER_KEY: {"host": self.tier.host, "local": local.id}},
                     before_publish=check_lease,
                 )
-            except CorruptCheckpoint as e:
+            except CorruptCheckpoint as e:  # damaged, or the host's disk fails
                 log.error("the local copy of step %d does not verify (%s)", job.step, e)
         log.warning("uploading step %d from memory", job.step)
         check_lease()

@@ -156,9 +156,17 @@ class HostTier:
         return self.repo.manifest(version)
 
     def source(self) -> BlobSource:
-        """Reads a local blob's raw bytes by hash, checked (CorruptCheckpoint if not)."""
+        """Reads a local blob's raw bytes by hash, checked: CorruptCheckpoint if they
+        are not, or if the host's disk fails (the caller takes the state from elsewhere)."""
         reader = BlobReader(self.repo.store, self.repo.options.transfer)
-        return reader.raw
+
+        def raw(digest: str, size: int) -> Any:
+            try:
+                return reader.raw(digest, size)
+            except (StoreError, OSError) as e:
+                raise CorruptCheckpoint(f"{self}: cannot read blob {digest}: {e}") from e
+
+        return raw
 
 
 @dataclass(frozen=True)
