@@ -376,6 +376,9 @@ class CheckpointManager:
         objects = {k: v for k, v in self.objects.items() if not (skip and k == "sampler")}
         self._apply(target, self._writer.load(target.id, objects))
         self._events.append(self.health.rolled_back(problem, bad_step, target.id, self.step_count))
+        if self.tiers is not None:  # the rolled-back state is the local tier's newest save,
+            # so a restart does not resume the lineage abandoned (saved on the same head)
+            self._save("rollback", dict(target.metrics), True, None, None, False)
         return StepResult(self.step_count, rolled_back=target)
 
     # -- save on exception -----------------------------------------------------------
