@@ -611,15 +611,22 @@ def test_a_local_copy_that_cannot_be_read_is_passed_over(s3, tmp_path) -> None:
 
 def test_a_restart_after_a_rollback_resumes_the_state_the_run_went_on_from(s3, tmp_path) -> None:
     """The health check rolls the run back to the bucket's step 4 at step 8 (loss NaN);
-    the local steps 5-7 of the abandoned lineage are still on disk. After the run saved
-    step 5 again, a restart resumes that step 5, not the abandoned step 7."""
+    the local steps 6-7 of the abandoned lineage are still on disk. A restart right
+    after resumes step 4; after the run saved step 5 again, that step 5 -- never the
+    abandoned step 7."""
     t, snaps = Trainer(), {}
     mgr = manager(s3, tmp_path / "h0")
     mgr.restore(**t.objects())
-    run(mgr, t, 7)
+    run(mgr, t, 7, snaps)
     t.train()
     result = mgr.step(8, metrics={"loss": float("nan")})
     assert result.rolled_back is not None and result.step == 4
+    t.assert_at(snaps[4])
+    mgr.close()
+    t = Trainer(seed=3)
+    mgr = manager(s3, tmp_path / "h0")
+    assert mgr.restore(**t.objects()).step == 4, "not the abandoned step 7"
+    t.assert_at(snaps[4])
     run(mgr, t, 5, snaps)  # the run goes on from step 4: a local save of step 5
     mgr.close()
     again = Trainer(seed=1)
