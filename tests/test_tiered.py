@@ -635,3 +635,29 @@ def test_a_restart_after_a_rollback_resumes_the_state_the_run_went_on_from(s3, t
     assert start.step == 5
     again.assert_at(snaps[5])
     mgr.close()
+
+
+@pytest.mark.parametrize("healthy_between", [0, 3])
+def test_rollbacks_in_a_row_still_stop_the_run_with_a_local_tier(
+    s3, tmp_path, healthy_between
+) -> None:
+    """Each rollback goes back to the bucket's step 4: local saves in between (the steps
+    after it, or the rollback's own) do not end the run of rollbacks, so a run that keeps
+    failing stops after ``max_rollbacks`` instead of looping."""
+    t = Trainer()
+    uri, opts = s3
+    mgr = CheckpointManager(
+        uri,
+        opts,
+        save_every_steps=4,
+        local=LocalTier(str(tmp_path / "h0"), host="h0"),
+        health=HealthCheck(spike_factor=1e9, max_rollbacks=2),
+    )
+    mgr.restore(**t.objects())
+    run(mgr, t, 4)
+    with pytest.raises(RuntimeError, match="2 rollbacks in a row"):
+        for _ in range(5):  # bounded: the third rollback raises
+            run(mgr, t, 4 + healthy_between)
+            result = mgr.step(mgr.step_count + 1, metrics={"loss": float("nan")})
+            assert result.rolled_back is not None
+    mgr.close()
