@@ -327,7 +327,7 @@ class CheckpointManager:
         """``save`` once the ranks agreed whether a save is in flight on any (``busy``;
         None: one process, ask this one); ``to_bucket`` False: the local tier only."""
         t0 = time.perf_counter()
-        if not self._saves.make_room(busy, self.step_count, sync):
+        if not self._saves.make_room(busy, self.step_count, sync, to_bucket):
             log.info("step %d: a save is still uploading; skipping this one", self.step_count)
             return None
         values = {k: float(v) for k, v in (metrics or self.metrics).items()}
