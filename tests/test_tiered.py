@@ -644,3 +644,26 @@ def test_rollbacks_in_a_row_still_stop_the_run_with_a_local_tier(
             result = mgr.step(mgr.step_count + 1, metrics={"loss": float("nan")})
             assert result.rolled_back is not None
     mgr.close()
+
+
+def test_a_bucket_save_is_not_skipped_for_a_local_save_in_flight(s3, tmp_path) -> None:
+    """async_save with when_busy="skip": a local-only save still in flight at a bucket
+    save point makes the bucket save wait for it, never skip (else a tier slower than
+    the steps would keep every save out of the bucket)."""
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0", async_save=True, when_busy="skip")
+    mgr.restore(**t.objects())
+    commit = mgr.tiers.host.commit
+
+    def slow_commit(*args: Any) -> Version:
+        time.sleep(0.3)  # a slow host disk: each local save outlasts a step
+        return commit(*args)
+
+    mgr.tiers.host.commit = slow_commit  # type: ignore[method-assign]
+    results = run(mgr, t, 4, snaps)
+    assert results[-1].saving, "the bucket save of step 4 started"
+    report = mgr.wait()
+    assert report is not None and report.version.step == 4 and report.tier == "bucket"
+    uri, opts = s3
+    assert_state_equal(snaps[4]["model"], Repo(uri, opts).load()["model"])
+    mgr.close()
