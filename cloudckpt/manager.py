@@ -332,11 +332,16 @@ class CheckpointManager:
         """``save`` once the ranks agreed whether a save is in flight on any (``busy``;
         None: one process, ask this one); ``to_bucket`` False: the local tier only."""
         t0 = time.perf_counter()
-        if not self._saves.make_room(busy, self.step_count, sync):
+        if not self._saves.make_room(busy, self.step_count, sync, to_bucket):
             log.info("step %d: a save is still uploading; skipping this one", self.step_count)
             return None
         values = {k: float(v) for k, v in (metrics or self.metrics).items()}
-        resources = self.health.before_save(self.repo.uri) if self.health else {}
+        if not self.health:
+            resources = {}
+        elif to_bucket:
+            resources = self.health.before_save(self.repo.uri)
+        else:  # rollbacks go back to the bucket's head: a local save does not end a run of them
+            resources = self.health.resources()
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
         state[META_KEY] = RunRecord(self.step_count, self.epoch, self.extra).dump()
         if to_bucket:
@@ -381,6 +386,9 @@ class CheckpointManager:
         objects = {k: v for k, v in self.objects.items() if not (skip and k == "sampler")}
         self._apply(target, self._writer.load(target.id, objects))
         self._events.append(self.health.rolled_back(problem, bad_step, target.id, self.step_count))
+        if self.tiers is not None:  # the rolled-back state is the local tier's newest save,
+            # so a restart does not resume the lineage abandoned (saved on the same head)
+            self._save("rollback", dict(target.metrics), True, None, None, False)
         return StepResult(self.step_count, rolled_back=target)
 
     # -- save on exception -----------------------------------------------------------

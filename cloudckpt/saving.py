@@ -49,6 +49,8 @@ class Saves:
         self.last_local_save: SaveReport | None = None
         #: The step of the newest version committed or resumed from.
         self.committed_step: int | None = None
+        #: Whether the newest background save is a local-only one.
+        self._local_inflight = False
 
     def agreed_busy(self, step: int) -> bool | None:
         """Whether a save is in flight on any rank (None: one process, ask it later);
@@ -61,13 +63,17 @@ class Saves:
             self.collect(step, failed_on_a_rank=True)
         return agreed.busy
 
-    def make_room(self, busy: bool | None, step: int, sync: bool | None) -> bool:
+    def make_room(
+        self, busy: bool | None, step: int, sync: bool | None, to_bucket: bool = True
+    ) -> bool:
         """Before a save: False to skip it (one is in flight and ``when_busy="skip"``),
-        else wait for the one in flight and True (``busy``: as the ranks agreed)."""
+        else wait for the one in flight and True (``busy``: as the ranks agreed). A
+        bucket save is never skipped for a local-only save in flight: it waits for it."""
         if busy is None:
             self.collect(step)
             busy = self.background.running
-        return self.background.make_room(busy, may_skip=sync is not True)
+        may_skip = sync is not True and not (to_bucket and self._local_inflight)
+        return self.background.make_room(busy, may_skip=may_skip)
 
     def start(self, state: Any, job: SaveJob, sync: bool | None) -> SaveReport | None:
         """Commit ``state`` now (its report), or from a snapshot in the background (None)
@@ -85,6 +91,7 @@ class Saves:
         snapshot = self.background.snapshot(state)
         job.blocked = time.perf_counter() - job.started
         self.background.submit(self.commit, snapshot, job)
+        self._local_inflight = not job.to_bucket
         log.debug("step %d: snapshot in %.3fs, uploading in the background", job.step, job.blocked)
         return None
 

@@ -254,7 +254,7 @@ def tier_case_id(case: Any) -> str:
 
 
 @pytest.mark.parametrize(("action", "point", "want"), TIER_CASES, ids=tier_case_id)
-def test_tier_save_killed_at(
+def test_manager_with_a_local_tier_killed_at(
     action: str, point: Any, want: int | None, zygote: Any, seaweedfs: Any, tmp_path: Any
 ) -> None:
     """A manager with a local tier killed during a local save or an upload from the tier:

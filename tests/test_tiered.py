@@ -184,34 +184,16 @@ def test_restart_resumes_the_newest_local_step_and_another_host_the_buckets(s3, 
     assert start.version is not None and start.version.id == newest_local.id
     again.assert_at(snaps[6])
     assert mgr.committed_step == 4, "the bucket holds step 4"
-    run(mgr, again, 8)  # the run goes on: the next bucket save lands on step 4
+    run(mgr, again, 8, snaps)  # the run goes on: the next bucket save lands on step 4
     assert bucket_steps(s3) == [4, 8]
     mgr.close()
 
-    other = Trainer(seed=2)
+    other = Trainer(seed=2)  # another host: its own (empty) local tier
     mgr = manager(s3, tmp_path / "h1", host="h1")
     start = mgr.restore(**other.objects())
-    assert start.step == 8
-    assert start.version is not None and start.version.step == 8
-    mgr.close()
-    fresh_host = Trainer(seed=3)
-    mgr = manager(s3, tmp_path / "h2", host="h2")
-    mgr.restore(**fresh_host.objects())
-    assert_state_equal(other.model.state_dict(), fresh_host.model.state_dict())
-    mgr.close()
-
-
-def test_another_host_resumes_the_buckets_newest_step_bit_exact(s3, tmp_path) -> None:
-    t, snaps = Trainer(), {}
-    mgr = manager(s3, tmp_path / "h0")
-    mgr.restore(**t.objects())
-    run(mgr, t, 6, snaps)
-    mgr.close()
-    other = Trainer(seed=5)
-    mgr = manager(s3, tmp_path / "h1", host="h1")
-    start = mgr.restore(**other.objects())
-    assert start.step == 4 and mgr.step_count == 4
-    other.assert_at(snaps[4])
+    assert start.step == 8 and mgr.step_count == 8
+    assert start.version is not None and start.version.id == mgr.repo.resolve("main").id
+    other.assert_at(snaps[8])
     mgr.close()
 
 
@@ -224,7 +206,8 @@ def test_a_stale_local_lineage_is_not_taken(s3, tmp_path) -> None:
 
     t1, snaps1 = Trainer(seed=9), {}
     h1 = manager(s3, tmp_path / "h1", host="h1")
-    assert h1.restore(**t1.objects()).step == 4
+    assert h1.restore(**t1.objects()).step == 4, "the bucket's newest, not h0's step 6"
+    t1.assert_at(snaps0[4])
     run(h1, t1, 8, snaps1)
     assert bucket_steps(s3) == [4, 8]
     h1.close()
@@ -611,15 +594,22 @@ def test_a_local_copy_that_cannot_be_read_is_passed_over(s3, tmp_path) -> None:
 
 def test_a_restart_after_a_rollback_resumes_the_state_the_run_went_on_from(s3, tmp_path) -> None:
     """The health check rolls the run back to the bucket's step 4 at step 8 (loss NaN);
-    the local steps 5-7 of the abandoned lineage are still on disk. After the run saved
-    step 5 again, a restart resumes that step 5, not the abandoned step 7."""
+    the local steps 6-7 of the abandoned lineage are still on disk. A restart right
+    after resumes step 4; after the run saved step 5 again, that step 5 -- never the
+    abandoned step 7."""
     t, snaps = Trainer(), {}
     mgr = manager(s3, tmp_path / "h0")
     mgr.restore(**t.objects())
-    run(mgr, t, 7)
+    run(mgr, t, 7, snaps)
     t.train()
     result = mgr.step(8, metrics={"loss": float("nan")})
     assert result.rolled_back is not None and result.step == 4
+    t.assert_at(snaps[4])
+    mgr.close()
+    t = Trainer(seed=3)
+    mgr = manager(s3, tmp_path / "h0")
+    assert mgr.restore(**t.objects()).step == 4, "not the abandoned step 7"
+    t.assert_at(snaps[4])
     run(mgr, t, 5, snaps)  # the run goes on from step 4: a local save of step 5
     mgr.close()
     again = Trainer(seed=1)
@@ -627,4 +617,53 @@ def test_a_restart_after_a_rollback_resumes_the_state_the_run_went_on_from(s3, t
     start = mgr.restore(**again.objects())
     assert start.step == 5
     again.assert_at(snaps[5])
+    mgr.close()
+
+
+@pytest.mark.parametrize("healthy_between", [0, 3])
+def test_rollbacks_in_a_row_still_stop_the_run_with_a_local_tier(
+    s3, tmp_path, healthy_between
+) -> None:
+    """Each rollback goes back to the bucket's step 4: local saves in between (the steps
+    after it, or the rollback's own) do not end the run of rollbacks, so a run that keeps
+    failing stops after ``max_rollbacks`` instead of looping."""
+    t = Trainer()
+    uri, opts = s3
+    mgr = CheckpointManager(
+        uri,
+        opts,
+        save_every_steps=4,
+        local=LocalTier(str(tmp_path / "h0"), host="h0"),
+        health=HealthCheck(spike_factor=1e9, max_rollbacks=2),
+    )
+    mgr.restore(**t.objects())
+    run(mgr, t, 4)
+    with pytest.raises(RuntimeError, match="2 rollbacks in a row"):
+        for _ in range(5):  # bounded: the third rollback raises
+            run(mgr, t, 4 + healthy_between)
+            result = mgr.step(mgr.step_count + 1, metrics={"loss": float("nan")})
+            assert result.rolled_back is not None
+    mgr.close()
+
+
+def test_a_bucket_save_is_not_skipped_for_a_local_save_in_flight(s3, tmp_path) -> None:
+    """async_save with when_busy="skip": a local-only save still in flight at a bucket
+    save point makes the bucket save wait for it, never skip (else a tier slower than
+    the steps would keep every save out of the bucket)."""
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0", async_save=True, when_busy="skip")
+    mgr.restore(**t.objects())
+    commit = mgr.tiers.host.commit
+
+    def slow_commit(*args: Any) -> Version:
+        time.sleep(0.3)  # a slow host disk: each local save outlasts a step
+        return commit(*args)
+
+    mgr.tiers.host.commit = slow_commit  # type: ignore[method-assign]
+    results = run(mgr, t, 4, snaps)
+    assert results[-1].saving, "the bucket save of step 4 started"
+    report = mgr.wait()
+    assert report is not None and report.version.step == 4 and report.tier == "bucket"
+    uri, opts = s3
+    assert_state_equal(snaps[4]["model"], Repo(uri, opts).load()["model"])
     mgr.close()
