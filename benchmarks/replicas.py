@@ -47,7 +47,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from cloudckpt import LocalTier, Repo
     from cloudckpt.distributed import Group
-    from cloudckpt.tiers.local import BucketHead, HostTier
+    from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord
     from cloudckpt.tiers.replicas import HostMap, recover, replicate
 
     dist.init_process_group("gloo")
@@ -62,7 +62,11 @@ def worker(args: argparse.Namespace) -> None:
     bucket = Repo(args.uri)
     head = group.from_rank0(lambda: bucket.commit(state, branch=BRANCH, step=1).id)
     t0 = time.perf_counter()
-    local = tier.commit(state, 1, {}, {}, head) if hosts.is_leader(group.rank) else None
+    local = (
+        tier.commit(state, 1, {}, {}, TierRecord(host, head))
+        if hosts.is_leader(group.rank)
+        else None
+    )
     saved = time.perf_counter() - t0
     replicated = replicate(group, hosts, tier, local)
     into = {"model": model, "optimizer": opt}

@@ -208,14 +208,11 @@ class CheckpointManager:
         newest version of the branch into them, with the RNG states.
 
         On a fresh run nothing is loaded and ``extra`` is returned as the extra state.
-        If the newest version fails verification, the next older one on the branch is
-        tried, and so on; each fallback is logged.
+        A version that fails verification is passed over for the next older (logged).
         """
-        self.objects = registered(objects)
-        self.extra = extra
+        self.objects, self.extra = registered(objects), extra
         head_id = self._writer.head_holding_lease()
-        started = self.clock()
-        self.history = RunHistory(started)
+        self.history = RunHistory(started := self.clock())
         index = self.repo.index()
         tiers = self.tiers or self._writer  # the bucket alone without a local tier
         loaded, bucket, skipped = tiers.restore(head_id, index, self.objects, self._apply)
@@ -336,12 +333,7 @@ class CheckpointManager:
             log.info("step %d: a save is still uploading; skipping this one", self.step_count)
             return None
         values = {k: float(v) for k, v in (metrics or self.metrics).items()}
-        if not self.health:
-            resources = {}
-        elif to_bucket:
-            resources = self.health.before_save(self.repo.uri)
-        else:  # rollbacks go back to the bucket's head: a local save does not end a run of them
-            resources = self.health.resources()
+        resources = self.health.before_save(self.repo.uri, to_bucket) if self.health else {}
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
         state[META_KEY] = RunRecord(self.step_count, self.epoch, self.extra).dump()
         if to_bucket:
@@ -387,7 +379,7 @@ class CheckpointManager:
         self._apply(target, self._writer.load(target.id, objects))
         self._events.append(self.health.rolled_back(problem, bad_step, target.id, self.step_count))
         if self.tiers is not None:  # the rolled-back state is the local tier's newest save,
-            # so a restart does not resume the lineage abandoned (saved on the same head)
+            self.tiers.generation += 1  # after the abandoned lineage's (same head, steps)
             self._save("rollback", dict(target.metrics), True, None, None, False)
         return StepResult(self.step_count, rolled_back=target)
 

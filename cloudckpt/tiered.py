@@ -17,6 +17,8 @@ Where a save goes and where a restore looks::
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +27,7 @@ from cloudckpt.branch_writer import BranchWriter
 from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, StoreError
 from cloudckpt.tiers import replicas
 from cloudckpt.tiers.copy import copy_version
-from cloudckpt.tiers.local import TIER_KEY, BucketHead, HostTier, LocalTier
+from cloudckpt.tiers.local import TIER_KEY, BucketHead, HostTier, LocalTier, TierRecord, order
 from cloudckpt.tiers.replicas import HostMap, RecoverReport, ReplicaReport
 from cloudckpt.versions import Index, Version
 
@@ -45,16 +47,54 @@ class TieredSaves:
         self.last_replica: ReplicaReport | None = None
         #: What the last restore's recovery from peers did (ranks spanning hosts).
         self.last_recover: RecoverReport | None = None
+        #: The run's generation (see :class:`~cloudckpt.tiers.local.TierRecord`).
+        self.generation = 0
+        #: The writer lease's fencing token since restore (None without a lease).
+        self.fence: int | None = None
 
     def prepare(self) -> None:
         """Learn which ranks share a host (collective, on the training thread: an async
         save's thread must not run collectives of the step's group)."""
         if self._hosts is None:
             group = self.writer.group
-            self._hosts = (
-                HostMap.gather(group, self.tier.host)
-                if group.distributed
-                else HostMap((self.tier.host,), (self.tier.host,))
+            if not group.distributed:
+                self._hosts = HostMap((self.tier.host,), (self.tier.host,))
+                return
+            self._hosts = HostMap.gather(group, self.tier.host)
+            self._check_hosts_share_their_tier()
+
+    def _check_hosts_share_their_tier(self) -> None:
+        """Ranks that say they are on one host must see one tier directory: two machines
+        under one host id (containers may share a hostname) would each think the other
+        writes their tier. Every leader leaves a token there for its host's ranks."""
+        group, hosts = self.writer.group, self._hosts
+        assert hosts is not None
+        token = None
+        if hosts.is_leader(group.rank):
+            token = secrets.token_hex(8)
+            try:
+                os.makedirs(self.host.root, exist_ok=True)
+                with open(os.path.join(self.host.root, ".host-token"), "w") as f:
+                    f.write(token)
+            except OSError as e:  # a failing disk: the saves will say so
+                log.error("cannot write to the local tier %s: %s", self.host, e)
+                token = None
+        tokens = group.all_gather_json(token)
+        expected = tokens[hosts.leader(hosts.host_of(group.rank))]
+        seen = expected
+        if expected is not None and token is None:
+            try:
+                with open(os.path.join(self.host.root, ".host-token")) as f:
+                    seen = f.read()
+            except OSError:
+                seen = None
+        strays = [r for r, ok in enumerate(group.all_gather_json(seen == expected)) if not ok]
+        if strays:
+            raise ValueError(
+                f"ranks {strays} share a host id with a lower rank but not its local tier "
+                f"{self.tier.path!r}: they run on another machine under the same host id "
+                "(containers may share a hostname). Give each machine its own id: "
+                "LocalTier(host=...)"
             )
 
     @property
@@ -78,11 +118,20 @@ class TieredSaves:
         the local version (None on ranks that do not write their host's tier). A bucket
         save whose local save failed is uploaded from memory."""
         local = None
-        if self.leader:
+        lease = self.writer.lease
+        if lease is not None and lease.lost:  # frozen past it: the bucket save is fenced too
+            log.error("step %d is not saved locally: %s", job.step, lease.lost)
+        elif self.leader:
+            record = TierRecord(self.tier.host, self.bucket_head, self.fence, self.generation)
             try:
-                local = self.host.commit(state, job.step, job.metrics, job.meta, self.bucket_head)
-            except (StoreError, OSError) as e:  # the host's disk failed: the bucket does not wait
-                log.error("saving step %d to the local tier %s failed: %s", job.step, self.host, e)
+                local = self.host.commit(state, job.step, job.metrics, job.meta, record)
+            except (CloudCkptError, OSError) as e:  # the host's disk: the bucket does not wait
+                log.error(
+                    "saving step %d to the local tier %s failed (delete it if it is damaged): %s",
+                    job.step,
+                    self.host,
+                    e,
+                )
         if self.spans_hosts and self.tier.replicas:
             try:  # collective; a failure is every rank's
                 commit_group = self.writer.commit_group
@@ -147,8 +196,14 @@ class TieredSaves:
         and version id -> why, for each newer one passed over."""
         self.prepare()
         self.bucket_head = head_id
+        self.fence = index.fences.get(self.writer.branch) if self.writer.lease else None
         head = self.writer.repo.resolve(head_id, index) if head_id is not None else None
         current = BucketHead.of(self.writer.repo, head_id, index)
+        # Saves from here on come after every save this host (any host) holds.
+        generations = [order(v)[0] + 1 for v in self.host.versions()]
+        newest = float(max(generations, default=0))
+        group = self.writer.group
+        self.generation = int(group.agree([newest])[0] if group.distributed else newest)
         skipped: dict[str, str] = {}
         alone = not self.writer.group.distributed
         if not alone:
@@ -187,28 +242,33 @@ class TieredSaves:
         apply: Callable[[Version, Any], None],
         skipped: dict[str, str],
     ) -> Version | None:
-        """Several ranks: the newest step every host can get from its own tier or a peer
-        (received from the peer first), loaded on every rank from its host's tier; None
-        (the bucket next) if there is none or any rank fails to load it."""
+        """Several ranks: the newest save every host can get from its own tier or a peer
+        (received from the peer first), loaded on every rank from its host's tier; if
+        any rank fails to load it, the next newest; None (the bucket next) when none is
+        left."""
         group = self.writer.group
-        self.last_recover = report = replicas.recover(
-            group, self.hosts, self.host, head, replicated=True
-        )
-        target = report.target
-        if target is None:
-            return None
+        failed: list[list[int]] = []
+        for _ in range(self.tier.keep + 1):  # each round passes over one save at least
+            self.last_recover = report = replicas.recover(
+                group, self.hosts, self.host, head, replicated=True, exclude=failed
+            )
+            target = report.target
+            if target is None or report.order is None:
+                return None
 
-        def load() -> None:
-            apply(target, self.host.repo.load(target.id, into=into))
+            def load(target: Version = target) -> None:
+                apply(target, self.host.repo.load(target.id, into=into))
 
-        try:
-            group.on_each_rank(load, context="loading from the local tier: ")
-        except CloudCkptError as e:
-            log.error("the local tier's step %s did not load on every rank: %s", target.step, e)
-            skipped[f"local:{target.id}"] = str(e)
-            return None
-        log.info("resumed from the local tiers: step %s (%s)", target.step, target.id)
-        return target
+            try:
+                group.on_each_rank(load, context="loading from the local tier: ")
+            except CloudCkptError as e:
+                log.error("the local tiers' step %s did not load on every rank: %s", target.step, e)
+                skipped[f"local:{target.id}"] = str(e)
+                failed.append(report.order)
+                continue
+            log.info("resumed from the local tiers: step %s (%s)", target.step, target.id)
+            return target
+        return None
 
 
 def _local_copy(version: Version, host: str) -> str | None:

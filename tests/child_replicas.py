@@ -23,7 +23,7 @@ from cloudckpt import LocalTier, TransferOptions
 from cloudckpt.distributed import Group
 from cloudckpt.errors import RanksFailed
 from cloudckpt.testing.gpt import GPT, GPTConfig
-from cloudckpt.tiers.local import BucketHead, HostTier
+from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord
 from cloudckpt.tiers.replicas import HostMap, recover, replicate, versions_of
 from cloudckpt.versions import Version
 
@@ -68,7 +68,11 @@ class Job:
     def save(self, step: int, head: str | None = HEAD) -> Any:
         """A local save on every host, replicated to its partner."""
         tier = self.tier()
-        version = tier.commit(self.state(), step, {}, {}, head) if self.leader else None
+        version = (
+            tier.commit(self.state(), step, {}, {}, TierRecord(self.host, head))
+            if self.leader
+            else None
+        )
         return replicate(self.group, self.hosts, tier, version)
 
     def replace(self, host: str) -> None:
@@ -138,6 +142,8 @@ def replaced(job: Job) -> dict[str, Any]:
     assert report.target.meta["tier"] == {
         "host": report.target.meta["tier"]["host"],
         "bucket_head": HEAD,
+        "fence": None,
+        "generation": 0,
     }
     if job.host == lost:
         assert report.target.meta["tier"]["host"] == lost  # its own save, from its replica
@@ -193,7 +199,7 @@ def stale(job: Job) -> dict[str, Any]:
     job.replace(lost)
     job.train(2)
     if job.host == lost and job.leader:  # a newer save, but on a bucket head since replaced
-        job.tier().commit(job.state(), 5, {}, {}, "old-head")
+        job.tier().commit(job.state(), 5, {}, {}, TierRecord(job.host, "old-head"))
     job.group.barrier()
     report = recover(job.group, job.hosts, job.tier(), BucketHead(HEAD))
     assert report.target is not None, report.reason

@@ -22,7 +22,7 @@ from cloudckpt.distributed import Group
 from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.tiers import peer
 from cloudckpt.tiers.copy import blobs_of
-from cloudckpt.tiers.local import BucketHead, HostTier
+from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord
 from cloudckpt.tiers.plan import plan
 from cloudckpt.tiers.replicas import HostMap, recover, replicate, siblings, versions_of
 
@@ -97,7 +97,7 @@ def _version(tmp_path: Path) -> tuple[HostTier, Any, dict[str, Any]]:
         LocalTier(str(tmp_path / "src"), host="a", transfer=TRANSFER), "s3://b/r", "main"
     )
     state = {"w": torch.randn(3000), "b": torch.arange(100), "step": 7}
-    version = tier.commit(state, 7, {"loss": 1.5}, {"note": "x"}, "H")
+    version = tier.commit(state, 7, {"loss": 1.5}, {"note": "x"}, TierRecord("a", "H"))
     return tier, version, state
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import uuid
 from dataclasses import dataclass
@@ -70,8 +71,9 @@ class BlobCache:
         cache and check its hash; False (``out`` undefined) on a miss or a damaged file."""
         path = self.path(digest)
         try:
-            with open(path, "rb", buffering=0) as f:
-                if os.fstat(f.fileno()).st_size != out.size:
+            with self._open(digest, os.O_RDONLY) as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_size != out.size:
                     raise ValueError("size")
                 view = memoryview(out).cast("B")
                 got = 0
@@ -103,10 +105,13 @@ class BlobCache:
         if self.has(digest, size):
             self._touch(path)
             return
-        tmp = os.path.join(self.root, f"{_TMP}{os.getpid()}-{uuid.uuid4().hex}")
+        tmp = f"{_TMP}{os.getpid()}-{uuid.uuid4().hex}"
+        dfd = None
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            dfd = self._prefix(digest)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            fd = os.open(tmp, flags, 0o644, dir_fd=dfd)
             try:
                 view = memoryview(raw).cast("B")
                 done = 0
@@ -114,11 +119,16 @@ class BlobCache:
                     done += os.write(fd, view[done:])
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            os.replace(tmp, digest, src_dir_fd=dfd, dst_dir_fd=dfd)
         except OSError as e:
             log.warning("cache: cannot keep %s (%s)", digest, e)
-            self._remove(tmp)
+            if dfd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
             return
+        finally:
+            if dfd is not None:
+                os.close(dfd)
         with self._lock:
             if self._size is not None:
                 self._size += size
@@ -147,6 +157,10 @@ class BlobCache:
             except OSError:
                 continue
             for entry in entries:
+                if entry.name.startswith(_TMP):  # a writer's, or a dead writer's
+                    if _stale_tmp(entry.path):
+                        self._remove(entry.path)
+                    continue
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
@@ -171,6 +185,20 @@ class BlobCache:
         shutil.rmtree(self.root, ignore_errors=True)
         with self._lock:
             self._size = 0
+
+    def _prefix(self, digest: str) -> int:
+        """The blob's directory, opened without following a symbolic link: nothing
+        planted in the cache directory leads a read or a write outside it."""
+        prefix = os.path.join(self.root, digest[:2])
+        return os.open(prefix, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+
+    def _open(self, digest: str, flags: int) -> Any:
+        dfd = self._prefix(digest)
+        try:
+            fd = os.open(digest, flags | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+        finally:
+            os.close(dfd)
+        return os.fdopen(fd, "rb", buffering=0)
 
     @staticmethod
     def _touch(path: str) -> None:

@@ -14,6 +14,7 @@ host never resumes a run from its own stale lineage after another host went on.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -94,54 +95,26 @@ class HostTier:
         step: int,
         metrics: dict[str, float],
         meta: dict[str, Any],
-        bucket_head: str | None,
+        record: TierRecord,
     ) -> Version:
-        """Save ``state`` locally (on top of ``bucket_head``, the bucket branch's head);
-        drops local versions past ``keep``."""
-        meta = {**meta, TIER_KEY: {"host": self.tier.host, "bucket_head": bucket_head}}
+        """Save ``state`` locally with its ``record``; drops local versions past
+        ``keep``."""
+        meta = {**meta, TIER_KEY: dataclasses.asdict(record)}
         version = self.repo.commit(
             state, branch=self.branch, step=step, metrics=metrics, meta=meta, fast_forward=True
         )
-        self.prune()
+        prune_run(self.repo, self.branch, self.tier.keep)
         return version
 
-    def prune(self) -> None:
-        """Keep the newest ``keep`` local versions (the last saved: the branch head, then
-        by creation; a version of a stale lineage may hold a higher step than the save
-        just made); their data goes at once (nothing else writes this repository)."""
-        try:
-            index = self.repo.index()
-            head = index.branches.get(self.branch)
-            mine = sorted(
-                (v for v in index.versions.values() if v.branch == self.branch),
-                key=lambda v: (v.id == head, v.created, v.id),
-                reverse=True,
-            )
-            doomed = [v.id for v in mine[self.tier.keep :]]
-            if doomed:
-                self.repo.delete(doomed, branch=self.branch)
-                collect(self.repo.store, grace=0, sweep_ttl=LOCAL_SWEEP_TTL)
-        except CloudCkptError as e:  # the local save landed; the next one prunes
-            log.warning("pruning the local tier %s failed: %s", self.root, e)
-
     def versions(self) -> list[Version]:
-        """This run's local versions, newest step first (none if the tier is empty)."""
-        try:
-            index = self.repo.index()
-        except CheckpointNotFound:
-            return []
-        except StoreError as e:  # the host's disk failed: nothing local to resume from
-            log.error("cannot read the local tier %s: %s", self.root, e)
-            return []
-        mine = [v for v in index.versions.values() if v.branch == self.branch]
-        return sorted(mine, key=lambda v: (v.step or 0, v.created), reverse=True)
+        """This run's local versions, the newest save first (see :func:`order`)."""
+        return run_versions(self.repo, self.branch)
 
     def candidates(self, head: BucketHead) -> list[Version]:
-        """Local versions a restore may take (see :func:`current`), the most recently
-        saved first (after a health rollback, the steps saved since are newer than the
-        higher ones of the lineage abandoned)."""
-        mine = [v for v in self.versions() if current(self.repo, v, head)]
-        return sorted(mine, key=lambda v: (v.created, v.id), reverse=True)
+        """Local versions a restore may take (see :func:`current`), the newest save
+        first."""
+        mine = self.versions()
+        return [v for v in mine if current(self.repo, v, head, newest_fence(mine))]
 
     def replica(self, host: str) -> Repo:
         """The replicas of host ``host``'s saves this host keeps (``replicas/<host>``
@@ -167,6 +140,68 @@ class HostTier:
                 raise CorruptCheckpoint(f"{self}: cannot read blob {digest}: {e}") from e
 
         return raw
+
+
+@dataclass(frozen=True)
+class TierRecord:
+    """What a local save records of where it stands (``meta["tier"]``): the host, the
+    bucket head it was saved on, the writer lease's fencing token then (None without
+    a lease) and the run's generation -- raised at every restore and health rollback,
+    so (generation, step) orders a run's saves as they were made, across rollbacks that
+    repeat steps and clocks that step back."""
+
+    host: str
+    bucket_head: str | None
+    fence: int | None = None
+    generation: int = 0
+
+
+def record_of(version: Version) -> dict[str, Any]:
+    record = version.meta.get(TIER_KEY)
+    if not isinstance(record, dict):
+        raise CorruptCheckpoint(f"local version {version.id} has no tier record")
+    return record
+
+
+def order(version: Version) -> tuple[int, int, float]:
+    """A local version's place among the run's saves: (generation, step, created)."""
+    record = version.meta.get(TIER_KEY)
+    generation = record.get("generation") if isinstance(record, dict) else None
+    return (generation if type(generation) is int else 0, version.step or 0, version.created)
+
+
+def run_versions(repo: Repo, branch: str) -> list[Version]:
+    """``branch``'s versions in a tier or replica repository, the newest save first;
+    none if it is empty -- or unreadable (a failing disk, a damaged index: logged, the
+    next tier serves)."""
+    try:
+        index = repo.index()
+    except CheckpointNotFound:
+        return []
+    except (CloudCkptError, OSError) as e:
+        log.error("cannot read the local tier %s (delete it to start it afresh): %s", repo, e)
+        return []
+    mine = [v for v in index.versions.values() if v.branch == branch]
+    return sorted(mine, key=order, reverse=True)
+
+
+def prune_run(repo: Repo, branch: str, keep: int) -> None:
+    """Keep ``branch``'s newest ``keep`` saves (its head always); their data goes at once
+    (nothing else writes these repositories). A failure is logged: the next one prunes."""
+    try:
+        index = repo.index()
+        head = index.branches.get(branch)
+        mine = sorted(
+            (v for v in index.versions.values() if v.branch == branch),
+            key=lambda v: (v.id == head, order(v)),
+            reverse=True,
+        )
+        doomed = [v.id for v in mine[keep:]]
+        if doomed:
+            repo.delete(doomed, branch=branch)
+            collect(repo.store, grace=0, sweep_ttl=LOCAL_SWEEP_TTL)
+    except (CloudCkptError, OSError) as e:
+        log.warning("pruning the local tier %s failed: %s", repo, e)
 
 
 @dataclass(frozen=True)
@@ -201,13 +236,30 @@ def state_digest(doc: Manifest) -> str:
     return codec.content_hash(json.dumps([doc.state, arrays], sort_keys=True).encode())
 
 
-def current(repo: Repo, version: Version, head: BucketHead) -> bool:
+def newest_fence(versions: list[Version]) -> int | None:
+    """The highest lease token among the local saves of a repository (None: none
+    recorded one)."""
+    fences = []
+    for v in versions:
+        record = v.meta.get(TIER_KEY)
+        fence = record.get("fence") if isinstance(record, dict) else None
+        if type(fence) is int:
+            fences.append(fence)
+    return max(fences, default=None)
+
+
+def current(repo: Repo, version: Version, head: BucketHead, fence: int | None = None) -> bool:
     """Whether a restore may take local ``version`` (of ``repo``) with the bucket at
     ``head``: it was saved on top of the head, or it is the local save the head was
     uploaded from (saved on the head's parent, at its step, holding the same state --
-    each host's own copy of a bucket save counts). A version without a tier record, or
-    whose manifest does not read, never does."""
+    each host's own copy of a bucket save counts) -- and no later lease holder saved
+    here (``fence``: the highest lease token among the repository's saves): a job
+    frozen past its lease that went on saving locally is passed over. A version without
+    a tier record, or whose manifest does not read, never does."""
     try:
+        mine = record_of(version).get("fence")
+        if fence is not None and (type(mine) is not int or mine < fence):
+            return False
         base = based_on(version)
         if base == head.id:
             return True
@@ -222,8 +274,5 @@ def current(repo: Repo, version: Version, head: BucketHead) -> bool:
 
 def based_on(version: Version) -> str | None:
     """The bucket head a local version was saved on top of."""
-    record = version.meta.get(TIER_KEY)
-    if not isinstance(record, dict):
-        raise CorruptCheckpoint(f"local version {version.id} has no tier record")
-    head = record.get("bucket_head")
+    head = record_of(version).get("bucket_head")
     return head if isinstance(head, str) else None

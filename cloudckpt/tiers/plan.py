@@ -1,8 +1,9 @@
 """The plan of a restore from the local tiers of a job's hosts (computed on rank 0).
 
 Each host's leader reports what it can restore from: its own local versions and the
-replicas of other hosts it keeps, as ``[step, version id]`` of those saved on the bucket's
-current head. The target is the newest step every host reaches, in its own tier or as a
+replicas of other hosts it keeps, as ``[place, version id]`` of those a restore may take
+(the place, ``[generation, step]``, orders the run's saves the same on every host). The
+target is the newest place every host reaches, in its own tier or as a
 replica some other host keeps (the partner's first); the plan moves it into each own
 tier that lacks it, then re-creates the replicas partners lack, in rounds in which each
 host sends at most once and receives at most once.
@@ -26,7 +27,7 @@ def plan(hosts: HostMap, reports: list[dict[str, Any]], replicated: bool = False
     if len({r["head"] for r in held.values()}) > 1:
         return {"target": None, "reason": "the ranks disagree on the bucket head"}
 
-    def reachable(h: str) -> dict[int, tuple[str, str, str, str]]:
+    def reachable(h: str) -> dict[Any, tuple[str, str, str, str]]:
         """step -> (from host, "own", "replica" or "peer", version id, whose version)
         for host ``h``; its own first, then its replicas (the partner's first), then
         (replicated) the other hosts' own versions."""
@@ -35,12 +36,12 @@ def plan(hosts: HostMap, reports: list[dict[str, Any]], replicated: bool = False
         others = [g for g in holders if g is not None and g != h]
         for g in reversed(others if replicated else []):
             for step, vid in reversed(held[g]["own"]):
-                found[step] = (g, "peer", vid, g)
+                found[_key(step)] = (g, "peer", vid, g)
         for g in reversed(others):
             for step, vid in reversed(held[g]["replicas"].get(h, [])):
-                found[step] = (g, "replica", vid, h)
+                found[_key(step)] = (g, "replica", vid, h)
         for step, vid in reversed(held[h]["own"]):
-            found[step] = (h, "own", vid, h)
+            found[_key(step)] = (h, "own", vid, h)
         return found
 
     reach = {h: reachable(h) for h in hosts.hosts}
@@ -59,10 +60,15 @@ def plan(hosts: HostMap, reports: list[dict[str, Any]], replicated: bool = False
     recreate = []
     for h in hosts.hosts:
         p = hosts.partner(h)
-        if p is not None and step not in {s for s, _ in held[p]["replicas"].get(h, [])}:
+        if p is not None and step not in {_key(s) for s, _ in held[p]["replicas"].get(h, [])}:
             recreate.append({"src": h, "dst": p, "of": h, "id": None, "into": "replica"})
     own = {h: reach[h][step][2] for h in hosts.hosts if reach[h][step][1] == "own"}
     return {"target": step, "own": own, "fetch": _rounds(fetch), "recreate": _rounds(recreate)}
+
+
+def _key(place: Any) -> Any:
+    """A save's place as a dict key: ``[generation, step]`` (JSON) as a tuple."""
+    return tuple(place) if isinstance(place, list) else place
 
 
 def _rounds(transfers: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

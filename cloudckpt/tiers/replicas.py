@@ -28,10 +28,18 @@ from typing import Any
 
 from cloudckpt.blobs import BlobReader, blob_key
 from cloudckpt.distributed.collectives import Group
-from cloudckpt.errors import CheckpointNotFound, CloudCkptError
+from cloudckpt.errors import CloudCkptError
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers import peer
-from cloudckpt.tiers.local import BucketHead, HostTier, current
+from cloudckpt.tiers.local import (
+    BucketHead,
+    HostTier,
+    current,
+    newest_fence,
+    order,
+    prune_run,
+    run_versions,
+)
 from cloudckpt.tiers.plan import plan
 from cloudckpt.versions import Version
 
@@ -98,6 +106,8 @@ class RecoverReport:
     #: The version to load, in this host's own tier; None: restore from the bucket.
     target: Version | None = None
     step: int | None = None
+    #: The target's place among the run's saves, ``[generation, step]``.
+    order: list[int] | None = None
     bytes_received: int = 0
     bytes_sent: int = 0
     seconds: float = 0.0
@@ -155,7 +165,7 @@ def _exchange(
             link = peer.Link(group, inn.peer, peer.REPLY, peer.FORWARD)
             stored, received = peer.receive(link, inn.repo, inn.branch, inn.local)
             if stored is not None and inn.keep is not None:
-                prune(inn.repo, inn.branch, inn.keep)
+                prune_run(inn.repo, inn.branch, inn.keep)
     except BaseException as e:
         errors.append(e)
     finally:
@@ -171,21 +181,8 @@ def _exchange(
 
 
 def versions_of(repo: Repo, branch: str) -> list[Version]:
-    """``branch``'s versions in ``repo``, newest step first (none if it is empty)."""
-    try:
-        index = repo.index()
-    except CheckpointNotFound:
-        return []
-    mine = [v for v in index.versions.values() if v.branch == branch]
-    return sorted(mine, key=lambda v: (v.step or 0, v.created), reverse=True)
-
-
-def prune(repo: Repo, branch: str, keep: int) -> None:
-    """Keep the newest ``keep`` versions of ``branch``; their data goes at once."""
-    doomed = [v.id for v in versions_of(repo, branch)[keep:]]
-    if doomed:
-        repo.delete(doomed, branch=branch)
-        repo.gc(grace=0)
+    """``branch``'s versions in ``repo``, the newest save first (none if it is empty)."""
+    return run_versions(repo, branch)
 
 
 def siblings(tier: HostTier, dst: Repo) -> peer.Local:
@@ -265,19 +262,30 @@ def replicate(
 
 
 # -- recover -------------------------------------------------------------------------------
-def _listing(repo: Repo, versions: list[Version], head: BucketHead) -> list[list[Any]]:
-    return [[v.step, v.id] for v in versions if current(repo, v, head)]
+def _listing(
+    repo: Repo, versions: list[Version], head: BucketHead, exclude: list[list[int]]
+) -> list[list[Any]]:
+    """``[[generation, step], id]`` of each version a restore may take, unless excluded."""
+    found, fence = [], newest_fence(versions)
+    for v in versions:
+        key = list(order(v)[:2])
+        if key not in exclude and current(repo, v, head, fence):
+            found.append([key, v.id])
+    return found
 
 
-def _holdings(me: str, hosts: HostMap, tier: HostTier, head: BucketHead) -> dict[str, Any]:
+def _holdings(
+    me: str, hosts: HostMap, tier: HostTier, head: BucketHead, exclude: list[list[int]]
+) -> dict[str, Any]:
     """What host ``me``'s leader can restore from: its own versions and the replicas it
-    keeps (``[step, id]`` of those a restore may take with the bucket at ``head``)."""
+    keeps (those a restore may take with the bucket at ``head``, by their place among
+    the run's saves: (generation, step), the same on every host)."""
     replicas = {}
     for h in hosts.hosts:
         if h != me:
             repo = tier.replica(h)
-            replicas[h] = _listing(repo, versions_of(repo, tier.branch), head)
-    own = _listing(tier.repo, tier.versions(), head)
+            replicas[h] = _listing(repo, versions_of(repo, tier.branch), head, exclude)
+    own = _listing(tier.repo, tier.versions(), head, exclude)
     return {"host": me, "head": head.id, "own": own, "replicas": replicas}
 
 
@@ -317,6 +325,7 @@ def recover(
     tier: HostTier,
     bucket_head: BucketHead,
     replicated: bool = False,
+    exclude: list[list[int]] | None = None,
 ) -> RecoverReport:
     """Put the newest step every host can reach in every host's own tier, receiving it
     from peers where a host lacks it, then re-create the replicas partners lack
@@ -324,14 +333,15 @@ def recover(
     rank when there is no such step or a transfer failed: restore from the bucket. (A
     group that timed out raises: its ranks can no longer agree on anything.)
     ``replicated``: every host saved the same state, so any host's copy will do (see
-    :func:`cloudckpt.tiers.plan.plan`)."""
+    :func:`cloudckpt.tiers.plan.plan`). ``exclude``: saves (``[generation, step]``, as
+    :attr:`RecoverReport.order`) not to take -- they failed to load before."""
     t0 = time.perf_counter()
     report = RecoverReport()
     leader = hosts.is_leader(group.rank)
     host = hosts.host_of(group.rank)
     try:
         decided = group.all_reduce(
-            lambda: _holdings(host, hosts, tier, bucket_head) if leader else None,
+            lambda: _holdings(host, hosts, tier, bucket_head, exclude or []) if leader else None,
             lambda reports: plan(hosts, reports, replicated),
             context="planning the local restore: ",
         )
@@ -360,7 +370,9 @@ def recover(
         report.target = group.on_each_rank(lambda: tier.repo.resolve(vid), context="recover: ")
     except CloudCkptError as e:
         return _none(report, f"the target is not in the tier: {e}", t0)
-    report.step = decided["target"]
+    target = decided["target"]
+    report.order = list(target) if isinstance(target, (list, tuple)) else [0, target]
+    report.step = report.order[-1]
     report.seconds = time.perf_counter() - t0
     return report
 
