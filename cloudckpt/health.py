@@ -91,10 +91,12 @@ class HealthCheck:
             "skipped_batches": self.skip_batches,
         }
 
-    def before_save(self, where: str) -> dict[str, float]:
-        """A save ends a run of rollbacks: free disk and memory for its metadata, low
-        ones logged as warnings about ``where``."""
-        self._rollbacks = 0
+    def before_save(self, where: str, to_bucket: bool = True) -> dict[str, float]:
+        """A save ends a run of rollbacks (not a local tier's save: rollbacks go back to
+        the bucket's head, which it does not move): free disk and memory for its
+        metadata, low ones logged as warnings about ``where``."""
+        if to_bucket:
+            self._rollbacks = 0
         report = self.resources()
         for warning in self.resource_warnings(report):
             log.warning("%s: %s", where, warning)

@@ -331,12 +331,7 @@ class CheckpointManager:
             log.info("step %d: a save is still uploading; skipping this one", self.step_count)
             return None
         values = {k: float(v) for k, v in (metrics or self.metrics).items()}
-        if not self.health:
-            resources = {}
-        elif to_bucket:
-            resources = self.health.before_save(self.repo.uri)
-        else:  # rollbacks go back to the bucket's head: a local save does not end a run of them
-            resources = self.health.resources()
+        resources = self.health.before_save(self.repo.uri, to_bucket) if self.health else {}
         state = {name: obj.state_dict() for name, obj in self.objects.items()}
         state[META_KEY] = RunRecord(self.step_count, self.epoch, self.extra).dump()
         if to_bucket:
