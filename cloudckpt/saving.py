@@ -68,10 +68,14 @@ class Saves:
     ) -> bool:
         """Before a save: False to skip it (one is in flight and ``when_busy="skip"``),
         else wait for the one in flight and True (``busy``: as the ranks agreed). A
-        bucket save is never skipped for a local-only save in flight: it waits for it."""
+        bucket save is never skipped for a local-only save in flight: it waits for it. A
+        local-only save (unless ``sync``) never waits: skipped while one is in flight, so
+        training does not wait on a background upload for it."""
         if busy is None:
             self.collect(step)
             busy = self.background.running
+        if busy and not to_bucket and sync is not True:
+            return False
         may_skip = sync is not True and not (to_bucket and self._local_inflight)
         return self.background.make_room(busy, may_skip=may_skip)
 

@@ -257,6 +257,19 @@ def test_lru_eviction_keeps_under_max_bytes_and_drops_the_least_recently_used(tm
     assert total <= 3000
 
 
+def test_caches_sharing_a_directory_keep_it_near_max_bytes(tmp_path) -> None:
+    """Two sharers (as two processes: nothing shared in memory) each count only what
+    they add themselves; each recounts the directory every eighth of max_bytes it adds,
+    so neither lets it grow past the bound by more than that."""
+    root = str(tmp_path / "shared")
+    sharers = [BlobCache(CacheOptions(root, max_bytes=8000)) for _ in range(2)]
+    for n in range(40):
+        raw = np.full(500, n, dtype=np.uint8)
+        sharers[n % 2].put(codec.content_hash(raw), raw)
+        total = sum(p.stat().st_size for p in cached_files(root).values())
+        assert total <= 8000 + 2 * 8000 // 8, f"after {n + 1} puts"
+
+
 def test_loads_keep_the_cache_directory_under_max_bytes(s3, tmp_path) -> None:
     uri, opts = s3
     want = training_state(3)

@@ -338,10 +338,13 @@ def test_async_saves_with_a_local_tier(s3, tmp_path) -> None:
     t, snaps = Trainer(), {}
     mgr = manager(s3, tmp_path / "h0", async_save=True)
     mgr.restore(**t.objects())
-    results = run(mgr, t, 8, snaps)
+    results = []
+    for step in range(1, 9):  # steps slower than the saves: each one lands
+        results += run(mgr, t, step, snaps)
+        mgr.wait()
     assert all(r.saved is None for r in results), "async: nothing is committed in step()"
-    assert any(r.saving for r in results)
-    report = mgr.wait()
+    assert all(r.saving for r in results)
+    report = mgr.last_save
     assert report is not None and report.tier == "bucket" and report.version.step == 8
     assert 0 <= report.blocked_seconds <= report.seconds
     local = mgr._saves.last_local_save
@@ -666,4 +669,36 @@ def test_a_bucket_save_is_not_skipped_for_a_local_save_in_flight(s3, tmp_path) -
     assert report is not None and report.version.step == 4 and report.tier == "bucket"
     uri, opts = s3
     assert_state_equal(snaps[4]["model"], Repo(uri, opts).load()["model"])
+    mgr.close()
+
+
+def test_local_saves_do_not_block_training_on_an_upload_in_flight(
+    s3, tmp_path, monkeypatch
+) -> None:
+    """async_save: the bucket save of step 4 uploads in the background (slowly here);
+    the local saves of the steps meanwhile are skipped, not waited for, so training never
+    waits on the upload."""
+    import cloudckpt.tiered
+
+    upload = cloudckpt.tiered.copy_version
+
+    def slow_upload(*args: Any, **kwargs: Any) -> Version:
+        time.sleep(1.5)
+        return upload(*args, **kwargs)
+
+    monkeypatch.setattr(cloudckpt.tiered, "copy_version", slow_upload)
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0", async_save=True)
+    mgr.restore(**t.objects())
+    run(mgr, t, 4, snaps)
+    started = time.monotonic()
+    (result,) = run(mgr, t, 5, snaps)
+    assert time.monotonic() - started < 1.0, "step 5 waited for the upload"
+    assert not result.saving and result.saved is None, "its local save was skipped"
+    report = mgr.wait()
+    assert report is not None and report.version.step == 4
+    (result,) = run(mgr, t, 6, snaps)
+    assert result.saving, "the next local save runs once the upload is done"
+    mgr.wait()
+    assert local_steps(mgr)[0] == 6
     mgr.close()

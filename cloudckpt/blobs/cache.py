@@ -52,6 +52,10 @@ class BlobCache:
         self.misses = 0
         self._lock = threading.Lock()
         self._size: int | None = None  # bytes held, as last counted (other processes add)
+        #: Bytes this process added since it last counted: other processes sharing the
+        #: cache add theirs unseen, so the directory is counted again every eighth of
+        #: ``max_bytes`` (each sharer overshoots the bound by at most that much).
+        self._added = 0
 
     def __repr__(self) -> str:
         return f"BlobCache({self.root!r}, max_bytes={self.options.max_bytes})"
@@ -132,7 +136,9 @@ class BlobCache:
         with self._lock:
             if self._size is not None:
                 self._size += size
-            over = self._size is None or self._size > self.options.max_bytes
+            self._added += size
+            limit = self.options.max_bytes
+            over = self._size is None or self._size > limit or self._added > limit // 8
         if over:
             self.evict()
 
@@ -175,7 +181,7 @@ class BlobCache:
                 if self._remove(path):
                     freed += size
         with self._lock:
-            self._size = total - freed
+            self._size, self._added = total - freed, 0
         return freed
 
     def clear(self) -> None:
