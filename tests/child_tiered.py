@@ -29,15 +29,22 @@ def digest(model: torch.nn.Module) -> str:
 
 def main() -> None:
     uri, base, hosts, steps, out = sys.argv[1:6]
+    per_rank = sys.argv[6:] == ["per-rank"]  # a tier directory per rank: per machine
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     host = hosts.split(",")[rank]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    tier = LocalTier(f"{base}/{host}", every_steps=1, keep=2, host=host)
+    where = f"{base}/{host}-{rank}" if per_rank else f"{base}/{host}"
+    tier = LocalTier(where, every_steps=1, keep=2, host=host)
     mgr = CheckpointManager(uri, save_every_steps=4, local=tier, health=None, lease_ttl=10)
-    start = mgr.restore(model=model, optimizer=opt)
+    try:
+        start = mgr.restore(model=model, optimizer=opt)
+    except ValueError as e:
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"rank": rank, "error": str(e)}, f)
+        raise SystemExit(3) from None
     restored = digest(model)
     assert mgr.tiers is not None
     recover = mgr.tiers.last_recover

@@ -318,3 +318,23 @@ def test_verify_reads_the_store_never_the_cache(s3, tmp_path) -> None:
     assert held[victim].read_bytes() == good, "verify neither dropped nor replaced it"
     # A load through the cache still gets exact data (from the good cached copy).
     assert_state_equal(want, Repo(uri, opts, options=options(cache_dir)).load())
+
+
+def test_a_symlinked_directory_in_the_cache_leads_nothing_outside_it(tmp_path: Path) -> None:
+    import numpy as np
+
+    from cloudckpt import BlobCache, CacheOptions, codec
+
+    cache_dir, outside = tmp_path / "cache", tmp_path / "outside"
+    cache_dir.mkdir()
+    outside.mkdir()
+    for i in range(256):  # every blob directory planted as a link out of the cache
+        (cache_dir / f"{i:02x}").symlink_to(outside)
+    raw = np.arange(1000, dtype=np.uint8)
+    digest = codec.content_hash(raw)
+    (outside / digest).write_bytes(raw.tobytes())  # a "cached" copy outside
+    cache = BlobCache(CacheOptions(str(cache_dir), max_bytes=1 << 20))
+    cache.put(digest, np.arange(7, dtype=np.uint8).repeat(3))  # not written through it
+    assert sorted(p.name for p in outside.iterdir()) == [digest]
+    out = np.zeros(1000, dtype=np.uint8)
+    assert not cache.read_into(digest, out)  # nor read through it

@@ -247,3 +247,22 @@ def test_a_replacement_host_with_a_new_id_takes_another_hosts_copy_of_a_replicat
     # from its partner first (d -> a), a's own copy
     assert decided["fetch"] == [[{"src": "a", "dst": "d", "of": "a", "id": "a-4", "into": "own"}]]
     assert decided["own"] == {"a": "a-4", "c": "c-4"}
+
+
+def test_the_plan_orders_saves_by_generation_then_step() -> None:
+    # After a health rollback the run's generation went up: its steps 4 and 5 come
+    # after the abandoned steps 6 to 8, though lower (the saves' place is [generation,
+    # step], the same on every host).
+    hosts = HostMap(("a", "b"), ("a", "b"))
+    reports = [
+        {
+            "host": h,
+            "head": "H",
+            "own": [[[1, 5], f"{h}-1.5"], [[0, 8], f"{h}-0.8"]],
+            "replicas": {o: [[[1, 5], f"{o}@{h}-1.5"], [[0, 8], f"{o}@{h}-0.8"]]},
+        }
+        for h, o in (("a", "b"), ("b", "a"))
+    ]
+    decided = plan(hosts, reports)
+    assert tuple(decided["target"]) == (1, 5)
+    assert decided["own"] == {"a": "a-1.5", "b": "b-1.5"}

@@ -17,6 +17,7 @@ import torch
 from assertions import assert_state_equal
 
 from cloudckpt import CheckpointManager, HealthCheck, Repo, RepoOptions, TransferOptions, codec
+from cloudckpt.background import SaveJob
 from cloudckpt.blobs import blob_key, iter_chunks
 from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.preemption import Notice, PreemptionWatcher
@@ -701,4 +702,54 @@ def test_local_saves_do_not_block_training_on_an_upload_in_flight(
     assert result.saving, "the next local save runs once the upload is done"
     mgr.wait()
     assert local_steps(mgr)[0] == 6
+    mgr.close()
+
+
+def test_a_frozen_jobs_local_saves_lose_to_the_next_lease_holders(s3, tmp_path) -> None:
+    # Job A holds the lease, then is "frozen": B takes the lease over (a new fencing
+    # token), resumes and saves locally; A wakes up and saves a local step of its own on
+    # the same bucket head -- and prunes the tier to keep=1. B's save survives A's
+    # pruning, and the next restore takes it, never A's.
+    uri, opts = s3
+    tier = LocalTier(str(tmp_path / "h0"), every_steps=1, keep=1, host="h0")
+    a_t, snaps = Trainer(), {}
+    a = CheckpointManager(uri, opts, local=tier, save_every_steps=2, lease_ttl=60)
+    a.restore(**a_t.objects())
+    run(a, a_t, 3, snaps)  # bucket 2; local 3
+    b_t = Trainer(seed=1)
+    b = CheckpointManager(uri, opts, local=tier, save_every_steps=100)
+    assert b._writer.lease is not None
+    b._writer.lease.acquire(force=True)  # the takeover a frozen holder sleeps through
+    b.restore(**b_t.objects())
+    assert b.step_count == 3
+    run(b, b_t, 5, snaps)  # local 4, 5 under B's token
+    b.close()
+    a.step_count = 3
+    a_t.train()
+    a.tiers.commit(
+        a_t.snapshot(), SaveJob("zombie", 4, {}, {}, time.perf_counter(), to_bucket=False)
+    )
+    c_t = Trainer(seed=2)
+    c = CheckpointManager(uri, opts, local=tier, save_every_steps=100)
+    start = c.restore(**c_t.objects())
+    assert start.step == 5
+    c_t.assert_at(snaps[5])
+    c.close()
+
+
+def test_a_damaged_tier_index_is_a_failed_disk_not_a_failed_run(s3, tmp_path) -> None:
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    run(mgr, t, 5, snaps)  # bucket 4, local 5
+    index = Path(mgr.tiers.host.root) / "versions.json"
+    mgr.close()
+    index.write_text('{"format": 2, "versions": [')  # truncated
+    again = Trainer(seed=1)
+    mgr = manager(s3, tmp_path / "h0")
+    start = mgr.restore(**again.objects())
+    assert start.step == 4  # the bucket's
+    again.assert_at(snaps[4])
+    run(mgr, again, 8)  # local saves fail (logged), the bucket save at 8 lands
+    assert bucket_steps(s3)[-1] == 8
     mgr.close()

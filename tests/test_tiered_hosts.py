@@ -15,7 +15,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def run_job(uri: str, base: Path, hosts: list[str], steps: int, env: dict[str, str]) -> list[Any]:
+def run_job(
+    uri: str, base: Path, hosts: list[str], steps: int, env: dict[str, str], *extra: str
+) -> list[Any]:
     out = base / "out"
     proc = subprocess.run(
         [
@@ -30,13 +32,15 @@ def run_job(uri: str, base: Path, hosts: list[str], steps: int, env: dict[str, s
             ",".join(hosts),
             str(steps),
             str(out),
+            *extra,
         ],
         capture_output=True,
         text=True,
         timeout=240,
         env=env,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    if not extra:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads(Path(f"{out}.{r}").read_text()) for r in range(len(hosts))]
 
 
@@ -80,3 +84,16 @@ def test_a_replaced_host_restores_from_its_partner_not_the_bucket(
     assert [r["resumed_step"] for r in fresh] == [8, 8]
     assert all(r["loaded_in_bucket"] for r in fresh)
     assert fresh[0]["restored"] == newcomer[0]["restored"]  # step 9 was local only
+
+
+def test_two_machines_under_one_host_id_are_told_to_name_themselves(
+    seaweedfs: Any, tmp_path: Path
+) -> None:
+    # Containers may share a hostname: two "machines" (tier directories) say "h0".
+    import os
+
+    env = {**os.environ, **seaweedfs.env(), "OMP_NUM_THREADS": "1"}
+    uri = seaweedfs.fresh_uri("tiered-same-id")
+    records = run_job(uri, tmp_path, ["h0", "h0"], 1, env, "per-rank")
+    for r in records:
+        assert "ranks [1] share a host id" in r["error"] and "LocalTier(host=...)" in r["error"]

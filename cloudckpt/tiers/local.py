@@ -103,7 +103,7 @@ class HostTier:
         version = self.repo.commit(
             state, branch=self.branch, step=step, metrics=metrics, meta=meta, fast_forward=True
         )
-        prune_run(self.repo, self.branch, self.tier.keep)
+        prune_run(self.repo, self.branch, self.tier.keep, record.fence)
         return version
 
     def versions(self) -> list[Version]:
@@ -185,9 +185,11 @@ def run_versions(repo: Repo, branch: str) -> list[Version]:
     return sorted(mine, key=order, reverse=True)
 
 
-def prune_run(repo: Repo, branch: str, keep: int) -> None:
-    """Keep ``branch``'s newest ``keep`` saves (its head always); their data goes at once
-    (nothing else writes these repositories). A failure is logged: the next one prunes."""
+def prune_run(repo: Repo, branch: str, keep: int, fence: int | None = None) -> None:
+    """Keep ``branch``'s newest ``keep`` saves (its head always) and any saved under a
+    later lease than ``fence`` (the pruner's: a job frozen past its lease never deletes
+    its successor's saves); their data goes at once (nothing else writes these
+    repositories). A failure is logged: the next one prunes."""
     try:
         index = repo.index()
         head = index.branches.get(branch)
@@ -196,7 +198,7 @@ def prune_run(repo: Repo, branch: str, keep: int) -> None:
             key=lambda v: (v.id == head, order(v)),
             reverse=True,
         )
-        doomed = [v.id for v in mine[keep:]]
+        doomed = [v.id for v in mine[keep:] if fence is None or (newest_fence([v]) or 0) <= fence]
         if doomed:
             repo.delete(doomed, branch=branch)
             collect(repo.store, grace=0, sweep_ttl=LOCAL_SWEEP_TTL)
