@@ -45,6 +45,19 @@ RAW, ZSTD, PLANES, FPLANES = "raw", "zstd", "planes", "fplanes"
 _MAX_PLANES = 8
 
 
+#: Bytes before an uncompressed blob's payload.
+RAW_HEADER = _HEADER.size  # the ids are defined below; RAW's is 0
+
+
+def raw_payload(header: bytes | memoryview, raw_len: int) -> bool:
+    """Whether a blob starting with ``header`` (its first :data:`RAW_HEADER` bytes) is an
+    uncompressed blob of ``raw_len`` bytes: its payload is then the rest of it as is."""
+    if len(header) != _HEADER.size:
+        return False
+    magic, codec_id, width, nplanes, n = _HEADER.unpack(bytes(header))
+    return magic == MAGIC and codec_id == 0 and width == 1 and nplanes == 0 and n == raw_len
+
+
 def max_stored(raw_len: int) -> int:
     """The largest blob any encoding of ``raw_len`` bytes makes: a stored plane is never
     larger than its raw bytes. Blobs are named by their raw bytes, so the same name may

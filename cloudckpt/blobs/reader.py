@@ -157,6 +157,12 @@ class BlobReader:
                     if cache.read_into(fetch.digest, raw):
                         self._scatter(fetch, raw, direct)
                         return None
+            if self._in_place(fetch):
+                with batch.gate.inside():  # the destination is the caller's
+                    raw = self._raw(fetch, direct)
+                    if self._read_in_place(fetch, raw):
+                        self._scatter(fetch, raw, direct)
+                        return codec.RAW_HEADER + fetch.size
             blob = self._get(fetch)
             with batch.gate.inside():  # the destination is the caller's: not after a failure
                 raw = self._raw(fetch, direct)
@@ -176,6 +182,37 @@ class BlobReader:
             return raw
         self._decode(fetch, self._get(fetch), raw)
         return raw
+
+    def _in_place(self, fetch: _Fetch) -> bool:
+        """Whether the blob is stored uncompressed on this machine's disk (a local tier):
+        then its payload is read straight into the destination, without a copy."""
+        header = memoryview(bytearray(codec.RAW_HEADER))
+        try:
+            found = self.store.read_into(blob_key(fetch.digest), 0, header)
+        except CheckpointNotFound:  # reading it whole says what is missing
+            return False
+        if found is None:
+            return False
+        got, size = found
+        return (
+            got == len(header)
+            and size == got + fetch.size
+            and codec.raw_payload(header, fetch.size)
+        )
+
+    def _read_in_place(self, fetch: _Fetch, raw: np.ndarray) -> bool:
+        """Read an uncompressed blob's payload into ``raw`` and check its hash."""
+        try:
+            found = self.store.read_into(
+                blob_key(fetch.digest), codec.RAW_HEADER, memoryview(raw).cast("B")
+            )
+        except CheckpointNotFound:
+            return False
+        if found is None or found[0] != fetch.size:
+            return False  # changed since: read whole, and decoded, below
+        if codec.content_hash(raw) != fetch.digest:
+            raise CorruptCheckpoint(f"{self._where(fetch)}: content does not match its hash")
+        return True
 
     def _where(self, fetch: _Fetch) -> str:
         holding = f" (holding {fetch.parts[0][0]!r})" if fetch.parts else ""

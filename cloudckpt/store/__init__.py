@@ -140,6 +140,16 @@ class Store:
             )
         return found
 
+    def read_into(self, key: str, offset: int, out: memoryview) -> tuple[int, int] | None:
+        """Bytes from ``offset`` of the object read straight into ``out``, without a
+        copy, where the store is on this machine's disk: (bytes read, object size); None
+        where the store cannot (read it whole)."""
+        read_into = getattr(self.backend, "read_into", None)
+        if read_into is None:
+            return None
+        found: tuple[int, int] = self._run("get", key, lambda: read_into(key, offset, out))
+        return found
+
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object."""
         return self._run("get", key, lambda: self.fs.cat_file(self.path(key), start=start, end=end))

@@ -54,6 +54,24 @@ class LocalBackend(FsspecBackend):
     def get(self, key: str, most: int | None = None) -> bytes:
         return read_regular_file(self.path(key), most)
 
+    def read_into(self, key: str, offset: int, out: memoryview) -> tuple[int, int]:
+        """Read bytes from ``offset`` into ``out`` (until it is full or the file ends):
+        (bytes read, the file's size). Only a regular file is read."""
+        fd = os.open(self.path(key), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptCheckpoint(f"{self.uri}/{key} is not a regular file")
+            got = 0
+            while got < len(out):
+                n = os.preadv(fd, [out[got:]], offset + got)
+                if n == 0:
+                    break
+                got += n
+            return got, st.st_size
+        finally:
+            os.close(fd)
+
     def put(self, key: str, data: Buffer, call: RetriedCall) -> None:
         path = self.path(key)
         call("put", key, lambda: os.replace(write_temp(path, data), path))  # no copy
