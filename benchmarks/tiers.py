@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -38,6 +39,19 @@ from cloudckpt.testing.local_s3 import SeaweedFS
 
 HERE = Path(__file__).resolve().parent
 ALTERNATIVES = ("s3torchconnector", "torch.save + boto3")
+
+
+def settle(pid: int | None, limit: float = 10.0) -> None:
+    """Wait (at most ``limit`` s) until the S3 server is idle: SeaweedFS compacts its
+    volumes after the deletes between runs, and that would land on whatever runs next."""
+    if pid is None:
+        return
+    proc, deadline = psutil.Process(pid), time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = sum(proc.cpu_times()[:2])
+        time.sleep(0.25)
+        if sum(proc.cpu_times()[:2]) - before < 0.0125:  # under 5% of a core
+            return
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -63,19 +77,20 @@ class Tiers:
         return timed(lambda: self.snap.copy(state))
 
     def local_save(self, asynchronous: bool) -> tuple[float, float | None, str, str]:
-        """(seconds until durable on the tier, blocked seconds if async, uri, root), of
-        a run's second local save: its snapshot reuses the first one's buffers, as every
-        save after the first does."""
+        """(seconds until the first local save of a run is durable on the tier -- every
+        blob written --, the blocked seconds of its second save if async -- a snapshot
+        into the first one's buffers, as every save after the first --, uri, root)."""
         uri = f"{self.bucket}/tiers-{uuid.uuid4().hex[:6]}"
         root = tempfile.mkdtemp(dir=self.local)
         mgr = self.manager(uri, root, async_save=asynchronous, save_every_steps=10**9)
         mgr.restore(model=self.model, optimizer=self.opt)
+        t0 = time.perf_counter()
         mgr.step(1)
         mgr.wait()
-        t0 = time.perf_counter()
-        mgr.step(2)
-        mgr.wait()
         seconds = time.perf_counter() - t0
+        if asynchronous:
+            mgr.step(2)
+            mgr.wait()
         report = mgr.last_local_save
         mgr.close()
         blocked = report.blocked_seconds if asynchronous and report else None
@@ -140,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"rep {rep}", flush=True)
             for c in alternatives:
                 uri = f"{bucket}/{c.name.replace(' ', '-').replace('+', '')}-{rep}"
+                settle(server.pid)
                 try:
                     seconds = timed(lambda c=c, u=uri: c.save(u))
                 except ImportError as e:  # s3torchconnector: `make bench` installs it
@@ -147,16 +163,20 @@ def main(argv: list[str] | None = None) -> None:
                     alternatives.remove(c)
                     continue
                 add(f"{c.name}: bucket save", seconds)
+                settle(server.pid)
                 add(f"{c.name}: bucket restore", timed(lambda c=c, u=uri: c.restore(u)))
                 compare.delete_prefix(client, uri)
+            settle(server.pid)
             add("one copy into reused buffers", tiers.copy())
             seconds, _, _, root = tiers.local_save(asynchronous=False)
             add("local tier: sync save", seconds)
             shutil.rmtree(root, ignore_errors=True)
             seconds, blocked, uri, root = tiers.local_save(asynchronous=True)
             add("local tier: async save, blocked", blocked)
+            settle(server.pid)
             add("local tier: restore after a restart", tiers.local_restore(uri, root))
             add("local tier: bucket save uploaded from the tier", tiers.upload_from_tier(uri, root))
+            settle(server.pid)
             add("blob cache: restore after a restart", tiers.cache_restore(uri))
             shutil.rmtree(root, ignore_errors=True)
             compare.delete_prefix(client, uri)
@@ -179,7 +199,8 @@ def write_report(path: Path, args: Any, rows: dict[str, list[float]], logical: i
         f"{platform.node()} ({os.cpu_count()} CPUs, {platform.python_version()}, torch "
         f"{torch.__version__}), {time.strftime('%Y-%m-%d %H:%M')}: "
         f"{logical / 1e6:.0f} MB of tensors; bucket = a local SeaweedFS on the same "
-        f"machine; local tier and cache in `{where}`. Median of the repetitions.",
+        f"machine; local tier and cache in `{where}`. Median of the repetitions; "
+        "before each measurement the S3 server is let go idle (it compacts after deletes).",
         "",
         "| operation | seconds: median (range) | runs |",
         "|---|---|---|",
