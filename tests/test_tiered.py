@@ -67,6 +67,18 @@ def manager(s3: Any, path: Any, host: str = "h0", **kwargs: Any) -> CheckpointMa
     return CheckpointManager(uri, opts, local=tier, health=HealthCheck(spike_factor=1e9), **kwargs)
 
 
+def assert_restart_resumes(
+    s3: Any, path: Any, step: int, want: dict[str, Any], seed: int, **kwargs: Any
+) -> None:
+    """A new manager (a restarted process) on the tier at ``path`` resumes ``step``,
+    its model and optimizer exactly ``want``."""
+    t = Trainer(seed=seed)
+    mgr = manager(s3, path, **kwargs)
+    assert mgr.restore(**t.objects()).step == step
+    t.assert_at(want)
+    mgr.close()
+
+
 def run(
     mgr: CheckpointManager, t: Trainer, until: int, snaps: dict[int, Any] | None = None
 ) -> list[Any]:
@@ -221,11 +233,7 @@ def test_a_stale_local_lineage_is_not_taken(s3, tmp_path) -> None:
     snaps: dict[int, Any] = {}
     run(h0, back, 9, snaps)  # its next local save is on top of step 8
     h0.close()
-    last = Trainer(seed=11)
-    h0 = manager(s3, tmp_path / "h0")
-    assert h0.restore(**last.objects()).step == 9
-    last.assert_at(snaps[9])
-    h0.close()
+    assert_restart_resumes(s3, tmp_path / "h0", 9, snaps[9], seed=11)
 
 
 def test_a_save_after_resuming_below_a_stale_local_step_is_kept(s3, tmp_path) -> None:
@@ -253,11 +261,7 @@ def test_a_save_after_resuming_below_a_stale_local_step_is_kept(s3, tmp_path) ->
     assert report is not None and report.version.step == 6
     assert h0.repo.resolve("main").meta["tier"]["local"] == h0.tiers.host.versions()[0].id
     h0.close()
-    t3 = Trainer(seed=3)
-    h0 = manager(s3, None, tier=tier0)
-    assert h0.restore(**t3.objects()).step == 6
-    t3.assert_at(snaps[6])
-    h0.close()
+    assert_restart_resumes(s3, None, 6, snaps[6], seed=3, tier=tier0)
 
 
 def test_a_damaged_local_copy_falls_back_to_the_next_version(s3, tmp_path) -> None:
@@ -358,11 +362,7 @@ def test_async_saves_with_a_local_tier(s3, tmp_path) -> None:
         assert_state_equal(snaps[v.step]["model"], bucket.load(v.id)["model"])
     assert local_steps(mgr) == [8, 7]
     mgr.close()
-    again = Trainer(seed=4)
-    mgr = manager(s3, tmp_path / "h0", async_save=True)
-    assert mgr.restore(**again.objects()).step == 8
-    again.assert_at(snaps[8])
-    mgr.close()
+    assert_restart_resumes(s3, tmp_path / "h0", 8, snaps[8], seed=4, async_save=True)
 
 
 def test_the_final_preemption_save_goes_to_the_bucket(s3, tmp_path) -> None:
@@ -379,11 +379,7 @@ def test_the_final_preemption_save_goes_to_the_bucket(s3, tmp_path) -> None:
     assert head.step == 6 and head.meta["reason"] == "preemption (test)"
     assert head.meta["tier"]["local"] == mgr.tiers.host.versions()[0].id
     mgr.close()
-    other = Trainer(seed=1)
-    mgr = manager(s3, tmp_path / "h1", host="h1")
-    assert mgr.restore(**other.objects()).step == 6
-    other.assert_at(snaps[6])
-    mgr.close()
+    assert_restart_resumes(s3, tmp_path / "h1", 6, snaps[6], seed=1, host="h1")
 
 
 def test_retention_prunes_only_bucket_versions(s3, tmp_path) -> None:
@@ -570,11 +566,7 @@ def test_a_local_tier_that_cannot_be_written_does_not_stop_the_run(s3, tmp_path)
     assert [v.step for v in bucket.versions()] == [4, 8]
     assert bucket.resolve("main").meta["tier"] == {"host": "h0"}, "uploaded from memory"
     mgr.close()
-    again = Trainer(seed=1)
-    mgr = manager(s3, blocker / "tier")
-    assert mgr.restore(**again.objects()).step == 8
-    again.assert_at(snaps[8])
-    mgr.close()
+    assert_restart_resumes(s3, blocker / "tier", 8, snaps[8], seed=1)
 
 
 def test_a_local_copy_that_cannot_be_read_is_passed_over(s3, tmp_path) -> None:
