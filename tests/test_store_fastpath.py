@@ -146,3 +146,52 @@ def test_a_profiles_endpoint_and_region_reach_the_fast_path(seaweedfs: Any, tmp_
     endpoint, named, seconds = out.stdout.strip().split("|")
     assert endpoint == seaweedfs.endpoint and seaweedfs.endpoint.split("//")[1] in named
     assert float(seconds) < 10
+
+
+ENDPOINT_SETTINGS: list[tuple[dict[str, str], str, str | None]] = [
+    ({}, "", None),
+    ({"AWS_REGION": "eu-west-3"}, "", None),
+    ({"AWS_DEFAULT_REGION": "us-gov-west-1"}, "", None),
+    ({"AWS_REGION": "cn-north-1"}, "", None),  # not *.amazonaws.com: botocore is asked
+    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"}, "", None),
+    ({"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9001", "AWS_ENDPOINT_URL": "http://x:1"}, "", None),
+    ({"AWS_ENDPOINT_URL_DYNAMODB": "http://127.0.0.1:9002"}, "", None),  # another service's
+    (
+        {
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+            "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true",
+        },
+        "",
+        None,
+    ),
+    ({}, "[profile lab]\nendpoint_url = http://127.0.0.1:9003\nregion = ap-south-1\n", "lab"),
+    (
+        {},
+        "[profile lab]\nservices = local\n[services local]\ns3 =\n"
+        "  endpoint_url = http://127.0.0.1:9004\n",
+        "lab",
+    ),
+    ({}, "[default]\nregion = eu-central-1\n", None),
+]
+
+
+@pytest.mark.parametrize(("env", "config", "profile"), ENDPOINT_SETTINGS)
+def test_the_fast_paths_endpoint_is_the_one_botocores_client_resolves(
+    env: dict[str, str], config: str, profile: str | None, tmp_path, monkeypatch
+) -> None:
+    """Blob bytes must go where s3fs's botocore sends everything else: the endpoint read
+    from the configuration alone equals a real botocore client's, in every setting."""
+    import botocore.session
+
+    from cloudckpt.store.s3_transport import _botocore_settings, _client_settings
+
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    (tmp_path / "config").write_text(config)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    session = botocore.session.Session(profile=profile)
+    slow = _client_settings(session, session.get_config_variable("region"))
+    assert _botocore_settings(profile) == slow

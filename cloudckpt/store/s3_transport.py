@@ -246,25 +246,56 @@ def _region() -> str:
 def _botocore_settings(profile: str | None) -> tuple[str | None, str | None]:
     """The S3 endpoint (None: AWS itself) and region botocore resolves, exactly as the
     s3fs side of the store does: environment, shared config file, profile, services
-    section. Credentials are resolved separately (:func:`_boto3_credentials`)."""
+    section. Credentials are resolved separately (:func:`_boto3_credentials`).
+
+    Read from botocore's configuration alone where that settles it (a configured
+    endpoint, or a region of AWS's own partition); building a client to ask it loads
+    botocore's endpoint rules and service model, 0.3 s of every ``Repo()``."""
     try:
         import botocore.session
 
         session = botocore.session.Session(profile=profile)
         region = session.get_config_variable("region")
-        # Placeholder keys: only the endpoint is wanted, not a credential lookup.
-        client = session.create_client(
-            "s3",
-            region_name=region or _region(),
-            aws_access_key_id="-",
-            aws_secret_access_key="-",
-        )
-        endpoint = client.meta.endpoint_url
-        host = urllib.parse.urlsplit(endpoint).hostname or ""
-        return (None if host.endswith(".amazonaws.com") else endpoint), client.meta.region_name
+        configured = _configured_endpoint(session)
+        if configured is not None:
+            return configured, region or _region()
+        if _AWS_REGION.fullmatch(region or _region()):
+            return None, region or _region()
+        return _client_settings(session, region)
     except Exception as e:  # a broken profile: s3fs reports it on first use
         log.debug("no botocore settings for obstore (%s)", e)
         return None, None
+
+
+#: Regions whose S3 endpoint is ``*.amazonaws.com`` (the partitions aws and aws-us-gov):
+#: obstore derives it from the region. Any other (China, isolated partitions) asks botocore.
+_AWS_REGION = re.compile(r"(?!cn-)[a-z]{2}(-gov)?-(?!iso)[a-z]+-\d+")
+
+
+def _configured_endpoint(session: Any) -> str | None:
+    """The endpoint a user configured for S3 (``AWS_ENDPOINT_URL_S3``,
+    ``AWS_ENDPOINT_URL``, the config file's ``services`` section or ``endpoint_url``), as
+    botocore's client would take it."""
+    if session.get_config_variable("ignore_configured_endpoint_urls"):
+        return None
+    from botocore.configprovider import ConfiguredEndpointProvider
+
+    provider = ConfiguredEndpointProvider(
+        full_config=session.full_config, scoped_config=session.get_scoped_config(), client_name="s3"
+    )
+    found = provider.provide()
+    return str(found) if found else None
+
+
+def _client_settings(session: Any, region: str | None) -> tuple[str | None, str | None]:
+    """Endpoint and region as a botocore client resolves them (the slow, general way)."""
+    # Placeholder keys: only the endpoint is wanted, not a credential lookup.
+    client = session.create_client(
+        "s3", region_name=region or _region(), aws_access_key_id="-", aws_secret_access_key="-"
+    )
+    endpoint = client.meta.endpoint_url
+    host = urllib.parse.urlsplit(endpoint).hostname or ""
+    return (None if host.endswith(".amazonaws.com") else endpoint), client.meta.region_name
 
 
 def _boto3_credentials(profile: str | None) -> Any:
