@@ -1,6 +1,7 @@
 """``s3://`` (AWS S3 and S3-compatible servers): s3fs for control calls, obstore for blob
-bytes (``s3_transport``), per-part retried multipart uploads (``s3_multipart``), and the
-conditional writes of the commit protocol as ``If-None-Match: *`` / ``If-Match`` PUTs.
+bytes and for the conditional writes of the commit protocol (``If-None-Match: *`` /
+``If-Match`` PUTs; ``s3_transport``), per-part retried multipart uploads
+(``s3_multipart``).
 """
 
 from __future__ import annotations
@@ -94,13 +95,22 @@ class S3Backend(FsspecBackend):
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         try:
-            self._call("put_object", key, Body=data, IfNoneMatch="*")
+            self._put_if(key, data, None)
         except (FileExistsError, OSError) as e:
             if isinstance(e, FileExistsError) or _lost_race(e):
                 return False
             raise
-        self.fs.invalidate_cache(self.path(key))
         return True
+
+    def _put_if(self, key: str, data: bytes, etag: str | None) -> str:
+        """A conditional PUT (absent, or this ETag); the new ETag."""
+        transport = self._usable_transport()
+        if transport is not None:
+            return transport.put_if(key, data, etag)
+        cond = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
+        out = self._call("put_object", key, Body=data, **cond)
+        self.fs.invalidate_cache(self.path(key))
+        return out["ETag"]  # type: ignore[no-any-return]
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         transport = self._usable_transport()
@@ -120,18 +130,14 @@ class S3Backend(FsspecBackend):
             return None
 
     def put_if_match(self, key: str, data: bytes, etag: str | None) -> str:
-        cond = {"IfMatch": etag} if etag is not None else {"IfNoneMatch": "*"}
-        path = self.path(key)
         try:
-            out = self._call("put_object", key, Body=data, **cond)
+            return self._put_if(key, data, etag)
         except OSError as e:
             if isinstance(e, FileExistsError) or _lost_race(e):
                 raise PreconditionFailed(
-                    f"{path} changed under us (expected ETag {etag})"
+                    f"{self.path(key)} changed under us (expected ETag {etag})"
                 ) from None
             raise
-        self.fs.invalidate_cache(path)
-        return out["ETag"]  # type: ignore[no-any-return]
 
     def delete(self, keys: list[str], guard: Callable[[], None] | None) -> None:
         if guard is not None:
