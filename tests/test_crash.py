@@ -12,7 +12,9 @@ provably complete, every local version verifies and the bucket stays consistent.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -302,3 +304,164 @@ def test_manager_with_a_local_tier_killed_at(
     assert [v.step for v in host.versions()] == [3]
     assert host.repo.verify(host.versions()[0].id).ok
     mgr.close()
+
+
+# -- peer replicas -------------------------------------------------------------------------
+#: Two hosts, one rank each, each the other's partner (h0 -> h1 -> h0; see
+#: child_replica_crash.py): steps 1 and 2 saved and replicated, then step 3 saved locally on
+#: both and replicated, the victim rank killed during that transfer. Counted in the victim
+#: from the start of the transfer; h0 -> h1 moves eight blobs (h0's own part; the shared
+#: one h1 links from its own tier). Each point: the victim (0: h0, the sender of the
+#: conversation h0 -> h1; 1: h1, its receiver), the point, and the step a restore must
+#: find with h0's tier lost -- 3 if h1's replica of h0's step 3 was published before the
+#: kill, else 2, the newest step both hosts still reach; None: either, as h1's replica
+#: says (a timed kill, or one after every blob was sent: the receiver may publish a
+#: complete replica before it notices). With every tier in place a restore finds step 3:
+#: both local saves landed before the transfer began.
+REPLICA_POINTS: list[tuple[int, Any, int | None]] = [
+    (0, ["manifest", 1, "after"], 2),  # the sender sent the manifest; nothing asked yet
+    (0, ["blob_sent", 1, "after"], 2),
+    (0, ["blob_sent", 8, "after"], None),  # every blob sent
+    (1, ["lack", 1, "after"], 2),  # the receiver named the digests it lacks
+    (1, ["blob_received", 1, "after"], 2),
+    (1, ["blob_received", 4, "after"], 2),  # mid-way through the blobs
+    (1, ["put_if_match", 1, "before", "replica"], 2),  # just before the replica's index swap
+    (1, ["put_if_match", 1, "after", "replica"], 3),  # just after it: published
+    (1, ["delete", 1, "after", "replica"], 3),  # pruning the replica's step 1, mid-collection
+    (0, 0.15, None),  # seconds into the transfer (the victim's blobs paced: 0.05 s each)
+    (1, 0.25, None),
+]
+#: h0's tier lost after step 3 was replicated; h0 or h1 killed while the tiers are
+#: recovered: h0 receives its step 3 from h1's replica of it, then its replica of h1
+#: from h1. Each point: the victim, the point, and the steps h0's own tier holds after
+#: the kill. A restore (the same hosts again, h0 with whatever it kept) must find step 3.
+RECOVER_POINTS: list[tuple[int, Any, list[int]]] = [
+    (0, ["blob_received", 2, "after"], []),  # h0 receiving its own step 3
+    (1, ["blob_sent", 1, "after"], []),  # h1 sending it
+    (0, ["put_if_match", 1, "after", "own"], [3]),  # published; its replica of h1 not yet
+]
+
+
+@pytest.fixture(scope="module")
+def rank_zygotes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Three zygotes of child_replica_crash.py, ranks 0-2 (a job takes the first ranks)."""
+    here = Path(__file__).resolve().parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for rank in range(3):
+            proc = subprocess.Popen(
+                [sys.executable, str(here / "child_replica_crash.py"), str(rank)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            procs.append(stack.enter_context(reaped(proc)))
+        yield procs
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+class RankJob:
+    """One job of the rank zygotes: every rank's exit status and what it wrote."""
+
+    def __init__(self, zygotes: list[subprocess.Popen[str]], base: Path) -> None:
+        self.zygotes, self.base, self.count = zygotes, base, 0
+
+    def run(self, scenario: dict[str, Any], on_started: Any = None) -> list[dict[str, Any]]:
+        self.count += 1
+        out = self.base / f"out-{self.count}"
+        scenario = {**scenario, "rendezvous": str(self.base / f"rdv-{self.count}"), "out": str(out)}
+        world = scenario.get("world", 2)
+        for z in self.zygotes:
+            assert z.stdin is not None
+            z.stdin.write(json.dumps(scenario) + "\n")
+            z.stdin.flush()
+        pids = [json.loads(self._line(z))["pid"] for z in self.zygotes]
+        if on_started is not None:
+            on_started(pids)
+        ended = [json.loads(self._line(z)) for z in self.zygotes][:world]
+        found = []
+        for rank, end in enumerate(ended):
+            path = Path(f"{out}.{rank}")
+            record = json.loads(path.read_text()) if path.exists() else {}
+            found.append({**end, **record})
+        return found
+
+    @staticmethod
+    def _line(zygote: subprocess.Popen[str]) -> str:
+        assert zygote.stdout is not None
+        line = zygote.stdout.readline()
+        assert line, "a rank zygote died"
+        return line
+
+
+def assert_ranks_ok(found: list[dict[str, Any]]) -> None:
+    for rank, record in enumerate(found):
+        assert record["returncode"] == 0 and record["in_time"], (rank, record)
+
+
+def replica_ids(cases: list[Any]) -> list[str]:
+    """``rank<victim>-<point>`` of each case."""
+    return [f"rank{case[0]}-{label(case[1])}" for case in cases]
+
+
+@pytest.mark.parametrize(
+    ("victim", "point", "want"), REPLICA_POINTS, ids=replica_ids(REPLICA_POINTS)
+)
+def test_a_replica_transfer_killed_at(
+    victim: int, point: Any, want: int | None, rank_zygotes: Any, tmp_path: Path
+) -> None:
+    """A rank killed while its local save is sent to its partner, or while it receives
+    its partner's: the other rank fails at once (no hang); then every version of every
+    tier and replica verifies (no half-published replica), a restore with h0's tier lost
+    finds the step h1's replica proves complete and one with every tier finds step 3,
+    each bit-exact on every rank, and the next save is replicated (each checked again)."""
+    jobs, root = RankJob(rank_zygotes, tmp_path), tmp_path / "hosts"
+    crash = {"action": "crash", "root": str(root), "phase": "replicate", "victim": victim}
+    crash.update({"point": point} if isinstance(point, list) else {"after_seconds": point})
+    found = jobs.run(crash)
+    assert found[victim]["returncode"] == -9, found
+    assert [r["sent"] for r in found] == [[8, 1], [8, 1]]  # step 2: 8 blobs sent, 1 linked
+    survivor = found[1 - victim]
+    assert survivor["returncode"] == 0 and survivor["seconds"] < 20, survivor
+    assert survivor["outcome"] != "replicated", survivor  # it failed, naming the lost rank
+
+    resumes = [{"wipe": "h0", "want": want, "copy": True}, {"wipe": None, "want": 3}]
+    found = jobs.run({"action": "verify", "root": str(root), "resumes": resumes})
+    assert_ranks_ok(found)
+    held = found[1]["held"]["h0"]  # h1's replica of h0 (a kill before its pruning: 3 steps)
+    assert held in ([3, 2], [2, 1], [3, 2, 1]), held
+    published = 3 in held
+    assert found[0]["resumes"][0]["step"] == (3 if published else 2)
+    if want is not None:
+        assert published == (want == 3), held
+    assert [r["held"]["own"] for r in found] == [[3, 2], [3, 2]]
+
+
+@pytest.mark.parametrize(
+    ("victim", "point", "own"), RECOVER_POINTS, ids=replica_ids(RECOVER_POINTS)
+)
+def test_a_recovery_from_a_peer_killed_at(
+    victim: int, point: Any, own: list[int], rank_zygotes: Any, tmp_path: Path
+) -> None:
+    """A rank killed while a replaced host's save is sent back to it: the next restore
+    (whatever h0 kept of the transfer) still finds step 3, bit-exact, and the next save
+    is replicated."""
+    jobs, root = RankJob(rank_zygotes, tmp_path), tmp_path / "hosts"
+    crash = {"action": "crash", "root": str(root), "phase": "recover", "victim": victim}
+    found = jobs.run({**crash, "point": point, "lost": "h0"})
+    assert found[victim]["returncode"] == -9, found
+    assert found[1 - victim]["returncode"] == 0, found
+
+    found = jobs.run({"action": "verify", "root": str(root), "resumes": [{"want": 3}]})
+    assert_ranks_ok(found)
+    assert found[0]["held"]["own"] == own and found[1]["held"]["h0"] == [3, 2], found
