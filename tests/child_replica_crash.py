@@ -47,7 +47,7 @@ import torch.distributed as dist
 from assertions import assert_state_equal
 from processes import wait_forked
 
-from cloudckpt import TransferOptions
+from cloudckpt import CheckpointManager, DistributedOptions, Repo, TransferOptions
 from cloudckpt.blobs import blob_key
 from cloudckpt.distributed import Group
 from cloudckpt.gc import collect
@@ -325,8 +325,91 @@ def verify(job: Job, sc: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
+# -- a manager's job ---------------------------------------------------------------------------
+def manager_state(step: int) -> dict[str, torch.Tensor]:
+    """The manager's model at ``step`` (the same on every rank: DDP)."""
+    g = torch.Generator().manual_seed(step)
+    return {"w": torch.randn(64 * KiB, generator=g), "frozen": torch.arange(4 * KiB)}
+
+
+class Buffers(torch.nn.Module):
+    """A module holding :func:`manager_state` as buffers (what the manager saves)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        for name, tensor in manager_state(step).items():
+            self.register_buffer(name, tensor)
+
+
+def manager(sc: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
+    """Restore, check what was restored, then take ``steps`` more steps (a local save each
+    and a bucket save every second, replicated to the other host); the victim installs
+    ``point`` before the last. Writes how it ended, and what the tiers and bucket hold."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{sc['rendezvous']}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    host, root = f"h{rank // int(sc.get('per_host', 1))}", Path(sc["root"])
+    tier = LocalTier(str(root / host), every_steps=1, keep=2, host=host, transfer=TRANSFER)
+    bucket = f"file://{root}/bucket"
+    mgr = CheckpointManager(
+        bucket,
+        save_every_steps=2,
+        local=tier,
+        exclusive=False,
+        health=None,
+        distributed=DistributedOptions(timeout=float(sc["timeout"])),
+    )
+    assert mgr.tiers is not None
+    if mgr.tiers.leader:  # every local version and replica verifies
+        for name, repo in [("own", mgr.tiers.host.repo), *replicas_of(mgr.tiers.host)]:
+            for v in versions_of(repo, BRANCH):
+                assert repo.verify(v.id).ok, (name, v.step)
+    model = Buffers(0)
+    start = mgr.restore(model=model)
+    for name, tensor in manager_state(start.step).items():
+        assert torch.equal(getattr(model, name), tensor), name
+    found: dict[str, Any] = {"resumed": start.step, "outcome": "finished"}
+    last = start.step + int(sc["steps"])
+    started = time.monotonic()
+    try:
+        with mgr:
+            for step in range(start.step + 1, last + 1):
+                model.load_state_dict(manager_state(step))
+                if step == last:
+                    started = time.monotonic()
+                    if rank == sc.get("victim"):
+                        install(sc["point"], getattr(signal, sc.get("signal", "SIGKILL")))
+                mgr.step(step)
+    except Exception as e:
+        found["outcome"] = f"{type(e).__name__}: {e}"
+        found["raised"] = type(e).__name__
+    found["seconds"] = time.monotonic() - started
+    found["local"] = [v.step for v in mgr.tiers.host.versions()] if mgr.tiers.leader else None
+    repo = Repo(bucket)  # the bucket: its head verifies and loads bit-exact
+    found["bucket"] = [v.step for v in repo.versions()]
+    head = repo.resolve("main")
+    assert head.step is not None and repo.verify(head.id).ok, head
+    loaded = repo.load(head.id)
+    for name, tensor in manager_state(head.step).items():
+        assert torch.equal(loaded["model"][name], tensor), name
+    return found
+
+
+def replicas_of(tier: HostTier) -> list[tuple[str, Repo]]:
+    """The replica repositories a host's tier keeps."""
+    replicas = Path(tier.root) / "replicas"
+    names = sorted(p.name for p in replicas.iterdir()) if replicas.is_dir() else []
+    return [(n, tier.replica(n)) for n in names]
+
+
 def run(sc: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     torch.set_num_threads(1)
+    if sc["action"] == "manager":
+        return manager(sc, rank, world)
     job = Job(sc, rank, world)
     return {"crash": crash, "verify": verify}[sc["action"]](job, sc)
 

@@ -8,6 +8,17 @@ manifests, incomplete multipart uploads), and the next commit works.
 A manager with a local tier is killed too (on SeaweedFS, at 8 points of a local save and
 of an upload from the tier): a restart on the same host resumes the newest step that was
 provably complete, every local version verifies and the bucket stays consistent.
+
+And a rank of a job on two "hosts" (child_replica_crash.py: a zygote per rank, a gloo
+group per job), at 11 points of a peer replica transfer -- the sender and, separately,
+the receiver, counted at the transfer's frames and at the replica's store calls (its
+index swap), 2 of them timed -- and 3 of a recovery to a replaced host: the other rank
+fails with RanksUnreachable, every version of every tier and replica verifies (none
+half-published), the job restarted finds the newest provably complete step bit-exact
+(also with a host replaced: from its partner's replica when that replica's swap
+landed), the next save is replicated, and a collection leaves only live data. A rank
+frozen (SIGSTOP) mid-transfer fails the others within the group's timeout, and a
+manager's local save survives it (REPLICA_POINTS, RECOVER_POINTS and the frozen tests).
 """
 
 from __future__ import annotations
@@ -15,6 +26,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -376,7 +389,9 @@ class RankJob:
     def __init__(self, zygotes: list[subprocess.Popen[str]], base: Path) -> None:
         self.zygotes, self.base, self.count = zygotes, base, 0
 
-    def run(self, scenario: dict[str, Any], on_started: Any = None) -> list[dict[str, Any]]:
+    def run(self, scenario: dict[str, Any], frozen: int | None = None) -> list[dict[str, Any]]:
+        """Run ``scenario`` on every rank; ``frozen``: a rank that stops itself, SIGKILLed
+        once every other rank ended."""
         self.count += 1
         out = self.base / f"out-{self.count}"
         scenario = {**scenario, "rendezvous": str(self.base / f"rdv-{self.count}"), "out": str(out)}
@@ -386,9 +401,14 @@ class RankJob:
             z.stdin.write(json.dumps(scenario) + "\n")
             z.stdin.flush()
         pids = [json.loads(self._line(z))["pid"] for z in self.zygotes]
-        if on_started is not None:
-            on_started(pids)
-        ended = [json.loads(self._line(z)) for z in self.zygotes][:world]
+        ended: dict[int, Any] = {}
+        for rank, z in enumerate(self.zygotes):
+            if rank != frozen:
+                ended[rank] = json.loads(self._line(z))
+        if frozen is not None:
+            os.kill(pids[frozen], signal.SIGKILL)  # the zygote reaps it
+            ended[frozen] = json.loads(self._line(self.zygotes[frozen]))
+        ended = [ended[rank] for rank in range(world)]
         found = []
         for rank, end in enumerate(ended):
             path = Path(f"{out}.{rank}")
@@ -433,7 +453,8 @@ def test_a_replica_transfer_killed_at(
     assert [r["sent"] for r in found] == [[8, 1], [8, 1]]  # step 2: 8 blobs sent, 1 linked
     survivor = found[1 - victim]
     assert survivor["returncode"] == 0 and survivor["seconds"] < 20, survivor
-    assert survivor["outcome"] != "replicated", survivor  # it failed, naming the lost rank
+    assert survivor["outcome"].startswith("RanksUnreachable: "), survivor  # not a raw gloo error
+    assert "was killed, is frozen or is cut off" in survivor["outcome"], survivor
 
     resumes = [{"wipe": "h0", "want": want, "copy": True}, {"wipe": None, "want": 3}]
     found = jobs.run({"action": "verify", "root": str(root), "resumes": resumes})
@@ -460,8 +481,59 @@ def test_a_recovery_from_a_peer_killed_at(
     crash = {"action": "crash", "root": str(root), "phase": "recover", "victim": victim}
     found = jobs.run({**crash, "point": point, "lost": "h0"})
     assert found[victim]["returncode"] == -9, found
-    assert found[1 - victim]["returncode"] == 0, found
+    survivor = found[1 - victim]
+    assert survivor["returncode"] == 0 and survivor["seconds"] < 20, survivor
+    # not "no local restore" (the bucket next): the ranks can no longer agree on anything
+    assert survivor["outcome"].startswith("RanksUnreachable: "), survivor
 
     found = jobs.run({"action": "verify", "root": str(root), "resumes": [{"want": 3}]})
     assert_ranks_ok(found)
     assert found[0]["held"]["own"] == own and found[1]["held"]["h0"] == [3, 2], found
+
+
+def test_a_frozen_partner_fails_the_transfer_on_time(rank_zygotes: Any, tmp_path: Path) -> None:
+    """A receiver frozen (SIGSTOP) mid-way through the blobs: the sender fails within the
+    group's timeout (3 s) with RanksUnreachable naming the frozen rank, not after the
+    default half hour; once the frozen rank is killed, the tiers restore as after a kill."""
+    jobs, root = RankJob(rank_zygotes, tmp_path), tmp_path / "hosts"
+    crash = {"action": "crash", "root": str(root), "phase": "replicate", "victim": 1}
+    crash.update({"point": ["blob_received", 2, "after"], "signal": "SIGSTOP", "timeout": 3})
+    found = jobs.run(crash, frozen=1)
+    assert found[1]["returncode"] == -9 and found[1]["in_time"], found
+    sender = found[0]
+    assert sender["returncode"] == 0 and 2.5 < sender["seconds"] < 15, sender
+    assert re.match(
+        r"RanksUnreachable: (receiving from|sending to) rank 1 failed", sender["outcome"]
+    )
+    assert "DistributedOptions(timeout=...)" in sender["outcome"], sender
+
+    resumes = [{"wipe": "h0", "want": 2, "copy": True}, {"wipe": None, "want": 3}]
+    assert_ranks_ok(jobs.run({"action": "verify", "root": str(root), "resumes": resumes}))
+
+
+def test_a_frozen_host_fails_the_save_on_time_and_its_local_save_is_kept(
+    rank_zygotes: Any, tmp_path: Path
+) -> None:
+    """A manager on two hosts (h0: ranks 0 and 1; h1: rank 2), h1 frozen while step 4 --
+    a bucket save -- is replicated: ranks 0 and 1 (which does not take part in the
+    transfer) raise RanksUnreachable from step() within DistributedOptions(timeout=5), not
+    after the default half hour; the bucket keeps step 2 as head, and the job restarted
+    (h1 killed) resumes step 4 from the local tiers, bit-exact, and saves on."""
+    jobs, root = RankJob(rank_zygotes, tmp_path), str(tmp_path / "hosts")
+    run = {"action": "manager", "root": root, "world": 3, "per_host": 2, "timeout": 5}
+    frozen = {"victim": 2, "point": ["manifest", 1, "after"], "signal": "SIGSTOP"}
+    found = jobs.run({**run, **frozen, "steps": 4}, frozen=2)
+    assert found[2]["returncode"] == -9, found
+    for rank in (0, 1):
+        record = found[rank]
+        assert record["returncode"] == 0 and record["resumed"] == 0, record
+        assert record["raised"] == "RanksUnreachable", record
+        assert 4.5 < record["seconds"] < 9, record  # one timeout, not one per collective
+    assert found[0]["local"] == [4, 3]  # the local save of step 4 landed before the transfer
+    assert found[0]["bucket"] == [2]
+
+    found = jobs.run({**run, "steps": 2})
+    assert_ranks_ok(found)
+    assert [r["resumed"] for r in found] == [4, 4, 4]
+    assert [r["outcome"] for r in found] == ["finished"] * 3
+    assert found[0]["bucket"] == [2, 6] and found[0]["local"] == [6, 5]
