@@ -29,6 +29,7 @@ Jobs (``"action"``), each rank one host (host ``h<rank>``):
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
@@ -414,6 +415,15 @@ def run(sc: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     return {"crash": crash, "verify": verify}[sc["action"]](job, sc)
 
 
+def die_with_parent(zygote: int) -> None:
+    """SIGKILL this process when the zygote dies (a frozen child never outlives it)."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != zygote:  # it died before the call
+        os._exit(1)
+
+
 def main() -> None:
     rank = int(sys.argv[1])
     for line in sys.stdin:
@@ -424,8 +434,10 @@ def main() -> None:
             print(json.dumps({"pid": None}), flush=True)
             print(json.dumps({"returncode": None, "seconds": 0.0, "in_time": True}), flush=True)
             continue
+        zygote = os.getpid()
         pid = os.fork()
         if pid == 0:
+            die_with_parent(zygote)
             code = 0
             try:
                 found = run(sc, rank, world)
@@ -439,6 +451,7 @@ def main() -> None:
         code, in_time = wait_forked(pid, timeout=float(sc.get("wait", 60)))
         out = {"returncode": code, "seconds": time.monotonic() - started, "in_time": in_time}
         print(json.dumps(out), flush=True)
+    os._exit(0)  # nothing to tear down: skip the interpreter's (torch's) finalization
 
 
 if __name__ == "__main__":
