@@ -406,14 +406,13 @@ class RankJob:
             if rank != frozen:
                 ended[rank] = json.loads(self._line(z))
         if frozen is not None:
-            os.kill(pids[frozen], signal.SIGKILL)  # the zygote reaps it
+            kill_stopped(pids[frozen], self.zygotes[frozen].pid)  # the zygote reaps it
             ended[frozen] = json.loads(self._line(self.zygotes[frozen]))
-        ended = [ended[rank] for rank in range(world)]
         found = []
-        for rank, end in enumerate(ended):
+        for rank in range(world):
             path = Path(f"{out}.{rank}")
             record = json.loads(path.read_text()) if path.exists() else {}
-            found.append({**end, **record})
+            found.append({**ended[rank], **record})
         return found
 
     @staticmethod
@@ -422,6 +421,14 @@ class RankJob:
         line = zygote.stdout.readline()
         assert line, "a rank zygote died"
         return line
+
+
+def kill_stopped(pid: int, parent: int) -> None:
+    """SIGKILL ``pid``, asserting it is stopped and still ``parent``'s child."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+    assert state in ("T", "t") and int(ppid) == parent, f"rank not frozen: {stat}"
+    os.kill(pid, signal.SIGKILL)
 
 
 def assert_ranks_ok(found: list[dict[str, Any]]) -> None:
