@@ -45,6 +45,7 @@ _WHERE: dict[str, str] = {
     "PreemptionWatcher": "cloudckpt.preemption",
     "RankFailure": "cloudckpt.errors",
     "RanksFailed": "cloudckpt.errors",
+    "RanksUnreachable": "cloudckpt.errors",
     "Repo": "cloudckpt.repo",
     "RepoOptions": "cloudckpt.repo",
     "ResumableSampler": "cloudckpt.resume",
@@ -101,6 +102,7 @@ __all__ = [
     "PreemptionWatcher",
     "RankFailure",
     "RanksFailed",
+    "RanksUnreachable",
     "Repo",
     "RepoOptions",
     "ResumableSampler",
@@ -155,6 +157,7 @@ if TYPE_CHECKING:
         LeaseHeld,
         RankFailure,
         RanksFailed,
+        RanksUnreachable,
         StoreError,
         UnsupportedState,
     )

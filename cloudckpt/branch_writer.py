@@ -45,10 +45,11 @@ class BranchWriter:
     def group(self) -> Group:
         """The ranks of the job (one, outside torch.distributed)."""
         if self._group is None:
-            self._group = Group.detect()
+            timeout = self.distributed.timeout
+            self._group = Group.detect(timeout)
             # Commits get a gloo group of their own: an async save's collectives run in a
             # background thread and must never pair with step()'s on the main thread.
-            self._commit_group = Group.detect()
+            self._commit_group = Group.detect(timeout)
         return self._group
 
     @property

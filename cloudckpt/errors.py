@@ -54,6 +54,15 @@ class SweepExpired(CloudCkptError):
     (the process was frozen or cut off), so commits may already rely on what it marked."""
 
 
+class RanksUnreachable(CloudCkptError):
+    """A rank of the job stopped answering the checkpoint's process group: its connection
+    closed (the process was killed) or it did not answer within the group's timeout
+    (``DistributedOptions(timeout=...)``: it is frozen or cut off). The ranks can no
+    longer agree on anything, so the step fails on every rank that waits on that one --
+    each within the timeout -- instead of being shared like a :class:`RanksFailed`; restart
+    the job. What was saved before, local saves included, is kept."""
+
+
 class UnsupportedFormat(CorruptCheckpoint):
     """A stored object was written in a format this cloudckpt does not read (a newer
     release wrote it): upgrade cloudckpt; nothing is repaired over it."""
@@ -74,6 +83,7 @@ KINDS: tuple[type[CloudCkptError], ...] = (
     FencedOut,
     SweepExpired,
     UnsupportedFormat,
+    RanksUnreachable,
 )
 
 

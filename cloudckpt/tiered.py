@@ -24,7 +24,7 @@ from typing import Any
 
 from cloudckpt.background import SaveJob
 from cloudckpt.branch_writer import BranchWriter
-from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, StoreError
+from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, RanksUnreachable, StoreError
 from cloudckpt.tiers import replicas
 from cloudckpt.tiers.copy import copy_version
 from cloudckpt.tiers.local import TIER_KEY, BucketHead, HostTier, LocalTier, TierRecord, order
@@ -116,7 +116,8 @@ class TieredSaves:
         """Save ``state`` to the local tier (and to the partner host's replica) and, if
         ``job.to_bucket``, upload it from there: the bucket version on every rank; else
         the local version (None on ranks that do not write their host's tier). A bucket
-        save whose local save failed is uploaded from memory."""
+        save whose local save failed is uploaded from memory. A rank that stops answering
+        fails the save (RanksUnreachable) after the local save landed: a restart finds it."""
         local = None
         lease = self.writer.lease
         if lease is not None and lease.lost:  # frozen past it: the bucket save is fenced too
@@ -136,6 +137,10 @@ class TieredSaves:
             try:  # collective; a failure is every rank's
                 commit_group = self.writer.commit_group
                 self.last_replica = replicas.replicate(commit_group, self.hosts, self.host, local)
+            except RanksUnreachable as e:  # no rank can agree on anything more: the job ends
+                kept = f" (it is saved in the local tier {self.host})" if local else ""
+                log.error("step %d was not replicated%s: %s", job.step, kept, e)
+                raise
             except CloudCkptError as e:  # the partner keeps its older replica
                 log.error("replicating step %d to the partner host failed: %s", job.step, e)
         if not job.to_bucket:
@@ -261,6 +266,8 @@ class TieredSaves:
 
             try:
                 group.on_each_rank(load, context="loading from the local tier: ")
+            except RanksUnreachable:
+                raise
             except CloudCkptError as e:
                 log.error("the local tiers' step %s did not load on every rank: %s", target.step, e)
                 skipped[f"local:{target.id}"] = str(e)

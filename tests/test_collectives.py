@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cloudckpt.distributed import Group
+from cloudckpt.distributed import DistributedOptions, Group
 from cloudckpt.errors import (
     CloudCkptError,
     CorruptCheckpoint,
@@ -211,3 +211,10 @@ def test_ranks_failed_survives_pickling_with_its_kind() -> None:
     assert type(copy) is type(error) and isinstance(copy, FencedOut)
     assert str(copy) == "save failed: rank 1: FencedOut: moved"
     assert copy.failures == error.failures
+
+
+def test_a_checkpoint_group_waits_a_positive_finite_time() -> None:
+    assert DistributedOptions().timeout == 1800.0
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            DistributedOptions(timeout=bad)

@@ -8,11 +8,26 @@ manifests, incomplete multipart uploads), and the next commit works.
 A manager with a local tier is killed too (on SeaweedFS, at 8 points of a local save and
 of an upload from the tier): a restart on the same host resumes the newest step that was
 provably complete, every local version verifies and the bucket stays consistent.
+
+And a rank of a job on two "hosts" (child_replica_crash.py: a zygote per rank, a gloo
+group per job), at 11 points of a peer replica transfer -- the sender and, separately,
+the receiver, counted at the transfer's frames and at the replica's store calls (its
+index swap), 2 of them timed -- and 3 of a recovery to a replaced host: the other rank
+fails with RanksUnreachable, every version of every tier and replica verifies (none
+half-published), the job restarted finds the newest provably complete step bit-exact
+(also with a host replaced: from its partner's replica when that replica's swap
+landed), the next save is replicated, and a collection leaves only live data. A rank
+frozen (SIGSTOP) mid-transfer fails the others within the group's timeout, and a
+manager's local save survives it (REPLICA_POINTS, RECOVER_POINTS and the frozen tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -302,3 +317,230 @@ def test_manager_with_a_local_tier_killed_at(
     assert [v.step for v in host.versions()] == [3]
     assert host.repo.verify(host.versions()[0].id).ok
     mgr.close()
+
+
+# -- peer replicas -------------------------------------------------------------------------
+#: Two hosts, one rank each, each the other's partner (h0 -> h1 -> h0; see
+#: child_replica_crash.py): steps 1 and 2 saved and replicated, then step 3 saved locally on
+#: both and replicated, the victim rank killed during that transfer. Counted in the victim
+#: from the start of the transfer; h0 -> h1 moves eight blobs (h0's own part; the shared
+#: one h1 links from its own tier). Each point: the victim (0: h0, the sender of the
+#: conversation h0 -> h1; 1: h1, its receiver), the point, and the step a restore must
+#: find with h0's tier lost -- 3 if h1's replica of h0's step 3 was published before the
+#: kill, else 2, the newest step both hosts still reach; None: either, as h1's replica
+#: says (a timed kill, or one after every blob was sent: the receiver may publish a
+#: complete replica before it notices). With every tier in place a restore finds step 3:
+#: both local saves landed before the transfer began.
+REPLICA_POINTS: list[tuple[int, Any, int | None]] = [
+    (0, ["manifest", 1, "after"], 2),  # the sender sent the manifest; nothing asked yet
+    (0, ["blob_sent", 1, "after"], 2),
+    (0, ["blob_sent", 8, "after"], None),  # every blob sent
+    (1, ["lack", 1, "after"], 2),  # the receiver named the digests it lacks
+    (1, ["blob_received", 1, "after"], 2),
+    (1, ["blob_received", 4, "after"], 2),  # mid-way through the blobs
+    (1, ["put_if_match", 1, "before", "replica"], 2),  # just before the replica's index swap
+    (1, ["put_if_match", 1, "after", "replica"], 3),  # just after it: published
+    (1, ["delete", 1, "after", "replica"], 3),  # pruning the replica's step 1, mid-collection
+    (0, 0.15, None),  # seconds into the transfer (the victim's blobs paced: 0.05 s each)
+    (1, 0.25, None),
+]
+#: h0's tier lost after step 3 was replicated; h0 or h1 killed while the tiers are
+#: recovered: h0 receives its step 3 from h1's replica of it, then its replica of h1
+#: from h1. Each point: the victim, the point, and the steps h0's own tier holds after
+#: the kill. A restore (the same hosts again, h0 with whatever it kept) must find step 3.
+RECOVER_POINTS: list[tuple[int, Any, list[int]]] = [
+    (0, ["blob_received", 2, "after"], []),  # h0 receiving its own step 3
+    (1, ["blob_sent", 1, "after"], []),  # h1 sending it
+    (0, ["put_if_match", 1, "after", "own"], [3]),  # published; its replica of h1 not yet
+]
+
+
+@pytest.fixture(scope="module")
+def rank_zygotes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Three zygotes of child_replica_crash.py, ranks 0-2 (a job takes the first ranks)."""
+    here = Path(__file__).resolve().parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]),
+        "OMP_NUM_THREADS": "1",
+    }
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for rank in range(3):
+            proc = subprocess.Popen(
+                [sys.executable, str(here / "child_replica_crash.py"), str(rank)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            procs.append(stack.enter_context(reaped(proc)))
+        yield procs
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+class RankJob:
+    """One job of the rank zygotes: every rank's exit status and what it wrote."""
+
+    def __init__(self, zygotes: list[subprocess.Popen[str]], base: Path) -> None:
+        self.zygotes, self.base, self.count = zygotes, base, 0
+
+    def run(self, scenario: dict[str, Any], frozen: int | None = None) -> list[dict[str, Any]]:
+        """Run ``scenario`` on every rank; ``frozen``: a rank that stops itself, SIGKILLed
+        once every other rank ended."""
+        self.count += 1
+        out = self.base / f"out-{self.count}"
+        scenario = {**scenario, "rendezvous": str(self.base / f"rdv-{self.count}"), "out": str(out)}
+        world = scenario.get("world", 2)
+        for z in self.zygotes:
+            assert z.stdin is not None
+            z.stdin.write(json.dumps(scenario) + "\n")
+            z.stdin.flush()
+        pids = [json.loads(self._line(z))["pid"] for z in self.zygotes]
+        ended: dict[int, Any] = {}
+        for rank, z in enumerate(self.zygotes):
+            if rank != frozen:
+                ended[rank] = json.loads(self._line(z))
+        if frozen is not None:
+            kill_stopped(pids[frozen], self.zygotes[frozen].pid)  # the zygote reaps it
+            ended[frozen] = json.loads(self._line(self.zygotes[frozen]))
+        found = []
+        for rank in range(world):
+            path = Path(f"{out}.{rank}")
+            record = json.loads(path.read_text()) if path.exists() else {}
+            found.append({**ended[rank], **record})
+        return found
+
+    @staticmethod
+    def _line(zygote: subprocess.Popen[str]) -> str:
+        assert zygote.stdout is not None
+        line = zygote.stdout.readline()
+        assert line, "a rank zygote died"
+        return line
+
+
+def kill_stopped(pid: int, parent: int) -> None:
+    """SIGKILL ``pid``, asserting it is stopped and still ``parent``'s child."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+    assert state in ("T", "t") and int(ppid) == parent, f"rank not frozen: {stat}"
+    os.kill(pid, signal.SIGKILL)
+
+
+def assert_ranks_ok(found: list[dict[str, Any]]) -> None:
+    for rank, record in enumerate(found):
+        assert record["returncode"] == 0 and record["in_time"], (rank, record)
+
+
+def replica_ids(cases: list[Any]) -> list[str]:
+    """``rank<victim>-<point>`` of each case."""
+    return [f"rank{case[0]}-{label(case[1])}" for case in cases]
+
+
+@pytest.mark.parametrize(
+    ("victim", "point", "want"), REPLICA_POINTS, ids=replica_ids(REPLICA_POINTS)
+)
+def test_a_replica_transfer_killed_at(
+    victim: int, point: Any, want: int | None, rank_zygotes: Any, tmp_path: Path
+) -> None:
+    """A rank killed while its local save is sent to its partner, or while it receives
+    its partner's: the other rank fails at once (no hang); then every version of every
+    tier and replica verifies (no half-published replica), a restore with h0's tier lost
+    finds the step h1's replica proves complete and one with every tier finds step 3,
+    each bit-exact on every rank, and the next save is replicated (each checked again)."""
+    jobs, root = RankJob(rank_zygotes, tmp_path), tmp_path / "hosts"
+    crash = {"action": "crash", "root": str(root), "phase": "replicate", "victim": victim}
+    crash.update({"point": point} if isinstance(point, list) else {"after_seconds": point})
+    found = jobs.run(crash)
+    assert found[victim]["returncode"] == -9, found
+    assert [r["sent"] for r in found] == [[8, 1], [8, 1]]  # step 2: 8 blobs sent, 1 linked
+    survivor = found[1 - victim]
+    assert survivor["returncode"] == 0 and survivor["seconds"] < 20, survivor
+    assert survivor["outcome"].startswith("RanksUnreachable: "), survivor  # not a raw gloo error
+    assert "was killed, is frozen or is cut off" in survivor["outcome"], survivor
+
+    resumes = [{"wipe": "h0", "want": want, "copy": True}, {"wipe": None, "want": 3}]
+    found = jobs.run({"action": "verify", "root": str(root), "resumes": resumes})
+    assert_ranks_ok(found)
+    held = found[1]["held"]["h0"]  # h1's replica of h0 (a kill before its pruning: 3 steps)
+    assert held in ([3, 2], [2, 1], [3, 2, 1]), held
+    published = 3 in held
+    assert found[0]["resumes"][0]["step"] == (3 if published else 2)
+    if want is not None:
+        assert published == (want == 3), held
+    assert [r["held"]["own"] for r in found] == [[3, 2], [3, 2]]
+
+
+@pytest.mark.parametrize(
+    ("victim", "point", "own"), RECOVER_POINTS, ids=replica_ids(RECOVER_POINTS)
+)
+def test_a_recovery_from_a_peer_killed_at(
+    victim: int, point: Any, own: list[int], rank_zygotes: Any, tmp_path: Path
+) -> None:
+    """A rank killed while a replaced host's save is sent back to it: the next restore
+    (whatever h0 kept of the transfer) still finds step 3, bit-exact, and the next save
+    is replicated."""
+    jobs, root = RankJob(rank_zygotes, tmp_path), tmp_path / "hosts"
+    crash = {"action": "crash", "root": str(root), "phase": "recover", "victim": victim}
+    found = jobs.run({**crash, "point": point, "lost": "h0"})
+    assert found[victim]["returncode"] == -9, found
+    survivor = found[1 - victim]
+    assert survivor["returncode"] == 0 and survivor["seconds"] < 20, survivor
+    # not "no local restore" (the bucket next): the ranks can no longer agree on anything
+    assert survivor["outcome"].startswith("RanksUnreachable: "), survivor
+
+    found = jobs.run({"action": "verify", "root": str(root), "resumes": [{"want": 3}]})
+    assert_ranks_ok(found)
+    assert found[0]["held"]["own"] == own and found[1]["held"]["h0"] == [3, 2], found
+
+
+def test_a_frozen_partner_fails_the_transfer_on_time(rank_zygotes: Any, tmp_path: Path) -> None:
+    """A receiver frozen (SIGSTOP) mid-way through the blobs: the sender fails within the
+    group's timeout (3 s) with RanksUnreachable naming the frozen rank, not after the
+    default half hour; once the frozen rank is killed, the tiers restore as after a kill."""
+    jobs, root = RankJob(rank_zygotes, tmp_path), tmp_path / "hosts"
+    crash = {"action": "crash", "root": str(root), "phase": "replicate", "victim": 1}
+    crash.update({"point": ["blob_received", 2, "after"], "signal": "SIGSTOP", "timeout": 3})
+    found = jobs.run(crash, frozen=1)
+    assert found[1]["returncode"] == -9 and found[1]["in_time"], found
+    sender = found[0]
+    assert sender["returncode"] == 0 and 2.5 < sender["seconds"] < 15, sender
+    assert re.match(
+        r"RanksUnreachable: (receiving from|sending to) rank 1 failed", sender["outcome"]
+    )
+    assert "DistributedOptions(timeout=...)" in sender["outcome"], sender
+
+    resumes = [{"wipe": "h0", "want": 2, "copy": True}, {"wipe": None, "want": 3}]
+    assert_ranks_ok(jobs.run({"action": "verify", "root": str(root), "resumes": resumes}))
+
+
+def test_a_frozen_host_fails_the_save_on_time_and_its_local_save_is_kept(
+    rank_zygotes: Any, tmp_path: Path
+) -> None:
+    """A manager on two hosts (h0: ranks 0 and 1; h1: rank 2), h1 frozen while step 4 --
+    a bucket save -- is replicated: ranks 0 and 1 (which does not take part in the
+    transfer) raise RanksUnreachable from step() within DistributedOptions(timeout=5), not
+    after the default half hour; the bucket keeps step 2 as head, and the job restarted
+    (h1 killed) resumes step 4 from the local tiers, bit-exact, and saves on."""
+    jobs, root = RankJob(rank_zygotes, tmp_path), str(tmp_path / "hosts")
+    run = {"action": "manager", "root": root, "world": 3, "per_host": 2, "timeout": 5}
+    frozen = {"victim": 2, "point": ["manifest", 1, "after"], "signal": "SIGSTOP"}
+    found = jobs.run({**run, **frozen, "steps": 4}, frozen=2)
+    assert found[2]["returncode"] == -9, found
+    for rank in (0, 1):
+        record = found[rank]
+        assert record["returncode"] == 0 and record["resumed"] == 0, record
+        assert record["raised"] == "RanksUnreachable", record
+        assert 4.5 < record["seconds"] < 9, record  # one timeout, not one per collective
+    assert found[0]["local"] == [4, 3]  # the local save of step 4 landed before the transfer
+    assert found[0]["bucket"] == [2]
+
+    found = jobs.run({**run, "steps": 2})
+    assert_ranks_ok(found)
+    assert [r["resumed"] for r in found] == [4, 4, 4]
+    assert [r["outcome"] for r in found] == ["finished"] * 3
+    assert found[0]["bucket"] == [2, 6] and found[0]["local"] == [6, 5]

@@ -9,6 +9,10 @@ A step that every rank takes fails on every rank when it fails on one (no rank i
 waiting in a collective): :meth:`Group.all_reduce` catches each rank's error, shares it as a
 :class:`~cloudckpt.errors.RankFailure` and raises one :class:`~cloudckpt.errors.RanksFailed`
 everywhere, as ``torch.distributed.checkpoint``'s ``_DistWrapper`` does.
+
+A rank that stops answering cannot share anything: every wait on another rank is bounded
+by the group's ``timeout`` and a rank that waited that long, or whose peer's connection
+closed, raises :class:`~cloudckpt.errors.RanksUnreachable` (the group is done for).
 """
 
 from __future__ import annotations
@@ -16,34 +20,54 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from cloudckpt.errors import RankFailure, RanksFailed
+from cloudckpt.errors import RankFailure, RanksFailed, RanksUnreachable
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 class Group:
-    """This process's rank among ``world`` ranks; a single process is rank 0 of 1."""
+    """This process's rank among ``world`` ranks; a single process is rank 0 of 1.
 
-    def __init__(self, pg: Any = None) -> None:
-        self.pg = pg
+    ``timeout``: the seconds ``pg`` waits for another rank in one operation (None: not
+    known here), named in the error when a rank does not answer."""
+
+    def __init__(self, pg: Any = None, timeout: float | None = None) -> None:
+        self.pg, self.timeout = pg, timeout
         self.rank = dist.get_rank() if pg is not None else 0
         self.world = dist.get_world_size() if pg is not None else 1
 
     @classmethod
     def detect(cls, timeout: float = 1800.0) -> Group:
-        """The current job's ranks (a new gloo group, created collectively), or a group
-        of one when torch.distributed is not initialized."""
+        """The current job's ranks (a new gloo group, created collectively, whose every
+        wait on another rank gives up after ``timeout`` seconds), or a group of one when
+        torch.distributed is not initialized."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return cls()
         pg = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout))
-        return cls(pg)
+        return cls(pg, timeout)
+
+    @contextmanager
+    def answering(self, what: str) -> Iterator[None]:
+        """Run torch.distributed calls of this group; the failure of one -- a rank that
+        did not answer in time, or whose connection closed -- raises RanksUnreachable
+        saying so (``what``: what this rank was doing)."""
+        try:
+            yield
+        except RuntimeError as e:  # gloo's timeouts and closed connections
+            wait = "its timeout" if self.timeout is None else f"{self.timeout:g} s"
+            raise RanksUnreachable(
+                f"{what} failed: {e} -- a rank of the job was killed, is frozen or is cut "
+                f"off (this group waits {wait} for a rank: DistributedOptions(timeout=...)). "
+                "The ranks can no longer agree: restart the job; what was saved is kept"
+            ) from e
 
     @property
     def distributed(self) -> bool:
@@ -94,7 +118,8 @@ class Group:
         if not self.distributed:
             return list(flags)
         t = torch.tensor(flags, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg)
+        with self.answering(f"rank {self.rank}'s all-reduce"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.pg)
         return t.tolist()
 
     def broadcast_json(self, obj: Any, src: int = 0) -> Any:
@@ -103,10 +128,11 @@ class Group:
             return obj
         data = _encode(obj) if self.rank == src else torch.empty(0, dtype=torch.uint8)
         size = torch.tensor([data.numel()], dtype=torch.int64)
-        dist.broadcast(size, src=src, group=self.pg)
-        if self.rank != src:
-            data = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.broadcast(data, src=src, group=self.pg)
+        with self.answering(f"rank {self.rank}'s broadcast from rank {src}"):
+            dist.broadcast(size, src=src, group=self.pg)
+            if self.rank != src:
+                data = torch.empty(int(size.item()), dtype=torch.uint8)
+            dist.broadcast(data, src=src, group=self.pg)
         return json.loads(bytes(data.numpy()))
 
     def all_gather_json(self, obj: Any) -> list[Any]:
@@ -116,12 +142,13 @@ class Group:
         data = _encode(obj)
         size = torch.tensor([data.numel()], dtype=torch.int64)
         sizes = [torch.empty_like(size) for _ in range(self.world)]
-        dist.all_gather(sizes, size, group=self.pg)
-        longest = max(int(s.item()) for s in sizes)
-        padded = torch.zeros(longest, dtype=torch.uint8)
-        padded[: data.numel()] = data
-        out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
-        dist.all_gather(out, padded, group=self.pg)
+        with self.answering(f"rank {self.rank}'s all-gather"):
+            dist.all_gather(sizes, size, group=self.pg)
+            longest = max(int(s.item()) for s in sizes)
+            padded = torch.zeros(longest, dtype=torch.uint8)
+            padded[: data.numel()] = data
+            out = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world)]
+            dist.all_gather(out, padded, group=self.pg)
         return [
             json.loads(bytes(o[: int(s.item())].numpy())) for o, s in zip(out, sizes, strict=True)
         ]
@@ -132,13 +159,15 @@ class Group:
             return
         target = t if t.is_contiguous() else t.contiguous()
         view = target.reshape(-1).view(torch.uint8)  # bytes: every dtype, bit-exact
-        dist.broadcast(view, src=src, group=self.pg)
+        with self.answering(f"rank {self.rank}'s broadcast from rank {src}"):
+            dist.broadcast(view, src=src, group=self.pg)
         if target is not t:
             t.copy_(target)
 
     def barrier(self) -> None:
         if self.distributed:
-            dist.barrier(group=self.pg)
+            with self.answering(f"rank {self.rank}'s barrier"):
+                dist.barrier(group=self.pg)
 
 
 def _outcome(fn: Callable[[], Any], rank: int) -> dict[str, Any]:

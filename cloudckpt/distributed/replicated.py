@@ -36,14 +36,26 @@ class DistributedOptions:
     ``read``: ``"each"`` (default) -- every rank downloads the whole state, in parallel;
     ``"rank0"`` -- rank 0 downloads and broadcasts; ``"spread"`` -- each rank downloads a
     share and broadcasts it (the state leaves the store once, not once per rank).
+
+    ``timeout``: the most seconds a rank waits for another in the checkpoint's own gloo
+    groups -- a collective, a frame of a peer replica transfer. A rank killed, frozen
+    (SIGSTOP, a paused VM) or cut off during a save or a restore fails it on every other
+    rank within that time with :class:`~cloudckpt.errors.RanksUnreachable`; local saves
+    that landed are kept. It must exceed the longest a rank legitimately waits for
+    another: every ``step()`` waits for the slowest rank, the others wait while rank 0
+    uploads a bucket save, and hosts wait for each other's local save before a replica
+    transfer.
     """
 
     write: Literal["rank0", "spread"] = "rank0"
     read: Literal["each", "rank0", "spread"] = "each"
+    timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.write not in ("rank0", "spread") or self.read not in ("each", "rank0", "spread"):
             raise ValueError(f"unknown mode in {self}")
+        if not 0 < self.timeout < float("inf"):
+            raise ValueError(f"timeout must be a positive number of seconds, not {self.timeout}")
 
 
 def shares(sizes: list[int], world: int) -> list[int]:

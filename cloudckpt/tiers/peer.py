@@ -9,7 +9,9 @@ header ``[kind, length]``, then the payload as a uint8 tensor; nothing is pickle
 
 Either side that fails sends an ``ABORT`` frame instead of its next message, so the other
 never waits for a frame that will not come; a receiver that fails while blobs are still
-coming reads the rest and drops them. Every wait is bounded by the group's timeout.
+coming reads the rest and drops them. Every wait is bounded by the group's timeout: a
+peer that was killed, is frozen or is cut off raises RanksUnreachable (at once when its
+connection closed, after the timeout when it just stopped answering).
 
 The receiver publishes through :func:`cloudckpt.tiers.copy.copy_version`: each blob is
 checked against its hash as it arrives (a damaged transfer raises CorruptCheckpoint and
@@ -31,7 +33,7 @@ import torch.distributed as dist
 
 from cloudckpt import codec
 from cloudckpt.blobs import BlobReader, blob_key
-from cloudckpt.errors import CloudCkptError, CorruptCheckpoint
+from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, RanksUnreachable
 from cloudckpt.manifest import Manifest
 from cloudckpt.tiers.copy import blobs_of, copy_version
 from cloudckpt.versions import Version
@@ -63,13 +65,14 @@ class Link:
     """Frames to and from one peer rank, on tag ``out`` and ``inn`` of ``group.pg``."""
 
     def __init__(self, group: Group, peer: int, out: int, inn: int) -> None:
-        self.pg, self.peer, self.out, self.inn = group.pg, peer, out, inn
+        self.group, self.pg, self.peer, self.out, self.inn = group, group.pg, peer, out, inn
 
     def _send(self, kind: int, payload: torch.Tensor) -> None:
         header = torch.tensor([kind, payload.numel()], dtype=torch.int64)
-        dist.send(header, self.peer, group=self.pg, tag=self.out)
-        if payload.numel():
-            dist.send(payload, self.peer, group=self.pg, tag=self.out)
+        with self.group.answering(f"sending to rank {self.peer}"):
+            dist.send(header, self.peer, group=self.pg, tag=self.out)
+            if payload.numel():
+                dist.send(payload, self.peer, group=self.pg, tag=self.out)
 
     def send_json(self, obj: Any) -> None:
         self._send(JSON, _bytes(json.dumps(obj).encode()))
@@ -83,13 +86,15 @@ class Link:
     def recv(self) -> tuple[int, torch.Tensor]:
         """The next frame: ``(kind, payload)``."""
         header = torch.empty(2, dtype=torch.int64)
-        dist.recv(header, self.peer, group=self.pg, tag=self.inn)
+        with self.group.answering(f"receiving from rank {self.peer}"):
+            dist.recv(header, self.peer, group=self.pg, tag=self.inn)
         kind, size = int(header[0]), int(header[1])
         if kind not in (JSON, BLOB, ABORT) or size < 0:
             raise CorruptCheckpoint(f"rank {self.peer} sent a malformed frame {kind}/{size}")
         payload = torch.empty(size, dtype=torch.uint8)
         if size:
-            dist.recv(payload, self.peer, group=self.pg, tag=self.inn)
+            with self.group.answering(f"receiving from rank {self.peer}"):
+                dist.recv(payload, self.peer, group=self.pg, tag=self.inn)
         return kind, payload
 
     def recv_json(self) -> Any:
@@ -233,7 +238,11 @@ def receive(
     inbox = _Inbox(link, [(d, blobs[d].size) for d in lack])
     try:
         version = copy_version(inbox.get, doc, dst, branch)
-    finally:
+    except RanksUnreachable:
+        raise  # the peer stopped answering: nothing more will come
+    except BaseException:
         inbox.drain()
+        raise
+    inbox.drain()
     inbox.moved.linked = linked
     return version, inbox.moved

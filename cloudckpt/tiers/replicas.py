@@ -14,6 +14,10 @@ damaged transfer (every blob is checked against its hash) means no local restore
 rank returns None and the caller restores from the bucket.
 
 Every step is collective and fails on every rank when it fails on one; nothing is pickled.
+A rank killed, frozen or cut off mid-transfer fails it on every other rank with
+RanksUnreachable, each within the group's timeout (``DistributedOptions(timeout=...)``);
+a replica is published by the commit protocol, so a transfer cut short publishes nothing
+and leaves the receiver's older replicas as they were.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any
 
 from cloudckpt.blobs import BlobReader, blob_key
 from cloudckpt.distributed.collectives import Group
-from cloudckpt.errors import CloudCkptError
+from cloudckpt.errors import CloudCkptError, RanksUnreachable
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers import peer
 from cloudckpt.tiers.local import (
@@ -143,7 +147,9 @@ def _exchange(
 ) -> tuple[Version | None, peer.Moved, peer.Moved]:
     """Run this rank's side of a round of conversations (none on a rank with nothing to
     send or receive), then agree: if any rank failed, every rank raises RanksFailed.
-    Returns the version received here and what was sent and received."""
+    Returns the version received here and what was sent and received. A peer that
+    stopped answering raises RanksUnreachable here at once: it would not agree either
+    (every other rank fails on its own, within the group's timeout)."""
     sent, received = peer.Moved(), peer.Moved()
     stored: Version | None = None
     errors: list[BaseException] = []
@@ -171,6 +177,10 @@ def _exchange(
     finally:
         if out is not None:
             thread.join()  # each of its sends and receives is bounded by the group's timeout
+
+    lost = [e for e in errors if isinstance(e, RanksUnreachable)]
+    if lost:
+        raise lost[0]
 
     def outcome() -> None:
         if errors:
@@ -331,7 +341,8 @@ def recover(
     from peers where a host lacks it, then re-create the replicas partners lack
     (collective, every rank, before anything is loaded). The target is None on every
     rank when there is no such step or a transfer failed: restore from the bucket. (A
-    group that timed out raises: its ranks can no longer agree on anything.)
+    rank that stopped answering raises RanksUnreachable: the ranks can no longer agree
+    on anything, not even on the bucket.)
     ``replicated``: every host saved the same state, so any host's copy will do (see
     :func:`cloudckpt.tiers.plan.plan`). ``exclude``: saves (``[generation, step]``, as
     :attr:`RecoverReport.order`) not to take -- they failed to load before."""
@@ -345,6 +356,8 @@ def recover(
             lambda reports: plan(hosts, reports, replicated),
             context="planning the local restore: ",
         )
+    except RanksUnreachable:
+        raise
     except CloudCkptError as e:
         return _none(report, f"planning failed: {e}", t0)
     if decided["target"] is None:
@@ -355,12 +368,16 @@ def recover(
             got, sent, received = _round(group, hosts, tier, transfers, mine)
             mine = got.id if got is not None else mine
             _count(report, sent, received, transfers)
+    except RanksUnreachable:
+        raise
     except CloudCkptError as e:
         return _none(report, f"receiving from peers failed: {e}", t0)
     try:
         for transfers in decided["recreate"]:
             _, sent, received = _round(group, hosts, tier, transfers, mine)
             _count(report, sent, received, transfers)
+    except RanksUnreachable:
+        raise
     except CloudCkptError as e:  # the target is in place; the next save replicates again
         report.reason = f"re-creating replicas failed: {e}"
         log.warning("recover: %s", report.reason)
@@ -368,6 +385,8 @@ def recover(
         ids = group.all_gather_json(mine)
         vid = ids[hosts.leader(host)]
         report.target = group.on_each_rank(lambda: tier.repo.resolve(vid), context="recover: ")
+    except RanksUnreachable:
+        raise
     except CloudCkptError as e:
         return _none(report, f"the target is not in the tier: {e}", t0)
     target = decided["target"]
