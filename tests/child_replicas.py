@@ -23,8 +23,8 @@ from cloudckpt import LocalTier, TransferOptions
 from cloudckpt.distributed import Group
 from cloudckpt.errors import RanksFailed
 from cloudckpt.testing.gpt import GPT, GPTConfig
-from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord
-from cloudckpt.tiers.replicas import HostMap, recover, replicate, versions_of
+from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord, run_versions
+from cloudckpt.tiers.replicas import HostMap, recover, replicate
 from cloudckpt.versions import Version
 
 URI, BRANCH, HEAD = "s3://bucket/run", "main", "head-1"
@@ -111,7 +111,7 @@ def clone(x: Any) -> Any:
 def steps(tier: HostTier, host: str | None) -> list[int | None]:
     """The steps of the replicas of ``host`` that ``tier``'s host keeps, newest first."""
     assert host is not None
-    return [v.step for v in versions_of(tier.replica(host), BRANCH)]
+    return [v.step for v in run_versions(tier.replica(host), BRANCH)]
 
 
 def replaced(job: Job) -> dict[str, Any]:

@@ -22,9 +22,9 @@ from cloudckpt.distributed import Group
 from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.tiers import peer
 from cloudckpt.tiers.copy import blobs_of
-from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord
+from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord, run_versions
 from cloudckpt.tiers.plan import plan
-from cloudckpt.tiers.replicas import HostMap, recover, replicate, siblings, versions_of
+from cloudckpt.tiers.replicas import HostMap, recover, replicate, siblings
 
 HERE = Path(__file__).resolve().parent
 CHILD = str(HERE / "child_replicas.py")
@@ -143,7 +143,7 @@ def test_a_damaged_transfer_raises_and_publishes_nothing(tmp_path: Path) -> None
     with pytest.raises(CorruptCheckpoint, match="fails its hash"):
         peer.receive(FakeLink(frames), dst, "main")
     assert frames == []  # every frame the sender sent was read: the sender is not left waiting
-    assert versions_of(dst, "main") == []
+    assert run_versions(dst, "main") == []
 
 
 def test_a_sender_that_aborts_midway_publishes_nothing(tmp_path: Path) -> None:

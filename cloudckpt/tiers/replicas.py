@@ -180,11 +180,6 @@ def _exchange(
     return stored, sent, received
 
 
-def versions_of(repo: Repo, branch: str) -> list[Version]:
-    """``branch``'s versions in ``repo``, the newest save first (none if it is empty)."""
-    return run_versions(repo, branch)
-
-
 def siblings(tier: HostTier, dst: Repo) -> peer.Local:
     """Places a blob in ``dst`` by a hard link to the same blob in another repository of
     this host (its own tier, the replicas it keeps; all stored alike), once that blob's
@@ -284,7 +279,7 @@ def _holdings(
     for h in hosts.hosts:
         if h != me:
             repo = tier.replica(h)
-            replicas[h] = _listing(repo, versions_of(repo, tier.branch), head, exclude)
+            replicas[h] = _listing(repo, run_versions(repo, tier.branch), head, exclude)
     own = _listing(tier.repo, tier.versions(), head, exclude)
     return {"host": me, "head": head.id, "own": own, "replicas": replicas}
 
