@@ -312,6 +312,44 @@ def test_a_damaged_local_copy_of_a_bucket_version_is_read_from_the_bucket(s3, tm
     mgr.close()
 
 
+def index_reads(repo: Repo) -> list[str]:
+    """The reads of ``repo``'s ``versions.json`` from here on (filled as they happen)."""
+    reads: list[str] = []
+    read = repo.store.read_versioned
+
+    def spied(key: str) -> Any:
+        if key == "versions.json":
+            reads.append(key)
+        return read(key)
+
+    repo.store.read_versioned = spied  # type: ignore[method-assign]
+    return reads
+
+
+def test_a_restore_reads_the_local_tiers_index_once(s3, tmp_path) -> None:
+    """However many local versions it weighs and loads. Here local step 8 (bucket step 8
+    was uploaded from it: taken by its content) is damaged, local step 7 is on the older
+    head, and the bucket's lineage tries local step 8 again as its copy of bucket step 8
+    before the bucket serves."""
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, tmp_path / "h0")
+    mgr.restore(**t.objects())
+    run(mgr, t, 8, snaps)  # bucket 4 and 8 (uploaded from local 8); local 8 and 7
+    host = mgr.tiers.host
+    local8, local7 = host.versions()
+    flip_blob(host, only_blobs_of(host, local8, [local7])[0])
+    mgr.close()
+    again = Trainer(seed=1)
+    mgr = manager(s3, tmp_path / "h0")
+    reads = index_reads(mgr.tiers.host.repo)
+    start = mgr.restore(**again.objects())
+    assert start.step == 8 and start.version == mgr.repo.resolve("main")
+    assert list(start.skipped) == [f"local:{local8.id}"]
+    again.assert_at(snaps[8])
+    assert reads == ["versions.json"]
+    mgr.close()
+
+
 def test_a_damaged_local_copy_at_upload_time_uploads_from_memory(s3, tmp_path) -> None:
     t, snaps = Trainer(), {}
     mgr = manager(s3, tmp_path / "h0")
