@@ -205,7 +205,7 @@ class TieredSaves:
         self.bucket_head = head_id
         self.fence = index.fences.get(self.writer.branch) if self.writer.lease else None
         head = self.writer.repo.resolve(head_id, index) if head_id is not None else None
-        current = BucketHead.of(self.writer.repo, head_id, index)
+        current = BucketHead.of(self.writer.repo, head)
         held = self.host.held()  # the restore's one read of the tier's index
         # Saves from here on come after every save this host (any host) holds.
         newest = float(held.next_generation)

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -33,7 +33,7 @@ from cloudckpt.gc import collect
 from cloudckpt.manifest import Manifest
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers.copy import BlobSource
-from cloudckpt.versions import Index, Version
+from cloudckpt.versions import Version
 
 log = logging.getLogger("cloudckpt.tiers")
 
@@ -245,23 +245,33 @@ def prune_run(repo: Repo, branch: str, keep: int, fence: int | None = None) -> N
 @dataclass(frozen=True)
 class BucketHead:
     """The bucket branch's head, as local versions are compared with it: its id, its
-    parent and step, and the digest of the state it holds (:func:`state_digest`)."""
+    parent and step, and the digest of the state it holds (:attr:`content`)."""
 
     id: str | None
     parent: str | None = None
     step: int | None = None
-    content: str = ""
+    #: Reads :attr:`content` ("" if it cannot be read).
+    digest: Callable[[], str] = field(default=lambda: "", repr=False, compare=False)
 
     @classmethod
-    def of(cls, repo: Repo, head_id: str | None, index: Index) -> BucketHead:
-        if head_id is None:
+    def of(cls, repo: Repo, version: Version | None) -> BucketHead:
+        """The head ``version`` of a bucket ``repo`` (None: the branch has none)."""
+        if version is None:
             return cls(None)
-        version = repo.resolve(head_id, index)
-        try:
-            content = state_digest(repo.manifest(version))
-        except CorruptCheckpoint:  # a restore passes it over; no local copy stands for it
-            content = ""
-        return cls(version.id, version.parent, version.step, content)
+
+        def digest() -> str:
+            try:
+                return state_digest(repo.manifest(version))
+            except CorruptCheckpoint:  # a restore passes it over; no local copy stands for it
+                return ""
+
+        return cls(version.id, version.parent, version.step, digest)
+
+    @cached_property
+    def content(self) -> str:
+        """The :func:`state_digest` of the head, read when a local version is first
+        compared with it by content (most restores never are)."""
+        return self.digest()
 
 
 def state_digest(doc: Manifest) -> str:
@@ -301,9 +311,9 @@ def current(repo: Repo, version: Version, head: BucketHead, fence: int | None = 
         base = based_on(version)
         if base == head.id:
             return True
-        if head.id is None or not head.content:
+        if head.id is None or base != head.parent or version.step != head.step:
             return False
-        if base != head.parent or version.step != head.step:
+        if not head.content:
             return False
         return state_digest(repo.manifest(version)) == head.content
     except CorruptCheckpoint:
