@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from assertions import assert_state_equal
+from processes import torchrun
 
 from cloudckpt import LocalTier, Repo, TransferOptions
 from cloudckpt.blobs import blob_key
@@ -181,17 +181,7 @@ def test_one_host_replicates_nothing_and_recovers_its_newest_local_version(tmp_p
 
 def run_job(tmp_path: Path, ranks: int, per_host: int, scenario: str) -> dict[str, Any]:
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-            CHILD,
-            scenario,
-            str(tmp_path),
-            str(per_host),
-        ],
+        torchrun(ranks, CHILD, scenario, str(tmp_path), str(per_host)),
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])},
         capture_output=True,
         text=True,
