@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from assertions import assert_state_equal
+from assertions import assert_state_equal, clone
 
 from cloudckpt import LocalTier, TransferOptions
 from cloudckpt.distributed import Group
@@ -96,16 +96,6 @@ class Job:
         values = self.group.all_gather_json(value)
         assert all(v == values[0] for v in values), values
         return values[0]
-
-
-def clone(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: clone(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [clone(v) for v in x]
-    return x
 
 
 def steps(tier: HostTier, host: str | None) -> list[int | None]:
