@@ -305,13 +305,14 @@ class Repo:
     # -- load ------------------------------------------------------------------------
     def load(
         self,
-        ref: str = "main",
+        ref: str | Version = "main",
         *,
         keys: Iterable[str] | None = None,
         into: Any = None,
         fetch: Fetch | None = None,
     ) -> Any:
-        """Load a version's state: tensors on the CPU, exactly as committed.
+        """Load a version's state (a ref, or a Version already resolved): tensors on the
+        CPU, exactly as committed.
 
         ``keys``: only the entries whose path (dot-joined, e.g. ``"model.fc.weight"``)
         matches one of these names or glob patterns (``"model"`` or ``"model.*"``);
@@ -332,7 +333,7 @@ class Repo:
         """
         from cloudckpt import load_into
 
-        version = self.resolve(ref)
+        version = ref if isinstance(ref, Version) else self.resolve(ref)
         doc = self.manifest(version)
         skeleton = doc.state
         if keys is not None:

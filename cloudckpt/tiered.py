@@ -27,7 +27,14 @@ from cloudckpt.branch_writer import BranchWriter
 from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, RanksUnreachable, StoreError
 from cloudckpt.tiers import replicas
 from cloudckpt.tiers.copy import copy_version
-from cloudckpt.tiers.local import TIER_KEY, BucketHead, HostTier, LocalTier, TierRecord, order
+from cloudckpt.tiers.local import (
+    TIER_KEY,
+    BucketHead,
+    HostTier,
+    LocalTier,
+    LocalVersions,
+    TierRecord,
+)
 from cloudckpt.tiers.replicas import HostMap, RecoverReport, ReplicaReport
 from cloudckpt.versions import Index, Version
 
@@ -203,21 +210,21 @@ class TieredSaves:
         self.bucket_head = head_id
         self.fence = index.fences.get(self.writer.branch) if self.writer.lease else None
         head = self.writer.repo.resolve(head_id, index) if head_id is not None else None
-        current = BucketHead.of(self.writer.repo, head_id, index)
+        current = BucketHead.of(self.writer.repo, head)
+        held = self.host.held()  # the restore's one read of the tier's index
         # Saves from here on come after every save this host (any host) holds.
-        generations = [order(v)[0] + 1 for v in self.host.versions()]
-        newest = float(max(generations, default=0))
+        newest = float(held.next_generation)
         group = self.writer.group
         self.generation = int(group.agree([newest])[0] if group.distributed else newest)
         skipped: dict[str, str] = {}
         alone = not self.writer.group.distributed
         if not alone:
-            loaded = self._restore_ranks(current, into, apply, skipped)
+            loaded = self._restore_ranks(current, held, into, apply, skipped)
             if loaded is not None:
                 return loaded, head, skipped
-        for local in self.host.candidates(current) if alone else []:
+        for local in held.candidates(current) if alone else []:
             try:
-                apply(local, self.host.repo.load(local.id, into=into))
+                apply(local, self.host.repo.load(local, into=into))
                 log.info("resumed from the local tier: step %s (%s)", local.step, local.id)
                 return local, head, skipped
             except (CorruptCheckpoint, StoreError) as e:  # a bad copy or a failing disk
@@ -225,14 +232,15 @@ class TieredSaves:
                 skipped[f"local:{local.id}"] = str(e)
         if head_id is None:
             return None, None, skipped
-        held = {v.id for v in self.host.versions()} if alone else set()
+        # Several ranks load the bucket's copy alike (a collective), never a host's own.
+        copies = held if alone else LocalVersions(self.host.repo)
 
         def load(candidate: Version) -> Any:
             """A bucket version's state, from this host's local copy if it has one."""
-            local_id = _local_copy(candidate, self.tier.host)
-            if local_id in held:
+            local = copies.get(_local_copy(candidate, self.tier.host))
+            if local is not None:
                 try:
-                    return self.host.repo.load(local_id, into=into)
+                    return self.host.repo.load(local, into=into)
                 except (CorruptCheckpoint, StoreError) as e:
                     log.error("the local copy of %s does not verify (%s)", candidate.id, e)
             return self.writer.load(candidate.id, into)
@@ -243,26 +251,28 @@ class TieredSaves:
     def _restore_ranks(
         self,
         head: BucketHead,
+        held: LocalVersions,
         into: dict[str, Any],
         apply: Callable[[Version, Any], None],
         skipped: dict[str, str],
     ) -> Version | None:
-        """Several ranks: the newest save every host can get from its own tier or a peer
-        (received from the peer first), loaded on every rank from its host's tier; if
-        any rank fails to load it, the next newest; None (the bucket next) when none is
-        left."""
+        """Several ranks: the newest save every host can get from its own tier (``held``,
+        as read at the start) or a peer (received from the peer first), loaded on every
+        rank from its host's tier; if any rank fails to load it, the next newest; None
+        (the bucket next) when none is left."""
         group = self.writer.group
         failed: list[list[int]] = []
         for _ in range(self.tier.keep + 1):  # each round passes over one save at least
+            own = None if failed else held  # a round after the first may have received some
             self.last_recover = report = replicas.recover(
-                group, self.hosts, self.host, head, replicated=True, exclude=failed
+                group, self.hosts, self.host, head, replicated=True, exclude=failed, own=own
             )
             target = report.target
             if target is None or report.order is None:
                 return None
 
             def load(target: Version = target) -> None:
-                apply(target, self.host.repo.load(target.id, into=into))
+                apply(target, self.host.repo.load(target, into=into))
 
             try:
                 group.on_each_rank(load, context="loading from the local tier: ")

@@ -1,4 +1,5 @@
-"""Exact structural equality of training states, for round-trip tests."""
+"""Exact structural equality of training states, for round-trip tests, and a copy of a
+state to compare with later."""
 
 from __future__ import annotations
 
@@ -40,3 +41,15 @@ def assert_state_equal(expected: Any, actual: Any, path: str = "") -> None:
         assert math.isnan(actual), where
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def clone(state: Any) -> Any:
+    """A copy of ``state`` (nested dicts and lists) that training it further leaves alone:
+    each tensor detached and copied."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if isinstance(state, dict):
+        return {k: clone(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [clone(v) for v in state]
+    return state

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from assertions import assert_state_equal
+from assertions import assert_state_equal, clone
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
@@ -33,16 +33,6 @@ from cloudckpt.testing.gpt import GPT, GPTConfig
 
 # Small chunks: many blobs, so every rank gets a share to upload.
 OPTIONS = RepoOptions(transfer=TransferOptions(chunk_size=64 * 1024, pack_below=8 * 1024))
-
-
-def clone(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: clone(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [clone(v) for v in x]
-    return x
 
 
 def ddp_trainer(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, DistributedDataParallel]:

@@ -17,14 +17,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from assertions import assert_state_equal
+from assertions import assert_state_equal, clone
 
 from cloudckpt import LocalTier, TransferOptions
 from cloudckpt.distributed import Group
 from cloudckpt.errors import RanksFailed
 from cloudckpt.testing.gpt import GPT, GPTConfig
-from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord
-from cloudckpt.tiers.replicas import HostMap, recover, replicate, versions_of
+from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord, run_versions
+from cloudckpt.tiers.replicas import HostMap, recover, replicate
 from cloudckpt.versions import Version
 
 URI, BRANCH, HEAD = "s3://bucket/run", "main", "head-1"
@@ -98,20 +98,10 @@ class Job:
         return values[0]
 
 
-def clone(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: clone(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [clone(v) for v in x]
-    return x
-
-
 def steps(tier: HostTier, host: str | None) -> list[int | None]:
     """The steps of the replicas of ``host`` that ``tier``'s host keeps, newest first."""
     assert host is not None
-    return [v.step for v in versions_of(tier.replica(host), BRANCH)]
+    return [v.step for v in run_versions(tier.replica(host), BRANCH)]
 
 
 def replaced(job: Job) -> dict[str, Any]:

@@ -47,6 +47,18 @@ def wait_forked(pid: int, timeout: float = 60) -> tuple[int, bool]:
     return os.waitstatus_to_exitcode(status), False
 
 
+def torchrun(ranks: int, *args: str) -> list[str]:
+    """The command line of a single-machine torchrun job of ``ranks`` processes."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        *args,
+    ]
+
+
 def infra_script(name: str, *args: str) -> subprocess.Popen:
     """Start ``infra/<name>`` (a local server for users) with this interpreter."""
     return subprocess.Popen(

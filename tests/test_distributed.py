@@ -8,14 +8,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
-from processes import reaped
+from processes import reaped, torchrun
 
 from cloudckpt import Repo
 from cloudckpt.distributed import shares
@@ -25,17 +24,6 @@ from cloudckpt.store import Store
 HERE = Path(__file__).resolve().parent
 CHILD = str(HERE / "child_dist.py")
 DDP_TRAIN = str(HERE.parent / "examples" / "ddp_train.py")
-
-
-def torchrun(ranks: int, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={ranks}",
-        *args,
-    ]
 
 
 def run_job(server: Any, ranks: int, *args: str, env: dict[str, str] | None = None) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from assertions import assert_state_equal
+from processes import torchrun
 
 from cloudckpt import LocalTier, Repo, TransferOptions
 from cloudckpt.blobs import blob_key
@@ -22,9 +22,9 @@ from cloudckpt.distributed import Group
 from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.tiers import peer
 from cloudckpt.tiers.copy import blobs_of
-from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord
+from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord, run_versions
 from cloudckpt.tiers.plan import plan
-from cloudckpt.tiers.replicas import HostMap, recover, replicate, siblings, versions_of
+from cloudckpt.tiers.replicas import HostMap, recover, replicate, siblings
 
 HERE = Path(__file__).resolve().parent
 CHILD = str(HERE / "child_replicas.py")
@@ -143,7 +143,7 @@ def test_a_damaged_transfer_raises_and_publishes_nothing(tmp_path: Path) -> None
     with pytest.raises(CorruptCheckpoint, match="fails its hash"):
         peer.receive(FakeLink(frames), dst, "main")
     assert frames == []  # every frame the sender sent was read: the sender is not left waiting
-    assert versions_of(dst, "main") == []
+    assert run_versions(dst, "main") == []
 
 
 def test_a_sender_that_aborts_midway_publishes_nothing(tmp_path: Path) -> None:
@@ -181,17 +181,7 @@ def test_one_host_replicates_nothing_and_recovers_its_newest_local_version(tmp_p
 
 def run_job(tmp_path: Path, ranks: int, per_host: int, scenario: str) -> dict[str, Any]:
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={ranks}",
-            CHILD,
-            scenario,
-            str(tmp_path),
-            str(per_host),
-        ],
+        torchrun(ranks, CHILD, scenario, str(tmp_path), str(per_host)),
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])},
         capture_output=True,
         text=True,

@@ -16,7 +16,15 @@ import pytest
 import torch
 from assertions import assert_state_equal
 
-from cloudckpt import CheckpointManager, HealthCheck, Repo, RepoOptions, TransferOptions, codec
+from cloudckpt import (
+    CheckpointManager,
+    HealthCheck,
+    Repo,
+    RepoOptions,
+    Resumed,
+    TransferOptions,
+    codec,
+)
 from cloudckpt.background import SaveJob
 from cloudckpt.blobs import blob_key, iter_chunks
 from cloudckpt.errors import CorruptCheckpoint
@@ -67,16 +75,39 @@ def manager(s3: Any, path: Any, host: str = "h0", **kwargs: Any) -> CheckpointMa
     return CheckpointManager(uri, opts, local=tier, health=HealthCheck(spike_factor=1e9), **kwargs)
 
 
-def assert_restart_resumes(
+def trained(
+    s3: Any, path: Any, until: int, **kwargs: Any
+) -> tuple[CheckpointManager, Trainer, dict[int, Any]]:
+    """A fresh run on the tier at ``path`` (see :func:`manager`) trained and stepped to
+    ``until``: its manager (left open), its trainer and the state after each step."""
+    t, snaps = Trainer(), {}
+    mgr = manager(s3, path, **kwargs)
+    mgr.restore(**t.objects())
+    run(mgr, t, until, snaps)
+    return mgr, t, snaps
+
+
+def resume(
     s3: Any, path: Any, step: int, want: dict[str, Any], seed: int, **kwargs: Any
-) -> None:
-    """A new manager (a restarted process) on the tier at ``path`` resumes ``step``,
-    its model and optimizer exactly ``want``."""
+) -> tuple[CheckpointManager, Trainer, Resumed]:
+    """A new manager (a restarted process) on the tier at ``path`` resumes ``step``, its
+    model and optimizer exactly ``want``: the manager (left open), its trainer and what
+    its restore returned."""
     t = Trainer(seed=seed)
     mgr = manager(s3, path, **kwargs)
-    assert mgr.restore(**t.objects()).step == step
+    start = mgr.restore(**t.objects())
+    assert start.step == step
     t.assert_at(want)
+    return mgr, t, start
+
+
+def assert_restart_resumes(
+    s3: Any, path: Any, step: int, want: dict[str, Any], seed: int, **kwargs: Any
+) -> Resumed:
+    """:func:`resume`, then the manager closed; what its restore returned."""
+    mgr, _, start = resume(s3, path, step, want, seed, **kwargs)
     mgr.close()
+    return start
 
 
 def run(
@@ -171,10 +202,7 @@ def test_local_saves_every_step_and_bucket_saves_upload_from_the_tier(s3, tmp_pa
 
 
 def test_a_local_only_version_is_never_visible_in_the_bucket(s3, tmp_path) -> None:
-    t = Trainer()
-    mgr = manager(s3, tmp_path / "tier")
-    mgr.restore(**t.objects())
-    run(mgr, t, 3)
+    mgr, _, _ = trained(s3, tmp_path / "tier", 3)
     uri, opts = s3
     assert Repo(uri, opts).versions() == []
     assert local_steps(mgr) == [3, 2]
@@ -183,53 +211,38 @@ def test_a_local_only_version_is_never_visible_in_the_bucket(s3, tmp_path) -> No
 
 
 def test_restart_resumes_the_newest_local_step_and_another_host_the_buckets(s3, tmp_path) -> None:
-    t, snaps = Trainer(), {}
-    mgr = manager(s3, tmp_path / "h0")
-    mgr.restore(**t.objects())
-    run(mgr, t, 6, snaps)
+    mgr, _, snaps = trained(s3, tmp_path / "h0", 6)
     newest_local = mgr.tiers.host.versions()[0]
     mgr.close()
 
-    again = Trainer(seed=1)
-    mgr = manager(s3, tmp_path / "h0")
-    start = mgr.restore(**again.objects())
-    assert start.step == 6 and mgr.step_count == 6
+    mgr, again, start = resume(s3, tmp_path / "h0", 6, snaps[6], seed=1)
+    assert mgr.step_count == 6
     assert start.version is not None and start.version.id == newest_local.id
-    again.assert_at(snaps[6])
     assert mgr.committed_step == 4, "the bucket holds step 4"
     run(mgr, again, 8, snaps)  # the run goes on: the next bucket save lands on step 4
     assert bucket_steps(s3) == [4, 8]
     mgr.close()
 
-    other = Trainer(seed=2)  # another host: its own (empty) local tier
-    mgr = manager(s3, tmp_path / "h1", host="h1")
-    start = mgr.restore(**other.objects())
-    assert start.step == 8 and mgr.step_count == 8
+    # another host: its own (empty) local tier
+    mgr, _, start = resume(s3, tmp_path / "h1", 8, snaps[8], seed=2, host="h1")
+    assert mgr.step_count == 8
     assert start.version is not None and start.version.id == mgr.repo.resolve("main").id
-    other.assert_at(snaps[8])
     mgr.close()
 
 
 def test_a_stale_local_lineage_is_not_taken(s3, tmp_path) -> None:
-    t0, snaps0 = Trainer(), {}
-    h0 = manager(s3, tmp_path / "h0")
-    h0.restore(**t0.objects())
-    run(h0, t0, 6, snaps0)  # local to step 6 over bucket step 4
+    h0, _, snaps0 = trained(s3, tmp_path / "h0", 6)  # local to step 6 over bucket step 4
     h0.close()
 
-    t1, snaps1 = Trainer(seed=9), {}
-    h1 = manager(s3, tmp_path / "h1", host="h1")
-    assert h1.restore(**t1.objects()).step == 4, "the bucket's newest, not h0's step 6"
-    t1.assert_at(snaps0[4])
+    # the bucket's newest, not h0's step 6
+    h1, t1, _ = resume(s3, tmp_path / "h1", 4, snaps0[4], seed=9, host="h1")
+    snaps1: dict[int, Any] = {}
     run(h1, t1, 8, snaps1)
     assert bucket_steps(s3) == [4, 8]
     h1.close()
 
-    back = Trainer(seed=10)
-    h0 = manager(s3, tmp_path / "h0")
-    start = h0.restore(**back.objects())
-    assert start.step == 8, "h0's own step 6 is on a lineage the bucket left"
-    back.assert_at(snaps1[8])
+    # h0's own step 6 is on a lineage the bucket left
+    h0, back, _ = resume(s3, tmp_path / "h0", 8, snaps1[8], seed=10)
     snaps: dict[int, Any] = {}
     run(h0, back, 9, snaps)  # its next local save is on top of step 8
     h0.close()
@@ -239,11 +252,8 @@ def test_a_stale_local_lineage_is_not_taken(s3, tmp_path) -> None:
 def test_a_save_after_resuming_below_a_stale_local_step_is_kept(s3, tmp_path) -> None:
     """keep=1 and a stale local version at a higher step than the run resumed at: the
     pruning after the next local save must drop the stale one, not the save just made."""
-    t0 = Trainer()
     tier0 = LocalTier(str(tmp_path / "h0"), every_steps=1, keep=1, host="h0")
-    h0 = manager(s3, None, tier=tier0)
-    h0.restore(**t0.objects())
-    run(h0, t0, 7)  # bucket step 4, local step 7 (keep=1)
+    h0, _, _ = trained(s3, None, 7, tier=tier0)  # bucket step 4, local step 7 (keep=1)
     h0.close()
     t1 = Trainer(seed=1)
     h1 = manager(s3, tmp_path / "h1", host="h1")
@@ -265,50 +275,66 @@ def test_a_save_after_resuming_below_a_stale_local_step_is_kept(s3, tmp_path) ->
 
 
 def test_a_damaged_local_copy_falls_back_to_the_next_version(s3, tmp_path) -> None:
-    t, snaps = Trainer(), {}
-    mgr = manager(s3, tmp_path / "h0")
-    mgr.restore(**t.objects())
-    run(mgr, t, 6, snaps)  # bucket 4; local 6 and 5
+    mgr, _, snaps = trained(s3, tmp_path / "h0", 6)  # bucket 4; local 6 and 5
     host = mgr.tiers.host
     local6, local5 = host.versions()
     flip_blob(host, only_blobs_of(host, local6, [local5])[0])
     mgr.close()
 
-    again = Trainer(seed=1)
-    mgr = manager(s3, tmp_path / "h0")
-    start = mgr.restore(**again.objects())
-    assert start.step == 5
-    again.assert_at(snaps[5])
+    start = assert_restart_resumes(s3, tmp_path / "h0", 5, snaps[5], seed=1)
     assert list(start.skipped) == [f"local:{local6.id}"]
-    mgr.close()
 
     flip_blob(host, only_blobs_of(host, local5, [local6])[0])  # both local copies bad
-    third = Trainer(seed=2)
-    mgr = manager(s3, tmp_path / "h0")
-    start = mgr.restore(**third.objects())
-    assert start.step == 4, "the bucket's step 4"
-    third.assert_at(snaps[4])
+    mgr, third, start = resume(s3, tmp_path / "h0", 4, snaps[4], seed=2)  # the bucket's
     assert set(start.skipped) == {f"local:{local6.id}", f"local:{local5.id}"}
     run(mgr, third, 5)  # and the run goes on
     mgr.close()
 
 
 def test_a_damaged_local_copy_of_a_bucket_version_is_read_from_the_bucket(s3, tmp_path) -> None:
-    t, snaps = Trainer(), {}
     tier = LocalTier(str(tmp_path / "h0"), every_steps=1, keep=3, host="h0")
-    mgr = manager(s3, None, tier=tier)
-    mgr.restore(**t.objects())
-    run(mgr, t, 4, snaps)
+    mgr, _, snaps = trained(s3, None, 4, tier=tier)
     host = mgr.tiers.host
     uploaded = mgr.repo.resolve("main")
     (local4,) = (v for v in host.versions() if v.id == uploaded.meta["tier"]["local"])
     flip_blob(host, only_blobs_of(host, local4, host.versions())[0])
     mgr.close()
+    start = assert_restart_resumes(s3, None, 4, snaps[4], seed=1, tier=tier)
+    assert start.version is not None and start.version.id == uploaded.id
+
+
+def index_reads(repo: Repo) -> list[str]:
+    """The reads of ``repo``'s ``versions.json`` from here on (filled as they happen)."""
+    reads: list[str] = []
+    read = repo.store.read_versioned
+
+    def spied(key: str) -> Any:
+        if key == "versions.json":
+            reads.append(key)
+        return read(key)
+
+    repo.store.read_versioned = spied  # type: ignore[method-assign]
+    return reads
+
+
+def test_a_restore_reads_the_local_tiers_index_once(s3, tmp_path) -> None:
+    """However many local versions it weighs and loads. Here local step 8 (bucket step 8
+    was uploaded from it: taken by its content) is damaged, local step 7 is on the older
+    head, and the bucket's lineage tries local step 8 again as its copy of bucket step 8
+    before the bucket serves."""
+    mgr, _, snaps = trained(s3, tmp_path / "h0", 8)  # bucket 4, 8 (from local 8); local 8, 7
+    host = mgr.tiers.host
+    local8, local7 = host.versions()
+    flip_blob(host, only_blobs_of(host, local8, [local7])[0])
+    mgr.close()
     again = Trainer(seed=1)
-    mgr = manager(s3, None, tier=tier)
+    mgr = manager(s3, tmp_path / "h0")
+    reads = index_reads(mgr.tiers.host.repo)
     start = mgr.restore(**again.objects())
-    assert start.step == 4 and start.version is not None and start.version.id == uploaded.id
-    again.assert_at(snaps[4])
+    assert start.step == 8 and start.version == mgr.repo.resolve("main")
+    assert list(start.skipped) == [f"local:{local8.id}"]
+    again.assert_at(snaps[8])
+    assert reads == ["versions.json"]
     mgr.close()
 
 
@@ -366,11 +392,8 @@ def test_async_saves_with_a_local_tier(s3, tmp_path) -> None:
 
 
 def test_the_final_preemption_save_goes_to_the_bucket(s3, tmp_path) -> None:
-    t, snaps = Trainer(), {}
     watcher = PreemptionWatcher(signals=())
-    mgr = manager(s3, tmp_path / "h0", preemption=watcher)
-    mgr.restore(**t.objects())
-    run(mgr, t, 5, snaps)
+    mgr, t, snaps = trained(s3, tmp_path / "h0", 5, preemption=watcher)
     watcher.trigger(Notice("test", time.monotonic() + 30))
     (result,) = run(mgr, t, 6, snaps)
     assert result.preempted and result.saved is not None and result.saved.tier == "bucket"
@@ -383,22 +406,16 @@ def test_the_final_preemption_save_goes_to_the_bucket(s3, tmp_path) -> None:
 
 
 def test_retention_prunes_only_bucket_versions(s3, tmp_path) -> None:
-    t = Trainer()
     tier = LocalTier(str(tmp_path / "h0"), every_steps=1, keep=3, host="h0")
-    mgr = manager(s3, None, tier=tier, keep_last=1, gc_every=1, gc_grace=0)
-    mgr.restore(**t.objects())
-    run(mgr, t, 8)
+    mgr, _, _ = trained(s3, None, 8, tier=tier, keep_last=1, gc_every=1, gc_grace=0)
     assert bucket_steps(s3) == [8]
     assert local_steps(mgr) == [8, 7, 6], "the local tier keeps its own count"
     mgr.close()
 
 
 def test_local_tier_keep_bounds_the_local_versions_and_their_data(s3, tmp_path) -> None:
-    t = Trainer()
     tier = LocalTier(str(tmp_path / "h0"), every_steps=1, keep=3, host="h0")
-    mgr = manager(s3, None, tier=tier, save_every_steps=100)
-    mgr.restore(**t.objects())
-    run(mgr, t, 10)
+    mgr, _, _ = trained(s3, None, 10, tier=tier, save_every_steps=100)
     assert local_steps(mgr) == [10, 9, 8]
     host = mgr.tiers.host
     referenced = {
@@ -534,10 +551,7 @@ def test_copy_version_checks_the_size_of_what_the_source_gives(s3, tmp_path) -> 
 
 
 def test_a_local_tier_stores_blobs_uncompressed(s3, tmp_path) -> None:
-    t = Trainer()
-    mgr = manager(s3, tmp_path / "h0")
-    mgr.restore(**t.objects())
-    run(mgr, t, 1)
+    mgr, _, _ = trained(s3, tmp_path / "h0", 1)
     host = mgr.tiers.host
     for entry in host.manifest(host.versions()[0]).tensors:
         for chunk in iter_chunks(entry):
@@ -570,22 +584,15 @@ def test_a_local_tier_that_cannot_be_written_does_not_stop_the_run(s3, tmp_path)
 
 
 def test_a_local_copy_that_cannot_be_read_is_passed_over(s3, tmp_path) -> None:
-    t, snaps = Trainer(), {}
-    mgr = manager(s3, tmp_path / "h0")
-    mgr.restore(**t.objects())
-    run(mgr, t, 6, snaps)
+    mgr, _, snaps = trained(s3, tmp_path / "h0", 6)
     host = mgr.tiers.host
     local6, local5 = host.versions()
     path = Path(host.root) / blob_key(only_blobs_of(host, local6, [local5])[0])
     path.unlink()
     path.mkdir()  # reading it fails with an OS error, not a hash mismatch
     mgr.close()
-    again = Trainer(seed=1)
-    mgr = manager(s3, tmp_path / "h0")
-    start = mgr.restore(**again.objects())
-    assert start.step == 5 and list(start.skipped) == [f"local:{local6.id}"]
-    again.assert_at(snaps[5])
-    mgr.close()
+    start = assert_restart_resumes(s3, tmp_path / "h0", 5, snaps[5], seed=1)
+    assert list(start.skipped) == [f"local:{local6.id}"]
 
 
 def test_a_restart_after_a_rollback_resumes_the_state_the_run_went_on_from(s3, tmp_path) -> None:
@@ -593,27 +600,16 @@ def test_a_restart_after_a_rollback_resumes_the_state_the_run_went_on_from(s3, t
     the local steps 6-7 of the abandoned lineage are still on disk. A restart right
     after resumes step 4; after the run saved step 5 again, that step 5 -- never the
     abandoned step 7."""
-    t, snaps = Trainer(), {}
-    mgr = manager(s3, tmp_path / "h0")
-    mgr.restore(**t.objects())
-    run(mgr, t, 7, snaps)
+    mgr, t, snaps = trained(s3, tmp_path / "h0", 7)
     t.train()
     result = mgr.step(8, metrics={"loss": float("nan")})
     assert result.rolled_back is not None and result.step == 4
     t.assert_at(snaps[4])
     mgr.close()
-    t = Trainer(seed=3)
-    mgr = manager(s3, tmp_path / "h0")
-    assert mgr.restore(**t.objects()).step == 4, "not the abandoned step 7"
-    t.assert_at(snaps[4])
+    mgr, t, _ = resume(s3, tmp_path / "h0", 4, snaps[4], seed=3)  # not the abandoned step 7
     run(mgr, t, 5, snaps)  # the run goes on from step 4: a local save of step 5
     mgr.close()
-    again = Trainer(seed=1)
-    mgr = manager(s3, tmp_path / "h0")
-    start = mgr.restore(**again.objects())
-    assert start.step == 5
-    again.assert_at(snaps[5])
-    mgr.close()
+    assert_restart_resumes(s3, tmp_path / "h0", 5, snaps[5], seed=1)
 
 
 @pytest.mark.parametrize("healthy_between", [0, 3])
@@ -730,18 +726,11 @@ def test_a_frozen_jobs_local_saves_lose_to_the_next_lease_holders(s3, tmp_path) 
 
 
 def test_a_damaged_tier_index_is_a_failed_disk_not_a_failed_run(s3, tmp_path) -> None:
-    t, snaps = Trainer(), {}
-    mgr = manager(s3, tmp_path / "h0")
-    mgr.restore(**t.objects())
-    run(mgr, t, 5, snaps)  # bucket 4, local 5
+    mgr, _, snaps = trained(s3, tmp_path / "h0", 5)  # bucket 4, local 5
     index = Path(mgr.tiers.host.root) / "versions.json"
     mgr.close()
     index.write_text('{"format": 2, "versions": [')  # truncated
-    again = Trainer(seed=1)
-    mgr = manager(s3, tmp_path / "h0")
-    start = mgr.restore(**again.objects())
-    assert start.step == 4  # the bucket's
-    again.assert_at(snaps[4])
+    mgr, again, _ = resume(s3, tmp_path / "h0", 4, snaps[4], seed=1)  # the bucket's
     run(mgr, again, 8)  # local saves fail (logged), the bucket save at 8 lands
     assert bucket_steps(s3)[-1] == 8
     mgr.close()

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
+
+from processes import torchrun
 
 HERE = Path(__file__).resolve().parent
 
@@ -19,21 +20,9 @@ def run_job(
     uri: str, base: Path, hosts: list[str], steps: int, env: dict[str, str], *extra: str
 ) -> list[Any]:
     out = base / "out"
+    child = str(HERE / "child_tiered.py")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={len(hosts)}",
-            str(HERE / "child_tiered.py"),
-            uri,
-            str(base),
-            ",".join(hosts),
-            str(steps),
-            str(out),
-            *extra,
-        ],
+        torchrun(len(hosts), child, uri, str(base), ",".join(hosts), str(steps), str(out), *extra),
         capture_output=True,
         text=True,
         timeout=240,

@@ -52,6 +52,15 @@ class TransferStats:
     reused_blobs: int = 0
     seconds: float = 0.0
 
+    def add_blob(self, stored: int, transferred: bool) -> None:
+        """Count a saved blob of ``stored`` bytes: transferred, or already in the store."""
+        self.stored_bytes += stored
+        if transferred:
+            self.transferred_blobs += 1
+            self.transferred_bytes += stored
+        else:
+            self.reused_blobs += 1
+
 
 def codec_for(
     options: TransferOptions, dtype: str, itemsize: int, nbytes: int

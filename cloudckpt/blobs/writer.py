@@ -80,12 +80,7 @@ def assemble(
         for i, a, b in blob.pieces:
             entries[i]["chunks"].append([digest, b - a, stored, offset, blob.size])
             offset += b - a
-        stats.stored_bytes += stored
-        if uploaded:
-            stats.transferred_blobs += 1
-            stats.transferred_bytes += stored
-        else:
-            stats.reused_blobs += 1
+        stats.add_blob(stored, uploaded)
     return entries, stats
 
 

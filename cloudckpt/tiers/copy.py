@@ -124,12 +124,7 @@ def _store(
     sizes: dict[str, int] = {}
     for digest, (size, moved) in done.items():
         sizes[digest] = size
-        stats.stored_bytes += size
-        if moved:
-            stats.transferred_blobs += 1
-            stats.transferred_bytes += size
-        else:
-            stats.reused_blobs += 1
+        stats.add_blob(size, moved)
     stats.seconds = time.perf_counter() - t0
     return sizes
 

@@ -21,7 +21,9 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from cloudckpt import codec
@@ -31,7 +33,7 @@ from cloudckpt.gc import collect
 from cloudckpt.manifest import Manifest
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers.copy import BlobSource
-from cloudckpt.versions import Index, Version
+from cloudckpt.versions import Version
 
 log = logging.getLogger("cloudckpt.tiers")
 
@@ -110,11 +112,9 @@ class HostTier:
         """This run's local versions, the newest save first (see :func:`order`)."""
         return run_versions(self.repo, self.branch)
 
-    def candidates(self, head: BucketHead) -> list[Version]:
-        """Local versions a restore may take (see :func:`current`), the newest save
-        first."""
-        mine = self.versions()
-        return [v for v in mine if current(self.repo, v, head, newest_fence(mine))]
+    def held(self) -> LocalVersions:
+        """This run's local versions, from one read of the tier's index."""
+        return LocalVersions.read(self.repo, self.branch)
 
     def replica(self, host: str) -> Repo:
         """The replicas of host ``host``'s saves this host keeps (``replicas/<host>``
@@ -185,6 +185,42 @@ def run_versions(repo: Repo, branch: str) -> list[Version]:
     return sorted(mine, key=order, reverse=True)
 
 
+@dataclass(frozen=True)
+class LocalVersions:
+    """A run's versions in one local repository (its tier, or a replica it keeps), from
+    one read of its index: the newest save first (see :func:`order`)."""
+
+    repo: Repo
+    versions: tuple[Version, ...] = ()
+
+    @classmethod
+    def read(cls, repo: Repo, branch: str) -> LocalVersions:
+        return cls(repo, tuple(run_versions(repo, branch)))
+
+    def get(self, vid: str | None) -> Version | None:
+        return next((v for v in self.versions if v.id == vid), None)
+
+    @cached_property
+    def fence(self) -> int | None:
+        """The highest lease token among these saves (see :func:`newest_fence`)."""
+        return newest_fence(self.versions)
+
+    @property
+    def next_generation(self) -> int:
+        """The generation of a save made after every one of these."""
+        return max((order(v)[0] + 1 for v in self.versions), default=0)
+
+    def current(self, version: Version, head: BucketHead) -> bool:
+        """Whether a restore may take ``version`` (one of these) with the bucket at
+        ``head`` (see :func:`current`)."""
+        return current(self.repo, version, head, self.fence)
+
+    def candidates(self, head: BucketHead) -> Iterator[Version]:
+        """The versions a restore may take with the bucket at ``head``, the newest save
+        first; each checked as it is reached (the check may read its manifest)."""
+        return (v for v in self.versions if self.current(v, head))
+
+
 def prune_run(repo: Repo, branch: str, keep: int, fence: int | None = None) -> None:
     """Keep ``branch``'s newest ``keep`` saves (its head always) and any saved under a
     later lease than ``fence`` (the pruner's: a job frozen past its lease never deletes
@@ -209,23 +245,33 @@ def prune_run(repo: Repo, branch: str, keep: int, fence: int | None = None) -> N
 @dataclass(frozen=True)
 class BucketHead:
     """The bucket branch's head, as local versions are compared with it: its id, its
-    parent and step, and the digest of the state it holds (:func:`state_digest`)."""
+    parent and step, and the digest of the state it holds (:attr:`content`)."""
 
     id: str | None
     parent: str | None = None
     step: int | None = None
-    content: str = ""
+    #: Reads :attr:`content` ("" if it cannot be read).
+    digest: Callable[[], str] = field(default=lambda: "", repr=False, compare=False)
 
     @classmethod
-    def of(cls, repo: Repo, head_id: str | None, index: Index) -> BucketHead:
-        if head_id is None:
+    def of(cls, repo: Repo, version: Version | None) -> BucketHead:
+        """The head ``version`` of a bucket ``repo`` (None: the branch has none)."""
+        if version is None:
             return cls(None)
-        version = repo.resolve(head_id, index)
-        try:
-            content = state_digest(repo.manifest(version))
-        except CorruptCheckpoint:  # a restore passes it over; no local copy stands for it
-            content = ""
-        return cls(version.id, version.parent, version.step, content)
+
+        def digest() -> str:
+            try:
+                return state_digest(repo.manifest(version))
+            except CorruptCheckpoint:  # a restore passes it over; no local copy stands for it
+                return ""
+
+        return cls(version.id, version.parent, version.step, digest)
+
+    @cached_property
+    def content(self) -> str:
+        """The :func:`state_digest` of the head, read when a local version is first
+        compared with it by content (most restores never are)."""
+        return self.digest()
 
 
 def state_digest(doc: Manifest) -> str:
@@ -238,7 +284,7 @@ def state_digest(doc: Manifest) -> str:
     return codec.content_hash(json.dumps([doc.state, arrays], sort_keys=True).encode())
 
 
-def newest_fence(versions: list[Version]) -> int | None:
+def newest_fence(versions: Iterable[Version]) -> int | None:
     """The highest lease token among the local saves of a repository (None: none
     recorded one)."""
     fences = []
@@ -265,9 +311,9 @@ def current(repo: Repo, version: Version, head: BucketHead, fence: int | None = 
         base = based_on(version)
         if base == head.id:
             return True
-        if head.id is None or not head.content:
+        if head.id is None or base != head.parent or version.step != head.step:
             return False
-        if base != head.parent or version.step != head.step:
+        if not head.content:
             return False
         return state_digest(repo.manifest(version)) == head.content
     except CorruptCheckpoint:

@@ -35,15 +35,7 @@ from cloudckpt.distributed.collectives import Group
 from cloudckpt.errors import CloudCkptError, RanksUnreachable
 from cloudckpt.repo import Repo, RepoOptions
 from cloudckpt.tiers import peer
-from cloudckpt.tiers.local import (
-    BucketHead,
-    HostTier,
-    current,
-    newest_fence,
-    order,
-    prune_run,
-    run_versions,
-)
+from cloudckpt.tiers.local import BucketHead, HostTier, LocalVersions, order, prune_run
 from cloudckpt.tiers.plan import plan
 from cloudckpt.versions import Version
 
@@ -190,11 +182,6 @@ def _exchange(
     return stored, sent, received
 
 
-def versions_of(repo: Repo, branch: str) -> list[Version]:
-    """``branch``'s versions in ``repo``, the newest save first (none if it is empty)."""
-    return run_versions(repo, branch)
-
-
 def siblings(tier: HostTier, dst: Repo) -> peer.Local:
     """Places a blob in ``dst`` by a hard link to the same blob in another repository of
     this host (its own tier, the replicas it keeps; all stored alike), once that blob's
@@ -272,31 +259,33 @@ def replicate(
 
 
 # -- recover -------------------------------------------------------------------------------
-def _listing(
-    repo: Repo, versions: list[Version], head: BucketHead, exclude: list[list[int]]
-) -> list[list[Any]]:
+def _listing(held: LocalVersions, head: BucketHead, exclude: list[list[int]]) -> list[list[Any]]:
     """``[[generation, step], id]`` of each version a restore may take, unless excluded."""
-    found, fence = [], newest_fence(versions)
-    for v in versions:
-        key = list(order(v)[:2])
-        if key not in exclude and current(repo, v, head, fence):
-            found.append([key, v.id])
-    return found
+    return [
+        [key, v.id]
+        for v in held.versions
+        if (key := list(order(v)[:2])) not in exclude and held.current(v, head)
+    ]
 
 
 def _holdings(
-    me: str, hosts: HostMap, tier: HostTier, head: BucketHead, exclude: list[list[int]]
+    me: str,
+    hosts: HostMap,
+    tier: HostTier,
+    head: BucketHead,
+    exclude: list[list[int]],
+    own: LocalVersions | None,
 ) -> dict[str, Any]:
-    """What host ``me``'s leader can restore from: its own versions and the replicas it
-    keeps (those a restore may take with the bucket at ``head``, by their place among
-    the run's saves: (generation, step), the same on every host)."""
-    replicas = {}
-    for h in hosts.hosts:
-        if h != me:
-            repo = tier.replica(h)
-            replicas[h] = _listing(repo, versions_of(repo, tier.branch), head, exclude)
-    own = _listing(tier.repo, tier.versions(), head, exclude)
-    return {"host": me, "head": head.id, "own": own, "replicas": replicas}
+    """What host ``me``'s leader can restore from: its own versions (``own``; None: read
+    them) and the replicas it keeps (those a restore may take with the bucket at ``head``,
+    by their place among the run's saves: (generation, step), the same on every host)."""
+    replicas = {
+        h: _listing(LocalVersions.read(tier.replica(h), tier.branch), head, exclude)
+        for h in hosts.hosts
+        if h != me
+    }
+    mine = _listing(own if own is not None else tier.held(), head, exclude)
+    return {"host": me, "head": head.id, "own": mine, "replicas": replicas}
 
 
 def _round(
@@ -336,6 +325,7 @@ def recover(
     bucket_head: BucketHead,
     replicated: bool = False,
     exclude: list[list[int]] | None = None,
+    own: LocalVersions | None = None,
 ) -> RecoverReport:
     """Put the newest step every host can reach in every host's own tier, receiving it
     from peers where a host lacks it, then re-create the replicas partners lack
@@ -345,14 +335,18 @@ def recover(
     on anything, not even on the bucket.)
     ``replicated``: every host saved the same state, so any host's copy will do (see
     :func:`cloudckpt.tiers.plan.plan`). ``exclude``: saves (``[generation, step]``, as
-    :attr:`RecoverReport.order`) not to take -- they failed to load before."""
+    :attr:`RecoverReport.order`) not to take -- they failed to load before. ``own``: this
+    host's own tier as the caller read it (None: read here); the target is taken from it
+    unless peers sent it."""
     t0 = time.perf_counter()
     report = RecoverReport()
     leader = hosts.is_leader(group.rank)
     host = hosts.host_of(group.rank)
     try:
         decided = group.all_reduce(
-            lambda: _holdings(host, hosts, tier, bucket_head, exclude or []) if leader else None,
+            lambda: (
+                _holdings(host, hosts, tier, bucket_head, exclude or [], own) if leader else None
+            ),
             lambda reports: plan(hosts, reports, replicated),
             context="planning the local restore: ",
         )
@@ -384,7 +378,10 @@ def recover(
     try:
         ids = group.all_gather_json(mine)
         vid = ids[hosts.leader(host)]
-        report.target = group.on_each_rank(lambda: tier.repo.resolve(vid), context="recover: ")
+        found = own.get(vid) if own is not None else None
+        report.target = group.on_each_rank(
+            lambda: found or tier.repo.resolve(vid), context="recover: "
+        )
     except RanksUnreachable:
         raise
     except CloudCkptError as e:
