@@ -54,8 +54,15 @@ from cloudckpt.distributed import Group
 from cloudckpt.gc import collect
 from cloudckpt.store import Store
 from cloudckpt.tiers import peer
-from cloudckpt.tiers.local import LOCAL_SWEEP_TTL, BucketHead, HostTier, LocalTier, TierRecord
-from cloudckpt.tiers.replicas import HostMap, recover, replicate, versions_of
+from cloudckpt.tiers.local import (
+    LOCAL_SWEEP_TTL,
+    BucketHead,
+    HostTier,
+    LocalTier,
+    TierRecord,
+    run_versions,
+)
+from cloudckpt.tiers.replicas import HostMap, recover, replicate
 
 URI, BRANCH, HEAD = "s3://bucket/run", "main", "head-1"
 KiB = 1024
@@ -208,7 +215,7 @@ class Job:
         for h in self.hosts.hosts:
             repo = tier.repo if h == self.host else tier.replica(h)
             collect(repo.store, grace=0, sweep_ttl=LOCAL_SWEEP_TTL, abandoned_after=0)
-            live = versions_of(repo, BRANCH)
+            live = run_versions(repo, BRANCH)
             blobs = {blob_key(d) for v in live for d in repo.manifest(v).digests()}
             assert set(repo.store.list_keys("blobs")) == blobs, (h, live)
             assert set(repo.store.list_keys("manifests")) == {
@@ -225,7 +232,7 @@ class Job:
     def replicas(self, tier: HostTier) -> dict[str, list[int | None]]:
         """The steps of each replica this host keeps, newest first."""
         return {
-            h: [v.step for v in versions_of(tier.replica(h), BRANCH)]
+            h: [v.step for v in run_versions(tier.replica(h), BRANCH)]
             for h in self.hosts.hosts
             if h != self.host
         }
@@ -238,7 +245,7 @@ class Job:
         for name, repo in repos.items():
             if name == self.host:
                 continue
-            found = versions_of(repo, BRANCH)
+            found = run_versions(repo, BRANCH)
             for v in found:
                 report = repo.verify(v.id)
                 assert report.ok, (name, v.step, report)
@@ -302,7 +309,7 @@ def resume(job: Job, root: Path, want: int | None, after: int) -> dict[str, Any]
     source = job.hosts.replicated_by(job.host)
     assert source is not None
     assert saved[source][0] == after, saved
-    replica = versions_of(tier.replica(source), BRANCH)[0]
+    replica = run_versions(tier.replica(source), BRANCH)[0]
     assert_state_equal(
         state(after, job.hosts.hosts.index(source)), tier.replica(source).load(replica.id)
     )
@@ -367,7 +374,7 @@ def manager(sc: dict[str, Any], rank: int, world: int) -> dict[str, Any]:
     assert mgr.tiers is not None
     if mgr.tiers.leader:  # every local version and replica verifies
         for name, repo in [("own", mgr.tiers.host.repo), *replicas_of(mgr.tiers.host)]:
-            for v in versions_of(repo, BRANCH):
+            for v in run_versions(repo, BRANCH):
                 assert repo.verify(v.id).ok, (name, v.step)
     model = Buffers(0)
     start = mgr.restore(model=model)
