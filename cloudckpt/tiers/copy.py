@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
     from cloudckpt.repo import Repo
 
-#: The raw bytes of a blob as a source holds them: ``(digest, raw size) -> bytes``. The
-#: copy checks them against the hash: a source need not (and should not: twice is waste).
+#: The raw bytes of a blob as a source holds them: ``(digest, raw size) -> bytes``, an
+#: array the copy may keep. The copy checks them against the hash: a source need not
+#: (and should not: twice is waste).
 BlobSource = Callable[[str, int], "np.ndarray"]
 
 
@@ -128,7 +129,7 @@ def _store(
         data = coder.encode(memoryview(raw), choice)
         dst.store.put(blob_key(digest), data)
         if dst.cache is not None:
-            dst.cache.put(digest, raw)
+            dst.cache.put_later(digest, raw)  # off the upload's path
         return len(data), True
 
     with Batch(options.workers, "cloudckpt-copy", options.max_inflight_bytes) as batch:
