@@ -184,6 +184,7 @@ class TieredSaves:
                     fence=fence,
                     meta={TIER_KEY: {"host": self.tier.host, "local": local.id}},
                     before_publish=check_lease,
+                    origin=f"the local tier ({self.host.root})",
                 )
             except CorruptCheckpoint as e:  # damaged, or the host's disk fails
                 log.error("the local copy of step %d does not verify (%s)", job.step, e)

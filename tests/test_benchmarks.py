@@ -117,3 +117,13 @@ def test_replicas_benchmark_prints_the_peer_and_bucket_restore_table(tmp_path: P
     report = out.read_text()
     assert "| hosts | bucket load | recover | peer total | peer / bucket |" in report
     assert "\n| 2 | " in report and report in proc.stdout
+
+
+def test_hot_paths_times_each_path_and_counts_the_work(tmp_path: Path) -> None:
+    out = bench(
+        "hot_paths.py", "--preset", "tiny", "--repeats", "1", "--chunks", "64", "--dir",
+        str(tmp_path),
+    ).stdout  # fmt: skip
+    assert "| tier upload | hashes / blob | 1.000 |" in out, "each blob hashed once"
+    assert "| in-place load | opens / blob | 1.000 |" in out
+    assert "| save + cache | cache holds every blob | True |" in out

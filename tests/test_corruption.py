@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from assertions import assert_state_equal
 from torch import nn
 
-from cloudckpt import CheckpointManager, Repo, RepoOptions, TransferOptions
-from cloudckpt.blobs import blob_key, iter_chunks
+from cloudckpt import CheckpointManager, Repo, RepoOptions, TransferOptions, codec
+from cloudckpt.blobs import BlobReader, blob_key, iter_chunks
 from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.store import Store
 
@@ -130,3 +132,52 @@ def test_when_no_version_verifies_restore_says_so(root: tuple[str, dict[str, Any
     repo.store.delete(repo.store.list_keys("blobs"))
     with pytest.raises(CorruptCheckpoint, match="branch 'main': no version verifies"):
         manager(root).restore(model=model(9))
+
+
+# -- a repository of uncompressed blobs on this machine's disk (a local tier's kind) -------
+def uncompressed(tmp_path: Any) -> tuple[Repo, str, int]:
+    """A version of a local repository of raw blobs; its largest blob's key and raw size."""
+    repo = Repo(
+        f"file://{tmp_path}/raw", options=RepoOptions(transfer=TransferOptions(compress=False))
+    )
+    version = repo.commit({"w": torch.randn(64, 1024), "b": torch.randn(16)})
+    digest, size = max(
+        ((c.digest, c.blob_size) for e in repo.manifest(version).tensors for c in iter_chunks(e)),
+        key=lambda blob: blob[1],
+    )
+    return repo, digest, size
+
+
+def another_blob_of_the_same_length(store: Store, key: str) -> None:
+    data = bytearray(store.get(key))
+    data[codec.RAW_HEADER :] = bytes(len(data) - codec.RAW_HEADER)  # a valid header, zeros
+    store.put(key, bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [flip_a_byte, truncate, another_blob_of_the_same_length, delete],
+    ids=lambda f: f.__name__,
+)
+def test_a_damaged_uncompressed_local_blob_is_named_by_each_read(
+    tmp_path: Any, damage: Callable[[Store, str], None]
+) -> None:
+    """A read in place (one open: size, header, payload) still checks every byte."""
+    repo, digest, size = uncompressed(tmp_path)
+    key = blob_key(digest)
+    damage(repo.store, key)
+    with pytest.raises(CorruptCheckpoint, match=key):
+        repo.load()
+    with pytest.raises(CorruptCheckpoint, match=key):
+        BlobReader(repo.store, repo.options.transfer).raw(digest, size)
+    assert list(repo.verify().problems) == [key]
+
+
+def test_an_uncompressed_local_blob_stored_in_another_encoding_still_loads(tmp_path) -> None:
+    """Any encoding of a blob's bytes will do: one that is not raw is read whole, decoded."""
+    repo, digest, _ = uncompressed(tmp_path)
+    want = repo.load()
+    key = blob_key(digest)
+    raw = np.frombuffer(repo.store.get(key)[codec.RAW_HEADER :], dtype=np.uint8)
+    repo.store.put(key, codec.Codec(1).encode(memoryview(raw), codec.CodecChoice(codec.ZSTD, 1)))
+    assert_state_equal(want, repo.load())

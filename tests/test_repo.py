@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -185,6 +186,35 @@ def test_load_into_model_and_optimizer_reuses_their_tensors() -> None:
     assert_state_equal(state["model"], model.state_dict())
     assert_state_equal(state["optimizer"]["state"], opt.state_dict()["state"])
     assert loaded["step"] == 2
+
+
+def test_a_local_uncompressed_load_opens_each_blob_once(tmp_path, monkeypatch) -> None:
+    """In place: one open gives a blob's size, header and payload, and nothing is read
+    whole (the local tier's restore)."""
+    options = RepoOptions(transfer=TransferOptions(chunk_size=4096, compress=False))
+    repo = Repo(f"file://{tmp_path}/raw", options=options)
+    state = train_state(GPTConfig(n_layer=1, n_embd=32), steps=1)
+    repo.commit(state)
+    blobs = len(repo.store.list_keys("blobs/"))
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        if "/blobs/" in str(path):
+            opened.append(str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    loaded = Repo(repo.uri, options=options)
+    get_buffer = loaded.store.get_buffer
+
+    def documents_only(key: str, limit: int | None = None) -> Any:
+        assert not key.startswith("blobs/"), f"{key} read whole"
+        return get_buffer(key, limit)
+
+    monkeypatch.setattr(loaded.store, "get_buffer", documents_only)
+    assert_state_equal(state, loaded.load())
+    assert len(opened) == len(set(opened)) == blobs > 10
 
 
 def test_load_into_whole_module() -> None:

@@ -13,7 +13,7 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from cloudckpt.errors import PreconditionFailed
+from cloudckpt.errors import CheckpointNotFound, CorruptCheckpoint, PreconditionFailed
 from cloudckpt.store import Store, StoreOptions
 from cloudckpt.store.backend import BACKENDS, Backend
 from cloudckpt.store.fsspec_generic import SingleWriterBackend
@@ -105,6 +105,34 @@ def test_put_if_match_refuses_a_stale_etag_and_keeps_the_winner(any_backend: Bac
     with pytest.raises(PreconditionFailed):
         any_backend.put_if_match("versions.json", b"stale", first)
     assert any_backend.read_versioned("versions.json") == (b"v1", second)
+
+
+def test_in_place_reads_are_declared_by_the_kind_of_store(backend: tuple[str, Any]) -> None:
+    store = Store(*backend)
+    assert store.in_place is (type(store.backend) is LocalBackend)
+    if not store.in_place:
+        store.put("blobs/x", b"0123")
+        with pytest.raises(NotImplementedError):
+            store.read_into("blobs/x", [memoryview(bytearray(4))])
+
+
+def test_a_local_read_into_fills_the_buffers_only_from_a_file_of_their_length(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = Store(f"file://{tmp_path}/repo")
+    store.put("blobs/x", b"head" + bytes(range(100)))
+    head, body = bytearray(4), bytearray(100)
+    assert store.read_into("blobs/x", [memoryview(head), memoryview(body)])
+    assert head == b"head" and body == bytes(range(100))
+    for size in (99, 101):  # shorter or longer than the file: nothing is read
+        untouched = bytearray(size)
+        assert not store.read_into("blobs/x", [memoryview(bytearray(4)), memoryview(untouched)])
+        assert untouched == bytearray(size)
+    with pytest.raises(CheckpointNotFound):
+        store.read_into("blobs/missing", [memoryview(body)])
+    (tmp_path / "repo" / "blobs" / "dir").mkdir()
+    with pytest.raises(CorruptCheckpoint, match="not a regular file"):
+        store.read_into("blobs/dir", [memoryview(body)])
 
 
 def test_conditional_writes_of_the_single_writer_backend_hold_within_a_process(

@@ -535,6 +535,49 @@ def test_copy_version_refuses_wrong_bytes_and_publishes_nothing(s3, tmp_path) ->
     assert dst.verify(first.id).ok
 
 
+def _tier_version(tmp_path: Any, state: dict[str, Any]) -> tuple[HostTier, Version]:
+    """A local save of ``state`` in a tier of small chunks."""
+    from cloudckpt.tiers.local import TierRecord
+
+    small = TransferOptions(chunk_size=64 * 1024, compress=False)
+    host = HostTier(LocalTier(str(tmp_path / "tier"), transfer=small), "memory://x", "main")
+    return host, host.commit(state, state["step"], {}, {}, TierRecord("h0", None))
+
+
+def test_an_upload_from_the_tier_hashes_each_blob_it_stores_once(tmp_path, monkeypatch) -> None:
+    host, version = _tier_version(tmp_path, _state(2))
+    doc = host.manifest(version)
+    hashed: list[str] = []
+    content_hash = codec.content_hash
+
+    def counting(raw: Any) -> str:
+        hashed.append(content_hash(raw))
+        return hashed[-1]
+
+    monkeypatch.setattr(codec, "content_hash", counting)
+    dst = Repo(f"memory://tiered/{tmp_path.name}", options=CHUNKS)
+    copied = copy_version(host.source(), doc, dst, "main")
+    blobs = {c.digest for e in doc.tensors for c in iter_chunks(e)}
+    assert sorted(d for d in hashed if d in blobs) == sorted(blobs), "each exactly once"
+    monkeypatch.undo()
+    assert dst.verify(copied.id).ok
+
+
+def test_a_tier_blob_flipped_on_disk_is_caught_on_upload_and_nothing_is_stored(
+    s3, tmp_path
+) -> None:
+    uri, opts = s3
+    host, version = _tier_version(tmp_path, _state(2))
+    doc = host.manifest(version)
+    victim = next(c.digest for e in doc.tensors for c in iter_chunks(e) if e["path"] == "w")
+    flip_blob(host, victim)
+    dst = Repo(uri, opts, options=CHUNKS)
+    with pytest.raises(CorruptCheckpoint, match=f"blob {victim} from the tier fails its hash"):
+        copy_version(host.source(), doc, dst, "main", origin="the tier")
+    assert Repo(uri, opts).versions() == []
+    assert dst.store.stat(blob_key(victim)) is None, "the flipped bytes were not stored"
+
+
 def test_copy_version_checks_the_size_of_what_the_source_gives(s3, tmp_path) -> None:
     uri, opts = s3
     dst = Repo(uri, opts, options=CHUNKS)

@@ -5,8 +5,13 @@ the same host reads them from here instead of the store. Every read is checked a
 the hash that names the file, so a damaged or truncated file is a miss (and removed),
 never wrong data. Files are created whole (written under a temporary name, then renamed),
 so processes on one host may share a cache, and any file -- or the whole directory -- may
-be deleted at any time. The least recently used files go first once the cache is over
-``max_bytes``.
+be deleted at any time; a process killed mid-write leaves only a temporary file. The
+least recently used files go first once the cache is over ``max_bytes``.
+
+Bytes nobody else holds (a host copy of a GPU chunk, a pack, a blob copied from a tier)
+are written by a background thread (:meth:`BlobCache.put_later`), off the save's path;
+the thread ends when it runs dry and is joined at interpreter exit, so a clean exit
+keeps what was queued.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 import stat
 import threading
 import uuid
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,21 +30,23 @@ from cloudckpt import codec
 
 log = logging.getLogger("cloudckpt.cache")
 
-GiB = 1 << 30
+MiB, GiB = 1 << 20, 1 << 30
 _TMP = ".tmp-"
 
 
 @dataclass(frozen=True)
 class CacheOptions:
     """Where the blob cache lives and how large it may grow (``max_bytes``; the least
-    recently used blobs are evicted past it)."""
+    recently used blobs are evicted past it). ``max_pending_bytes`` bounds the memory
+    held by blobs waiting for the background writer; past it the caller writes."""
 
     path: str
     max_bytes: int = 64 * GiB
+    max_pending_bytes: int = 256 * MiB
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 1:
-            raise ValueError("max_bytes must be positive")
+        if self.max_bytes < 1 or self.max_pending_bytes < 0:
+            raise ValueError("max_bytes must be positive, max_pending_bytes not negative")
 
 
 class BlobCache:
@@ -56,6 +64,11 @@ class BlobCache:
         #: cache add theirs unseen, so the directory is counted again every eighth of
         #: ``max_bytes`` (each sharer overshoots the bound by at most that much).
         self._added = 0
+        #: put_later's queue, its bytes, and the thread writing it (None: none running).
+        self._pending: deque[tuple[str, Any]] = deque()
+        self._pending_bytes = 0
+        self._drained = threading.Condition(self._lock)
+        self._writer: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"BlobCache({self.root!r}, max_bytes={self.options.max_bytes})"
@@ -141,6 +154,60 @@ class BlobCache:
             over = self._size is None or self._size > limit or self._added > limit // 8
         if over:
             self.evict()
+
+    def put_later(self, digest: str, raw: Any) -> None:
+        """Keep ``raw`` as :meth:`put` does, from a background thread: the caller does
+        not wait -- unless ``max_pending_bytes`` are waiting already: then it is written
+        now (the cache's disk is the bottleneck; memory stays bounded). ``raw`` must be
+        the caller's to give away: nothing writes to it afterwards."""
+        size = memoryview(raw).nbytes
+        with self._lock:
+            queued = self._pending_bytes + size <= self.options.max_pending_bytes
+            if queued:
+                self._pending.append((digest, raw))
+                self._pending_bytes += size
+                queued = self._writing()
+                if not queued:  # the interpreter is shutting down: no thread starts
+                    self._pending.pop()
+                    self._pending_bytes -= size
+        if not queued:
+            self.put(digest, raw)
+
+    def _writing(self) -> bool:
+        """Whether a thread drains the queue (started if none was); under the lock."""
+        if self._writer is not None and self._writer.is_alive():
+            return True
+        # Not a daemon: the interpreter joins it at exit, so what is queued is kept. A
+        # forked child has none (is_alive is False there): it starts its own.
+        writer = threading.Thread(target=self._drain, name="cloudckpt-cache")
+        try:
+            writer.start()
+        except RuntimeError:
+            return False
+        self._writer = writer
+        return True
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every blob :meth:`put_later` queued is written (or given up);
+        False if some still wait after ``timeout`` seconds."""
+        with self._drained:
+            return self._drained.wait_for(lambda: not self._pending_bytes, timeout)
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._writer = None
+                    return
+                digest, raw = self._pending.popleft()
+            try:
+                self.put(digest, raw)
+            except Exception:  # put only logs what it expects; this thread must go on
+                log.exception("cache: cannot keep %s", digest)
+            finally:
+                with self._drained:
+                    self._pending_bytes -= memoryview(raw).nbytes
+                    self._drained.notify_all()
 
     def evict(self) -> int:
         """Delete the least recently used files until the cache holds at most

@@ -157,16 +157,18 @@ class BlobReader:
                     if cache.read_into(fetch.digest, raw):
                         self._scatter(fetch, raw, direct)
                         return None
-            if self._in_place(fetch):
+            if self.store.in_place:
                 with batch.gate.inside():  # the destination is the caller's
                     raw = self._raw(fetch, direct)
                     if self._read_in_place(fetch, raw):
+                        self._check(fetch, raw)
                         self._scatter(fetch, raw, direct)
                         return codec.RAW_HEADER + fetch.size
             blob = self._get(fetch)
             with batch.gate.inside():  # the destination is the caller's: not after a failure
                 raw = self._raw(fetch, direct)
                 self._decode(fetch, blob, raw)
+                self._check(fetch, raw)
                 self._scatter(fetch, raw, direct)
                 if cache is not None:
                     cache.put(fetch.digest, raw)
@@ -174,45 +176,31 @@ class BlobReader:
         finally:
             progress.update(fetch.size)
 
-    def raw(self, digest: str, size: int) -> np.ndarray:
-        """The verified raw bytes of one blob (from the cache, else the store)."""
+    def raw(self, digest: str, size: int, *, check: bool = True) -> np.ndarray:
+        """The raw bytes of one blob (from the cache, else the store), checked against
+        its hash -- unless ``check`` is False: then the caller checks them (``copy_version``
+        does, for every source). A cache hit is checked either way."""
         fetch = _Fetch(digest, 0, size)
         raw = self._raw(fetch, direct=False)
         if self.cache is not None and self.cache.read_into(digest, raw):
             return raw
-        self._decode(fetch, self._get(fetch), raw)
+        if not (self.store.in_place and self._read_in_place(fetch, raw)):
+            self._decode(fetch, self._get(fetch), raw)
+        if check:
+            self._check(fetch, raw)
         return raw
 
-    def _in_place(self, fetch: _Fetch) -> bool:
-        """Whether the blob is stored uncompressed on this machine's disk (a local tier):
-        then its payload is read straight into the destination, without a copy."""
+    def _read_in_place(self, fetch: _Fetch, raw: np.ndarray) -> bool:
+        """Read the blob straight into ``raw`` if it is stored uncompressed on this
+        machine's disk (a local tier): one open gives its size, header and payload.
+        False if it is not (compressed, missing, changed meanwhile): read it whole and
+        decode it then. The hash is the caller's to check."""
         header = memoryview(bytearray(codec.RAW_HEADER))
         try:
-            found = self.store.read_into(blob_key(fetch.digest), 0, header)
+            filled = self.store.read_into(blob_key(fetch.digest), [header, memoryview(raw)])
         except CheckpointNotFound:  # reading it whole says what is missing
             return False
-        if found is None:
-            return False
-        got, size = found
-        return (
-            got == len(header)
-            and size == got + fetch.size
-            and codec.raw_payload(header, fetch.size)
-        )
-
-    def _read_in_place(self, fetch: _Fetch, raw: np.ndarray) -> bool:
-        """Read an uncompressed blob's payload into ``raw`` and check its hash."""
-        try:
-            found = self.store.read_into(
-                blob_key(fetch.digest), codec.RAW_HEADER, memoryview(raw).cast("B")
-            )
-        except CheckpointNotFound:
-            return False
-        if found is None or found[0] != fetch.size:
-            return False  # changed since: read whole, and decoded, below
-        if codec.content_hash(raw) != fetch.digest:
-            raise CorruptCheckpoint(f"{self._where(fetch)}: content does not match its hash")
-        return True
+        return filled and codec.raw_payload(header, fetch.size)
 
     def _where(self, fetch: _Fetch) -> str:
         holding = f" (holding {fetch.parts[0][0]!r})" if fetch.parts else ""
@@ -247,10 +235,11 @@ class BlobReader:
         return np.empty(fetch.size, dtype=np.uint8)
 
     def _decode(self, fetch: _Fetch, blob: bytes | memoryview, raw: np.ndarray) -> None:
-        where = self._where(fetch)
-        self.codec.decode_into(blob, raw, where)
+        self.codec.decode_into(blob, raw, self._where(fetch))
+
+    def _check(self, fetch: _Fetch, raw: np.ndarray) -> None:
         if codec.content_hash(raw) != fetch.digest:
-            raise CorruptCheckpoint(f"{where}: content does not match its hash")
+            raise CorruptCheckpoint(f"{self._where(fetch)}: content does not match its hash")
 
     @staticmethod
     def _scatter(fetch: _Fetch, raw: np.ndarray, direct: bool) -> None:

@@ -34,22 +34,31 @@ def _chunk_bounds(nbytes: int, itemsize: int, chunk_size: int) -> list[tuple[int
     return [(a, min(a + step, nbytes)) for a in range(0, nbytes, step)]
 
 
-def _bytes_of(value: Any) -> Callable[[int, int], np.ndarray]:
-    """A function giving bytes [a, b) of an array as a uint8 numpy array on the CPU."""
+class Bytes(NamedTuple):
+    """Bytes ``[a, b)`` of an array as a uint8 numpy array on the CPU (``get(a, b)``),
+    and whether they are a copy (``owned``: no one else writes to it) or a view of the
+    caller's memory."""
+
+    get: Callable[[int, int], np.ndarray]
+    owned: bool
+
+
+def _bytes_of(value: Any) -> Bytes:
+    """The bytes of ``value``, a numpy array or a tensor on any device."""
     import numpy as np
     import torch
 
     if isinstance(value, np.ndarray):
         flat = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
-        return lambda a, b: flat[a:b]
+        return Bytes(lambda a, b: flat[a:b], False)
     t = value.detach()
     if not t.is_contiguous():
         t = t.contiguous()
     flat_t = t.reshape(-1).view(torch.uint8)
     if flat_t.device.type == "cpu":
         flat = flat_t.numpy()
-        return lambda a, b: flat[a:b]
-    return lambda a, b: flat_t[a:b].cpu().numpy()
+        return Bytes(lambda a, b: flat[a:b], False)
+    return Bytes(lambda a, b: flat_t[a:b].cpu().numpy(), True)
 
 
 @dataclass
@@ -113,7 +122,8 @@ class BlobWriter:
 
     ``known`` maps blob hashes the store is known to hold (e.g. from the parent
     version's manifest) to their stored size; they are neither checked nor uploaded.
-    With a ``cache``, the raw bytes of every blob are kept there too.
+    With a ``cache``, the raw bytes of every blob are kept there too, once the blob is
+    stored (see :meth:`_keep`).
     """
 
     def __init__(
@@ -153,7 +163,7 @@ class BlobWriter:
         total = sum(planned[n].size for n in chosen)
         progress = Progress(self.options.progress, total, "save")
         last_use = {i: n for n in chosen for i, _, _ in planned[n].pieces}
-        getters: dict[int, Callable[[int, int], np.ndarray]] = {}
+        getters: dict[int, Bytes] = {}
         try:
             with Batch(
                 self.options.workers, "cloudckpt-save", self.options.max_inflight_bytes
@@ -176,7 +186,7 @@ class BlobWriter:
 
     def _save_blob(
         self,
-        parts: list[tuple[Callable[[int, int], np.ndarray], int, int]],
+        parts: list[tuple[Bytes, int, int]],
         blob: Planned,
         leaves: list[Leaf],
         batch: Batch,
@@ -186,38 +196,59 @@ class BlobWriter:
             leaf = leaves[blob.pieces[0][0]]  # a pack holds one dtype
             with batch.gate.inside():  # the arrays are the caller's: not after a failure
                 if len(parts) == 1:
-                    get, a, b = parts[0]
-                    raw = get(a, b)
+                    source, a, b = parts[0]
+                    raw, owned = source.get(a, b), source.owned
                 else:
                     import numpy as np
 
-                    raw = np.concatenate([get(a, b) for get, a, b in parts])
+                    raw, owned = np.concatenate([s.get(a, b) for s, a, b in parts]), True
                 choice = codec_for(self.options, leaf.dtype, leaf.itemsize, raw.nbytes)
                 digest = codec.content_hash(raw)
-                if self.cache is not None:
-                    self.cache.put(digest, raw)
-            with self._lock:
-                stored = self._known.get(digest)
-                claim = self._claims.get(digest) if stored is None else None
-                mine = stored is None and claim is None
-                if mine:
-                    claim = self._claims[digest] = Future()
-            if stored is not None:
-                return BlobResult(digest, stored, False)
-            assert claim is not None
-            if not mine:
-                return BlobResult(digest, claim.result(), False)
-            try:
-                stored, uploaded = self._upload(digest, raw, choice, batch)
-            except BaseException as e:
-                claim.set_exception(e)
-                raise
-            claim.set_result(stored)
-            with self._lock:
-                self._known[digest] = stored
-            return BlobResult(digest, stored, uploaded)
+            result = self._store_blob(digest, raw, choice, batch)
+            self._keep(digest, raw, owned, batch)
+            return result
         finally:
             progress.update(blob.size)
+
+    def _keep(self, digest: str, raw: np.ndarray, owned: bool, batch: Batch) -> None:
+        """Keep the blob's raw bytes in the cache, once it is stored (a failed save
+        writes none). A copy is written in the background: the save does not wait. A
+        view of the caller's arrays is written now, inside the gate: it must not be read
+        after the save returned or failed (and a copy to write later costs about as
+        much as the write)."""
+        if self.cache is None:
+            return
+        if owned:
+            self.cache.put_later(digest, raw)
+            return
+        with batch.gate.inside():
+            self.cache.put(digest, raw)
+
+    def _store_blob(
+        self, digest: str, raw: np.ndarray, choice: codec.CodecChoice, batch: Batch
+    ) -> BlobResult:
+        """Upload the blob unless the store holds it or another job of this save is
+        uploading it."""
+        with self._lock:
+            stored = self._known.get(digest)
+            claim = self._claims.get(digest) if stored is None else None
+            mine = stored is None and claim is None
+            if mine:
+                claim = self._claims[digest] = Future()
+        if stored is not None:
+            return BlobResult(digest, stored, False)
+        assert claim is not None
+        if not mine:
+            return BlobResult(digest, claim.result(), False)
+        try:
+            stored, uploaded = self._upload(digest, raw, choice, batch)
+        except BaseException as e:
+            claim.set_exception(e)
+            raise
+        claim.set_result(stored)
+        with self._lock:
+            self._known[digest] = stored
+        return BlobResult(digest, stored, uploaded)
 
     def _upload(
         self, digest: str, raw: np.ndarray, choice: codec.CodecChoice, batch: Batch

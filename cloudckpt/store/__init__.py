@@ -140,15 +140,19 @@ class Store:
             )
         return found
 
-    def read_into(self, key: str, offset: int, out: memoryview) -> tuple[int, int] | None:
-        """Bytes from ``offset`` of the object read straight into ``out``, without a
-        copy, where the store is on this machine's disk: (bytes read, object size); None
-        where the store cannot (read it whole)."""
-        read_into = getattr(self.backend, "read_into", None)
-        if read_into is None:
-            return None
-        found: tuple[int, int] = self._run("get", key, lambda: read_into(key, offset, out))
-        return found
+    @property
+    def in_place(self) -> bool:
+        """Whether objects are files on this machine's disk, read in place
+        (:meth:`read_into`)."""
+        return self.backend.in_place
+
+    def read_into(self, key: str, buffers: list[memoryview]) -> bool:
+        """Fill ``buffers`` in order with the object's bytes, without a copy, if it is
+        exactly as long as they are together (one open: size, then reads); False if it
+        is not, or changed meanwhile. Only where :attr:`in_place`."""
+        if not self.backend.in_place:
+            raise NotImplementedError(f"{self.uri} is not on this machine's disk")
+        return self._run("get", key, lambda: self.backend.read_into(key, buffers))
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` of the object."""

@@ -97,6 +97,8 @@ class Backend(Protocol):
     endpoint: str
     #: Calls cross a network: each attempt is watched against the call's deadline.
     remote: bool
+    #: Objects are files on this machine's disk: ``read_into`` reads one in place.
+    in_place: bool
 
     def path(self, key: str) -> str:
         """The ``fs`` path of ``key``; refuses one that would lead outside the root."""
@@ -105,6 +107,13 @@ class Backend(Protocol):
     def get(self, key: str, most: int | None = None) -> bytes | memoryview:
         """The whole object, or its first ``most`` bytes without transferring the rest;
         FileNotFoundError if absent; refuses what is not an object (a directory, a pipe)."""
+        ...
+
+    def read_into(self, key: str, buffers: list[memoryview]) -> bool:
+        """Fill ``buffers`` in order with the object's bytes, without a copy, if it is
+        exactly as long as they are together -- one open serves the size check and the
+        reads; False (nothing or part read) if it is not, or changed meanwhile. Only
+        where ``in_place``; FileNotFoundError if absent; refuses what is not a file."""
         ...
 
     def stat(self, key: str) -> ObjectInfo | None:

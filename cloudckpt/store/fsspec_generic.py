@@ -30,6 +30,7 @@ class FsspecBackend:
 
     remote = False
     endpoint = ""
+    in_place = False
     #: One lock for every store of this process (two handles may name one object).
     _swap_lock = threading.Lock()
 
@@ -48,6 +49,9 @@ class FsspecBackend:
         if most is None:
             return self.fs.cat_file(self.path(key))  # type: ignore[no-any-return]
         return self.fs.cat_file(self.path(key), start=0, end=most)  # type: ignore[no-any-return]
+
+    def read_into(self, key: str, buffers: list[memoryview]) -> bool:
+        raise NotImplementedError(f"{self.uri} is not on this machine's disk")
 
     def stat(self, key: str) -> ObjectInfo | None:
         try:

@@ -32,6 +32,8 @@ class LockTimeout(StoreError):
 class LocalBackend(FsspecBackend):
     """Files under a root directory (see ``backend.Backend``)."""
 
+    in_place = True
+
     def __init__(
         self, uri: str, protocol: str, storage_options: dict[str, Any], options: StoreOptions
     ) -> None:
@@ -54,21 +56,15 @@ class LocalBackend(FsspecBackend):
     def get(self, key: str, most: int | None = None) -> bytes:
         return read_regular_file(self.path(key), most)
 
-    def read_into(self, key: str, offset: int, out: memoryview) -> tuple[int, int]:
-        """Read bytes from ``offset`` into ``out`` (until it is full or the file ends):
-        (bytes read, the file's size). Only a regular file is read."""
+    def read_into(self, key: str, buffers: list[memoryview]) -> bool:
         fd = os.open(self.path(key), os.O_RDONLY | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise CorruptCheckpoint(f"{self.uri}/{key} is not a regular file")
-            got = 0
-            while got < len(out):
-                n = os.preadv(fd, [out[got:]], offset + got)
-                if n == 0:
-                    break
-                got += n
-            return got, st.st_size
+            if st.st_size != sum(b.nbytes for b in buffers):
+                return False
+            return _preadv_all(fd, buffers)
         finally:
             os.close(fd)
 
@@ -182,6 +178,22 @@ def read_regular_file(path: str, most: int | None = None) -> bytes:
             return f.read() if most is None else f.read(most)
     finally:
         os.close(fd)
+
+
+def _preadv_all(fd: int, buffers: list[memoryview]) -> bool:
+    """Fill ``buffers`` from the file's first byte; False if it ends first."""
+    offset, left = 0, [b.cast("B") for b in buffers if b.nbytes]
+    while left:
+        n = os.preadv(fd, left, offset)
+        if n == 0:
+            return False
+        offset += n
+        while left and n >= left[0].nbytes:
+            n -= left[0].nbytes
+            left.pop(0)
+        if n:
+            left[0] = left[0][n:]
+    return True
 
 
 def write_temp(path: str, data: Buffer) -> str:

@@ -3,9 +3,10 @@ without its state ever being in memory whole.
 
 Blobs are content-addressed, so the copy moves only what the destination lacks (the
 parent's blobs and any it already stores are skipped); each blob is taken from the source
-by its hash, checked against that hash (a damaged copy raises CorruptCheckpoint and
-nothing is published), encoded with the destination's codec and stored. The version is
-then published by the destination's commit protocol, like any other commit.
+by its hash, checked against that hash here -- once, whatever the source: a damaged copy
+raises CorruptCheckpoint and nothing is published -- encoded with the destination's codec
+and stored. The version is then published by the destination's commit protocol, like any
+other commit.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ if TYPE_CHECKING:
 
     from cloudckpt.repo import Repo
 
-#: The verified raw bytes of a blob: ``(digest, raw size) -> bytes``.
+#: The raw bytes of a blob as a source holds them: ``(digest, raw size) -> bytes``, an
+#: array the copy may keep. The copy checks them against the hash: a source need not
+#: (and should not: twice is waste).
 BlobSource = Callable[[str, int], "np.ndarray"]
 
 
@@ -61,11 +64,13 @@ def copy_version(
     fence: int | None = None,
     meta: dict[str, Any] | None = None,
     before_publish: Callable[[], None] | None = None,
+    origin: str = "the source",
 ) -> Version:
     """Publish ``doc``'s state on ``branch`` of ``dst``, its blobs read from ``source``.
 
     The new version keeps the step, metrics and message; ``meta`` is added to the
     recorded meta. ``before_publish`` runs right before publishing (a lease check).
+    ``origin`` names the source in errors.
     """
     row = doc.version
     request = CommitRequest(
@@ -74,18 +79,30 @@ def copy_version(
     txn = Transaction(dst.store, dst.options.transfer, request, cache=dst.cache).begin()
     blobs = blobs_of(doc)
     stats = TransferStats(sum(ref.size for e in doc.tensors for ref in iter_chunks(e)))
-    stored = _store(source, blobs, dst, dict(txn.known), stats)
+    stored = _store(_checked(source, origin), blobs, dst, dict(txn.known), stats)
     entries = [_restamped(entry, stored) for entry in doc.tensors]
 
     def restore(missing: set[str]) -> None:
         again = {d: blobs[d] for d in missing}
-        stored.update(_store(source, again, dst, {}, TransferStats()))
+        stored.update(_store(_checked(source, origin), again, dst, {}, TransferStats()))
 
     if before_publish is not None:
         before_publish()
     version = txn.publish(doc.state, entries, stats, extra=doc.extra, restore=restore)
     dst.last_stats = stats
     return version
+
+
+def _checked(source: BlobSource, origin: str) -> BlobSource:
+    """``source``, each blob's bytes checked against its size and hash."""
+
+    def read(digest: str, size: int) -> np.ndarray:
+        raw = source(digest, size)
+        if memoryview(raw).nbytes != size or codec.content_hash(raw) != digest:
+            raise CorruptCheckpoint(f"blob {digest} from {origin} fails its hash")
+        return raw
+
+    return read
 
 
 def _store(
@@ -95,7 +112,8 @@ def _store(
     known: dict[str, int],
     stats: TransferStats,
 ) -> dict[str, int]:
-    """Store each blob ``dst`` lacks; digest -> stored size for all of them."""
+    """Store each blob ``dst`` lacks, read from a checked ``source``; digest -> stored
+    size for all of them."""
     t0 = time.perf_counter()
     options = dst.options.transfer
     coder = codec.Codec(options.compression_level)
@@ -106,14 +124,12 @@ def _store(
         info = dst.store.stat(blob_key(digest))
         if info is not None:
             return info.size, False
-        raw = source(digest, blob.size)
-        if memoryview(raw).nbytes != blob.size or codec.content_hash(raw) != digest:
-            raise CorruptCheckpoint(f"the source's copy of blob {digest} does not match its hash")
+        raw = source(digest, blob.size)  # checked (_checked)
         choice = codec_for(options, blob.dtype, blob.itemsize, blob.size)
         data = coder.encode(memoryview(raw), choice)
         dst.store.put(blob_key(digest), data)
         if dst.cache is not None:
-            dst.cache.put(digest, raw)
+            dst.cache.put_later(digest, raw)  # off the upload's path
         return len(data), True
 
     with Batch(options.workers, "cloudckpt-copy", options.max_inflight_bytes) as batch:

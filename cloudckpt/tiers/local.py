@@ -129,13 +129,14 @@ class HostTier:
         return self.repo.manifest(version)
 
     def source(self) -> BlobSource:
-        """Reads a local blob's raw bytes by hash, checked: CorruptCheckpoint if they
-        are not, or if the host's disk fails (the caller takes the state from elsewhere)."""
+        """Reads a local blob's raw bytes by hash, in place, for ``copy_version`` (which
+        checks them: once is enough); CorruptCheckpoint if the host's disk fails (the
+        caller takes the state from elsewhere)."""
         reader = BlobReader(self.repo.store, self.repo.options.transfer)
 
         def raw(digest: str, size: int) -> Any:
             try:
-                return reader.raw(digest, size)
+                return reader.raw(digest, size, check=False)
             except (StoreError, OSError) as e:
                 raise CorruptCheckpoint(f"{self}: cannot read blob {digest}: {e}") from e
 
