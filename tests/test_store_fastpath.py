@@ -195,3 +195,28 @@ def test_the_fast_paths_endpoint_is_the_one_botocores_client_resolves(
     session = botocore.session.Session(profile=profile)
     slow = _client_settings(session, session.get_config_variable("region"))
     assert _botocore_settings(profile) == slow
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_conditional_put_to_a_missing_key_or_bucket_is_not_found(
+    moto_server: Any, fast: bool
+) -> None:
+    """AWS (and moto) answer ``If-Match`` on a missing key with 404, not 412: a writer
+    lease deleted behind the job's back must read as lost, and a swap into a missing
+    bucket must name the bucket, on either client."""
+    from cloudckpt.errors import CheckpointNotFound, StoreError
+    from cloudckpt.lease import WriterLease
+
+    options = StoreOptions(fast_path=fast)
+    store = Store(moto_server.fresh_uri("gone"), moto_server.storage_options(), options)
+    assert (store.backend.transport is not None) == fast
+    lease = WriterLease(store, "main", ttl=600).acquire()
+    store.backend.delete([lease.key], None)
+    with pytest.raises(CheckpointNotFound):
+        store.put_if_match(lease.key, b"{}", '"an-etag"')
+    lease.renew()
+    assert lease.lost is not None and "lost" in lease.lost
+    lease.release()  # nothing left to release: no error
+    nowhere = Store("s3://no-such-bucket-here/p", moto_server.storage_options(), options)
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket-here' does not exist"):
+        nowhere.put_if_match("k", b"x", '"an-etag"')

@@ -71,6 +71,11 @@ class S3ResponseError(OSError):
         self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
 
 
+class S3NotFound(S3ResponseError, FileNotFoundError):
+    """A 404 answer obstore does not report as not found (a conditional PUT to a missing
+    key or bucket, as AWS and moto answer it): the store's "does not exist" either way."""
+
+
 class ObstoreTransport:
     """GET, PUT, HEAD and the ETag-carrying GET for one bucket prefix, through obstore."""
 
@@ -222,8 +227,9 @@ def _translated(exc: Exception) -> Exception:
         return PermissionError(message)
     status = _STATUS.search(message)
     if status:
-        code = _CODE.search(message)
-        return S3ResponseError(message, code.group(1) if code else None, int(status.group(1)))
+        code, found = _CODE.search(message), int(status.group(1))
+        kind = S3NotFound if found == 404 else S3ResponseError
+        return kind(message, code.group(1) if code else None, found)
     if name == "GenericError":  # no answer: refused, reset, timed out, cut short
         return ConnectionError(message)
     return exc
