@@ -79,12 +79,13 @@ def make_root(
 
 class S3Requests:
     """Records every S3 request a store sends (method, key) and the S3 operations behind
-    them: s3fs's through botocore's events, the fast path's (obstore) at its three calls."""
+    them: s3fs's through botocore's events, the fast path's (obstore) at its own calls."""
 
     _FAST: ClassVar[dict[str, tuple[str, str]]] = {
         "get": ("GET", "GetObject"),
         "get_versioned": ("GET", "GetObject"),
         "put": ("PUT", "PutObject"),
+        "put_if": ("PUT", "PutObject"),
         "head": ("HEAD", "HeadObject"),
     }
 
