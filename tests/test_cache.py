@@ -238,6 +238,33 @@ def test_past_max_pending_bytes_the_caller_writes_the_blob_itself(tmp_path, monk
     assert set(cached_files(cache.root)) == {first, second}
 
 
+def test_a_child_forked_mid_queue_writes_what_was_queued(tmp_path, monkeypatch) -> None:
+    """fork() copies the queue but not the writer thread (busy with the first blob in
+    the parent): the child's flush must write the rest itself, not wait forever."""
+    from processes import wait_forked
+
+    cache = BlobCache(CacheOptions(str(tmp_path / "c")))
+    release = blocked_puts(monkeypatch)
+    raws = [np.full(4096, n, dtype=np.uint8) for n in range(3)]
+    digests = [codec.content_hash(r) for r in raws]
+    for digest, raw in zip(digests, raws, strict=True):
+        cache.put_later(digest, raw)
+    time.sleep(0.2)  # the parent's writer has taken the first and waits in put
+    pid = os.fork()
+    if pid == 0:  # exit 0 only if the child's flush keeps what was still queued
+        try:
+            release.set()
+            kept = cache.flush(20) and set(digests[1:]) <= set(cached_files(cache.root))
+            os._exit(0 if kept else 1)
+        finally:
+            os._exit(2)
+    code, in_time = wait_forked(pid, timeout=60)
+    release.set()
+    assert in_time and code == 0, (code, in_time)
+    assert cache.flush(60)
+    assert set(cached_files(cache.root)) == set(digests)
+
+
 #: A child that keeps one 16 MiB blob in the cache at argv[1], each write of 1 MiB taking
 #: 0.1 s; by ``put`` or ``put_later`` (argv[2]), then it exits.
 SLOW_WRITER = """

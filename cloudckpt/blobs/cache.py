@@ -22,6 +22,7 @@ import os
 import stat
 import threading
 import uuid
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,7 @@ class BlobCache:
         self._pending_bytes = 0
         self._drained = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None
+        _CACHES.add(self)
 
     def __repr__(self) -> str:
         return f"BlobCache({self.root!r}, max_bytes={self.options.max_bytes})"
@@ -191,7 +193,19 @@ class BlobCache:
         """Wait until every blob :meth:`put_later` queued is written (or given up);
         False if some still wait after ``timeout`` seconds."""
         with self._drained:
+            if self._pending and not self._writing():  # no thread can start: at exit
+                return False
             return self._drained.wait_for(lambda: not self._pending_bytes, timeout)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's writer thread is gone and its lock may be held
+        by a thread that does not exist here. The child keeps what was queued (its own
+        writer starts at the next put_later or flush); a blob the parent's writer had
+        taken is left to the parent."""
+        self._lock = threading.Lock()
+        self._drained = threading.Condition(self._lock)
+        self._writer = None
+        self._pending_bytes = sum(memoryview(raw).nbytes for _, raw in self._pending)
 
     def _drain(self) -> None:
         while True:
@@ -294,3 +308,15 @@ def _stale_tmp(path: str, age: float = 3600.0) -> bool:
         return time.time() - os.stat(path).st_mtime > age
     except OSError:
         return False
+
+
+#: This process's caches, so that a forked child can give each fresh locks.
+_CACHES: weakref.WeakSet[BlobCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_CACHES):
+        cache._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
