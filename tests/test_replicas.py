@@ -22,9 +22,10 @@ from cloudckpt.distributed import Group
 from cloudckpt.errors import CorruptCheckpoint
 from cloudckpt.tiers import peer
 from cloudckpt.tiers.copy import blobs_of
+from cloudckpt.tiers.links import siblings
 from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord, run_versions
 from cloudckpt.tiers.plan import plan
-from cloudckpt.tiers.replicas import HostMap, recover, replicate, siblings
+from cloudckpt.tiers.replicas import HostMap, recover, replicate
 
 HERE = Path(__file__).resolve().parent
 CHILD = str(HERE / "child_replicas.py")

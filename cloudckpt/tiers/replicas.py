@@ -23,18 +23,17 @@ and leaves the receiver's older replicas as they were.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cloudckpt.blobs import BlobReader, blob_key
 from cloudckpt.distributed.collectives import Group
 from cloudckpt.errors import CloudCkptError, RanksUnreachable
-from cloudckpt.repo import Repo, RepoOptions
+from cloudckpt.repo import Repo
 from cloudckpt.tiers import peer
+from cloudckpt.tiers.links import siblings
 from cloudckpt.tiers.local import BucketHead, HostTier, LocalVersions, order, prune_run
 from cloudckpt.tiers.plan import plan
 from cloudckpt.versions import Version
@@ -180,55 +179,6 @@ def _exchange(
 
     group.all_reduce(outcome, lambda _: None, context=context)
     return stored, sent, received
-
-
-def siblings(tier: HostTier, dst: Repo) -> peer.Local:
-    """Places a blob in ``dst`` by a hard link to the same blob in another repository of
-    this host (its own tier, the replicas it keeps; all stored alike), once that blob's
-    bytes pass their hash: a replicated state's blobs are not sent to a host that holds
-    them already. (Looked for on the first call, in the conversation: a failure to look
-    is shared with the peer.)"""
-    here = _path(dst)
-    others: list[Repo] = []
-    looked = False
-
-    def look() -> None:
-        nonlocal looked
-        looked = True
-        replicas = os.path.join(tier.root, "replicas")
-        names = sorted(os.listdir(replicas)) if os.path.isdir(replicas) else []
-        roots = [tier.root, *(os.path.join(replicas, n) for n in names)]
-        others.extend(
-            Repo(f"file://{r}", options=RepoOptions(transfer=tier.tier.transfer))
-            for r in roots
-            if os.path.realpath(r) != os.path.realpath(here)
-        )
-
-    def place(digest: str, size: int) -> bool:
-        if not looked:
-            look()
-        key = blob_key(digest)
-        for repo in others:
-            found = os.path.join(_path(repo), key)
-            if not os.path.isfile(found):
-                continue
-            try:
-                BlobReader(repo.store, repo.options.transfer).raw(digest, size)  # verified
-                os.makedirs(os.path.dirname(os.path.join(here, key)), exist_ok=True)
-                os.link(found, os.path.join(here, key))
-            except FileExistsError:
-                return True
-            except (OSError, CloudCkptError) as e:  # damaged, or no hard links here: send it
-                log.debug("not linking blob %s from %s: %s", digest, repo.uri, e)
-                continue
-            return True
-        return False
-
-    return place
-
-
-def _path(repo: Repo) -> str:
-    return repo.uri.removeprefix("file://")
 
 
 # -- replicate -----------------------------------------------------------------------------
