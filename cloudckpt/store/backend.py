@@ -113,7 +113,8 @@ class Backend(Protocol):
         """Fill ``buffers`` in order with the object's bytes, without a copy, if it is
         exactly as long as they are together -- one open serves the size check and the
         reads; False (nothing or part read) if it is not, or changed meanwhile. Only
-        where ``in_place``; FileNotFoundError if absent; refuses what is not a file."""
+        where ``in_place`` (elsewhere always False); FileNotFoundError if absent; refuses
+        what is not a file."""
         ...
 
     def stat(self, key: str) -> ObjectInfo | None:
