@@ -36,6 +36,7 @@ from cloudckpt.blobs.chunks import blob_key
 from cloudckpt.errors import CloudCkptError, CommitConflict, CorruptCheckpoint
 from cloudckpt.manifest import Manifest
 from cloudckpt.store import Store
+from cloudckpt.turns import Turn, wait_for_sweeps
 from cloudckpt.versions import Index, Version
 
 log = logging.getLogger("cloudckpt")
@@ -46,8 +47,6 @@ _ATTEMPTS = 16
 _MOVES = 64
 #: Above this many blobs, checking them is one listing instead of a HEAD each.
 _HEAD_AT_MOST = 64
-#: While waiting for a sweep, say so this often (seconds).
-_SAY_EVERY = 30.0
 
 
 def new_version_id() -> str:
@@ -160,7 +159,6 @@ class Transaction:
         ``restore`` stores again blobs a concurrent garbage collection swept; without
         it, such a commit raises CommitConflict (commit again: its blobs are reused).
         """
-        start = self._started()
         req = self.request
         base = Version(
             id="",
@@ -174,6 +172,20 @@ class Transaction:
             uploaded_bytes=stats.transferred_bytes,
             fence=req.fence,
         )
+        with Turn(self.store) as turn:
+            return self._publish(base, skeleton, entries, stats, extra, restore, turn)
+
+    def _publish(
+        self,
+        base: Version,
+        skeleton: Any,
+        entries: list[dict[str, Any]],
+        stats: TransferStats,
+        extra: Mapping[str, Any] | None,
+        restore: Restore | None,
+        turn: Turn,
+    ) -> Version:
+        start, req = self._started(), self.request
         parent, epoch, checked = start.parent, start.gc_epoch, start.clean
         tries = moves = 0
         while tries < _ATTEMPTS and moves < _MOVES:
@@ -193,12 +205,16 @@ class Transaction:
             while tries < _ATTEMPTS:
                 try:
                     versions.update(
-                        self.store, lambda ix, r=row, e=epoch, c=checked: self._add(ix, r, e, c)
+                        self.store,
+                        lambda ix, r=row, e=epoch, c=checked: self._add(ix, r, e, c, turn),
                     )
                     self._acknowledge(row)
                     return row
                 except _Unchecked:
+                    # Held up by a collection: take a turn, so that no new one starts
+                    # sweeping before this commit has checked its blobs and published.
                     tries += 1
+                    turn.take()
                     epoch = self._check(doc, data, restore)
                     checked = True
                 except _BranchMoved as moved:
@@ -233,7 +249,7 @@ class Transaction:
         req, where = self.request, self.store.url(versions.KEY)
         versions.check_fence(index, req.branch, req.fence, where, "the commit was not published")
 
-    def _add(self, index: Index, row: Version, epoch: int, checked: bool) -> bool:
+    def _add(self, index: Index, row: Version, epoch: int, checked: bool, turn: Turn) -> bool:
         if row.id in index.versions:
             return False  # an earlier attempt of this swap took effect
         self._check_fence(index)
@@ -244,6 +260,7 @@ class Transaction:
             raise _BranchMoved(head)
         index.versions[row.id] = row
         index.branches[row.branch] = row.id
+        turn.leave(index)
         return True
 
     def _check(self, doc: Manifest, data: bytes, restore: Restore | None) -> int:
@@ -285,64 +302,6 @@ def present_blobs(store: Store, digests: set[str]) -> set[str]:
     if len(digests) <= _HEAD_AT_MOST:
         return {d for d in digests if store.stat(blob_key(d)) is not None}
     return {k.rsplit("/", 1)[-1] for k in store.list_info("blobs")} & digests
-
-
-def wait_for_sweeps(store: Store, timeout: float = 3600.0) -> int:
-    """Wait until no garbage collection is sweeping; returns the gc epoch then.
-
-    A sweep whose renewal counter stood still for its ttl -- measured on this machine's
-    monotonic clock from when this process first saw that value -- is dead (killed or
-    frozen; a frozen one checks its own deadline before deleting) and is removed.
-    """
-    seen: dict[str, tuple[int, float]] = {}
-    started = time.monotonic()
-    deadline, said = started + timeout, started - _SAY_EVERY
-    while True:
-        index = versions.read(store)[0]
-        if not index.sweeps:
-            if said > started:
-                log.info("the garbage collection ended; this commit goes on")
-            return index.gc_epoch
-        now = time.monotonic()
-        if now - said >= _SAY_EVERY:
-            said = now
-            log.info(
-                "waiting for %d garbage collection sweep(s) on %s to end before publishing "
-                "(%.0fs so far; a sweep that stops renewing is dead after its ttl, at most "
-                "%.0fs)",
-                len(index.sweeps),
-                store.uri,
-                now - started,
-                max(s.ttl for s in index.sweeps.values()),
-            )
-        dead = {}
-        for token, sweep in index.sweeps.items():
-            seq, since = seen.get(token, (-1, now))
-            if seq != sweep.seq:
-                seen[token] = (sweep.seq, now)
-            elif now - since > sweep.ttl:
-                dead[token] = sweep.seq
-        if dead:
-            log.warning(
-                "garbage collection sweeps %s were not renewed within their ttl; "
-                "treating them as dead",
-                ", ".join(dead),
-            )
-            versions.update(store, lambda ix, dead=dead: _drop_sweeps(ix, dead))
-            continue
-        if now > deadline:
-            raise CommitConflict(
-                f"{store.url(versions.KEY)}: garbage collection has been sweeping for over "
-                f"{timeout:.0f}s; commit again later"
-            )
-        time.sleep(min(1.0, min(s.ttl for s in index.sweeps.values()) / 20))
-
-
-def _drop_sweeps(index: Index, dead: dict[str, int]) -> bool:
-    gone = [t for t, seq in dead.items() if t in index.sweeps and index.sweeps[t].seq == seq]
-    for token in gone:
-        del index.sweeps[token]
-    return bool(gone)
 
 
 class _Unchecked(Exception):

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cloudckpt import heartbeat, manifest, versions
+from cloudckpt import heartbeat, manifest, turns, versions
 from cloudckpt.errors import CloudCkptError, CorruptCheckpoint, SweepExpired
 from cloudckpt.store import ObjectInfo, Store
 from cloudckpt.versions import MAX_SWEEP_TTL, Index, Sweep
@@ -195,10 +195,10 @@ class _SweepLease:
     """This collection's entry in ``versions.json``'s running sweeps, renewed from a
     thread; ``guard()`` raises SweepExpired once it may have lapsed."""
 
-    def __init__(self, store: Store, ttl: float) -> None:
+    def __init__(self, store: Store, ttl: float, patience: float = turns.MAX_DEFERENCE) -> None:
         if ttl <= 0:
             raise ValueError("sweep_ttl must be positive")
-        self.store, self.ttl = store, ttl
+        self.store, self.ttl, self.patience = store, ttl, patience
         self.token = secrets.token_hex(8)
         self.index = Index()
         self._seq = 0
@@ -209,14 +209,14 @@ class _SweepLease:
         self._stamp: list[str] = []
 
     def __enter__(self) -> _SweepLease:
-        sent = time.monotonic()
-
         def register(ix: Index) -> None:
+            # Called right before each attempt's swap is sent: the renewal time may only
+            # be too early (safe), never too late, however long commits were let go first.
+            self._renewed = time.monotonic()
             ix.gc_epoch += 1
             ix.sweeps[self.token] = Sweep(0, self.ttl)
 
-        self.index = versions.update(self.store, register)
-        self._renewed = sent
+        self.index = turns.after_waiting_commits(self.store, register, self.patience)
         self._stamp = [v for v, t in self.index.deleted.items() if t is None]
         self._thread = heartbeat.start(self, self._stop, "cloudckpt-gc")
         return self

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from cloudckpt import manifest, schema, versions
 from cloudckpt.blobs import BlobReader, TransferOptions
-from cloudckpt.commit import present_blobs, wait_for_sweeps
+from cloudckpt.commit import present_blobs
 from cloudckpt.errors import (
     CommitConflict,
     CorruptCheckpoint,
@@ -19,6 +19,7 @@ from cloudckpt.errors import (
 )
 from cloudckpt.lease import lease_fence
 from cloudckpt.store import Store
+from cloudckpt.turns import wait_for_sweeps
 from cloudckpt.versions import MAX_SWEEP_TTL, Index, Sweep, Version
 
 log = logging.getLogger("cloudckpt")

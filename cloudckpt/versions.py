@@ -124,7 +124,11 @@ def pruned_row(row: Version) -> Version:
     return Version(**{k: getattr(row, k) for k in PRUNED_FIELDS})
 
 
-_GC = {"epoch": schema.count, "sweeps": schema.mapping(schema.text, _sweep)}
+_GC = {
+    "epoch": schema.count,
+    "sweeps": schema.mapping(schema.text, _sweep),
+    "waiting": schema.mapping(schema.text, _sweep),
+}
 _INDEX: dict[str, Callable[[Any], Any]] = {
     "branches": schema.mapping(schema.name, schema.vid),
     "tags": schema.mapping(schema.name, schema.vid),
@@ -154,6 +158,9 @@ class Index:
     gc_epoch: int = 0
     #: Garbage collections sweeping now, by token.
     sweeps: dict[str, Sweep] = field(default_factory=dict)
+    #: Commits waiting to publish after a collection, by token: no collection registers
+    #: its sweep while one is alive (``cloudckpt.turns``; fairness, not safety).
+    waiting: dict[str, Sweep] = field(default_factory=dict)
     #: Deleted versions' rows (:data:`PRUNED_FIELDS` only), oldest first, so that the
     #: history (``log``, ``plot``) keeps their lineage and metrics; their data is gone.
     #: Optional in the file: older releases ignore it (and drop it when they write).
@@ -181,6 +188,7 @@ class Index:
             "gc": {
                 "epoch": self.gc_epoch,
                 "sweeps": {k: asdict(s) for k, s in self.sweeps.items()},
+                "waiting": {k: asdict(s) for k, s in self.waiting.items()},
             },
         }
         if self.pruned:
@@ -219,6 +227,7 @@ class Index:
                 top.get("fences", {}),
                 gc.get("epoch", 0),
                 gc.get("sweeps", {}),
+                gc.get("waiting", {}),
                 _newest_pruned(top.get("pruned", [])),
             )
         except schema.Invalid as e:
