@@ -122,12 +122,14 @@ class Turn:
         self._lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._seq = 0
 
     def take(self) -> None:
-        """Enter the waiting commits (once; later calls do nothing)."""
-        if self._held:
+        """Enter the waiting commits, unless this turn is held and alive; a turn that was
+        dropped (this process was frozen past its ttl) is taken again."""
+        if self._held and self._lost is None:
             return
+        self._stop_renewing()
+        self._lost = None
         versions.update(self.store, self._enter)
         self._held = True
         self._thread = heartbeat.start(self, self._stop, "cloudckpt-turn")
@@ -153,9 +155,7 @@ class Turn:
 
     def close(self) -> None:
         """Stop renewing; remove the entry if the commit did not publish."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
+        self._stop_renewing()
         if self._held:
             self._held = False
             with contextlib.suppress(CloudCkptError):
@@ -166,6 +166,13 @@ class Turn:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _stop_renewing(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None
+        self._stop = threading.Event()
 
     def _enter(self, ix: Index) -> None:
         ix.waiting[self.token] = Sweep(0, self.ttl)

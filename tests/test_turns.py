@@ -143,3 +143,20 @@ def test_an_index_with_waiting_commits_round_trips() -> None:
     parsed = Index.parse(index.dumps(), "versions.json")
     assert parsed.waiting == {"commit-a": Sweep(3, 60.0)}
     assert Index.parse(Index().dumps(), "versions.json").waiting == {}
+
+
+def test_a_turn_dropped_while_its_commit_was_frozen_is_taken_again() -> None:
+    repo = repo_at(("memory://turns-retake", {}))
+    repo.commit(state(1))
+    with Turn(repo.store, ttl=0.3) as turn:
+        turn.take()
+        assert turn.token in repo.index().waiting
+        versions.update(repo.store, lambda ix: ix.waiting.clear())  # dropped as dead
+        deadline = time.monotonic() + 5
+        while turn.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert turn.lost is not None  # its renewal found it gone and did not re-add it
+        assert not repo.index().waiting
+        turn.take()
+        assert turn.token in repo.index().waiting
+    assert not repo.index().waiting
