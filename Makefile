@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: test demo docs lint bench bench-cli bench-compression bench-concurrency bench-fuzz lock clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt cloudckpt/_planes.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"

@@ -151,7 +151,8 @@ class Codec:
             width = count = choice.width
             if n % width:
                 raise ValueError(f"chunk of {n} bytes is not a multiple of width {width}")
-            planes = _split_planes(data.reshape(-1, width), choice.name == FPLANES)
+            elems = data.reshape(-1, width)
+            planes = float_planes.split(elems) if choice.name == FPLANES else _split(elems)
         # A stored plane is never larger than its raw bytes, so the blob fits in a buffer
         # of the raw size plus headers; planes are written straight into it.
         out = np.empty(_HEADER.size + count * _PLANE.size + n, dtype=np.uint8)
@@ -235,7 +236,8 @@ class Codec:
         if name == ZSTD:
             out[:] = planes[0]
         else:
-            _join_planes(planes, out.reshape(-1, width), name == FPLANES)
+            elems = out.reshape(-1, width)
+            (float_planes.join if name == FPLANES else _join)(planes, elems)
 
 
 def _worth_compressing(cctx: zstandard.ZstdCompressor, plane: np.ndarray) -> bool:
@@ -285,27 +287,17 @@ def _encode_literal_plane(
     return body + size
 
 
-def _split_planes(elems: np.ndarray, float_exponent: bool) -> Iterator[np.ndarray]:
-    """Byte planes, most significant first, made one at a time. The exponent planes are
-    fresh arrays; the others are strided views of ``elems``, (n, width) little-endian."""
-
-    width = elems.shape[1]
-    rest = range(width - 1, -1, -1)
-    if float_exponent:
-        yield from float_planes.split(elems)
-        rest = range(width - 3, -1, -1)
-    for k in rest:
+def _split(elems: np.ndarray) -> Iterator[np.ndarray]:
+    """Byte planes, most significant first: strided views of ``elems``, (n, width)
+    little-endian."""
+    for k in range(elems.shape[1] - 1, -1, -1):
         yield elems[:, k]
 
 
-def _join_planes(planes: list[np.ndarray], out: np.ndarray, float_exponent: bool) -> None:
+def _join(planes: list[np.ndarray], out: np.ndarray) -> None:
     width = out.shape[1]
-    rest, first = planes, width - 1
-    if float_exponent:
-        float_planes.join(planes[0], planes[1], out)
-        rest, first = planes[2:], width - 3
-    for i, plane in enumerate(rest):
-        out[:, first - i] = plane
+    for i, plane in enumerate(planes):
+        out[:, width - 1 - i] = plane
 
 
 def _read_planes(body: memoryview, expected: list[int], where: str) -> list[np.ndarray]:
