@@ -205,11 +205,27 @@ class Codec:
         self.decode_into(blob, out, where)
         return out
 
-    def decode_into(self, blob: bytes | memoryview, out: np.ndarray, where: str) -> None:
-        """Decompress a blob into ``out`` (a contiguous uint8 array of the raw length)."""
+    def decode_into(
+        self, blob: bytes | memoryview, out: np.ndarray, where: str, digest: str | None = None
+    ) -> None:
+        """Decompress a blob into ``out`` (a contiguous uint8 array of the raw length).
+
+        With ``digest``, the raw bytes are checked against it (CorruptCheckpoint if they
+        differ): float planes are hashed as they are joined, while still in the cache.
+        """
+        hasher = xxhash.xxh3_128() if digest is not None else None
+        hashed = self._decode(memoryview(blob), out, where, hasher)
+        if hasher is not None:
+            found = hasher.hexdigest() if hashed else content_hash(memoryview(out))
+            if found != digest:
+                raise CorruptCheckpoint(f"{where}: content does not match its hash")
+
+    def _decode(
+        self, view: memoryview, out: np.ndarray, where: str, hasher: xxhash.xxh3_128 | None
+    ) -> bool:
+        """Decode into ``out``; True if ``hasher`` was fed every raw byte on the way."""
         import numpy as np
 
-        view = memoryview(blob)
         if len(view) < _HEADER.size:
             raise CorruptCheckpoint(f"{where}: blob is truncated ({len(view)} bytes)")
         magic, codec_id, width, nplanes, n = _HEADER.unpack_from(view)
@@ -225,7 +241,7 @@ class Codec:
             if len(body) != n:
                 raise CorruptCheckpoint(f"{where}: raw blob has {len(body)} of {n} bytes")
             out[:] = np.frombuffer(body, dtype=np.uint8)
-            return
+            return False
         if name == ZSTD:
             width, expected = 1, [n]
         else:
@@ -235,9 +251,12 @@ class Codec:
         planes = _read_planes(body, expected, where)
         if name == ZSTD:
             out[:] = planes[0]
-        else:
-            elems = out.reshape(-1, width)
-            (float_planes.join if name == FPLANES else _join)(planes, elems)
+            return False
+        elems = out.reshape(-1, width)
+        if name == FPLANES:
+            return float_planes.join(planes, elems, hasher)
+        _join(planes, elems)
+        return False
 
 
 def _worth_compressing(cctx: zstandard.ZstdCompressor, plane: np.ndarray) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zstandard
 
@@ -29,6 +29,14 @@ if TYPE_CHECKING:  # imported where bytes are coded, not at import
 
 #: Whether the compiled split and join are in use (else numpy's, about 4-7x slower).
 COMPILED = _planes is not None
+#: Elements joined between two updates of the hash: 256 KiB of fp32 stay in the cache
+#: until hashed (a pass over memory less than hashing the whole chunk afterwards).
+_HASH_BLOCK = 1 << 16
+
+
+class Hasher(Protocol):
+    def update(self, data: Any, /) -> None: ...
+
 
 #: zstd settings for the exponent plane: a tiny hash table finds almost no (spurious)
 #: matches on near-random symbols, so zstd spends its bits on Huffman-coded literals.
@@ -196,16 +204,27 @@ def _split_numpy(elems: np.ndarray) -> Iterator[np.ndarray]:
     yield nxt
 
 
-def join(planes: list[np.ndarray], out: np.ndarray) -> None:
+def join(planes: list[np.ndarray], out: np.ndarray, hasher: Hasher | None = None) -> bool:
     """Write every element of ``out`` ((n, width) uint8, C order) from its planes, in
-    :func:`split`'s order."""
-    width = out.shape[1]
+    :func:`split`'s order. With ``hasher``, the compiled join feeds it ``out``'s bytes
+    block by block as they are written (while in the cache) and returns True; numpy's
+    returns False (hash ``out`` afterwards)."""
+    width, n = out.shape[1], out.shape[0]
     if _planes is not None and width in (2, 4) and out.flags.c_contiguous:
-        (_planes.join_fp32 if width == 4 else _planes.join_bf16)(*planes, out)
-        return
+        fn = _planes.join_fp32 if width == 4 else _planes.join_bf16
+        if hasher is None:
+            fn(*planes, out)
+            return False
+        flat = out.reshape(-1)
+        for a in range(0, n, _HASH_BLOCK):
+            b = min(n, a + _HASH_BLOCK)
+            fn(*(p[a:b] for p in planes), flat[a * width : b * width])
+            hasher.update(flat[a * width : b * width])
+        return True
     _join_numpy(planes[0], planes[1], out)
     for i, plane in enumerate(planes[2:]):
         out[:, width - 3 - i] = plane
+    return False
 
 
 def _join_numpy(exponent: np.ndarray, sign_mant: np.ndarray, out: np.ndarray) -> None:

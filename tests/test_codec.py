@@ -323,3 +323,21 @@ def test_the_compiled_planes_refuse_buffers_of_the_wrong_size() -> None:
         _planes.join_bf16(planes[0], planes[1], bytes(20))
     with pytest.raises(TypeError, match="expected 3"):
         _planes.join_bf16(planes[0], planes[1])
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("t", CASES, ids=lambda t: f"{t.dtype}-{t.numel()}")
+def test_decoding_checks_the_hash_when_given_one(t, compiled, monkeypatch) -> None:
+    """The float planes are hashed as they are joined; every codec refuses bytes that
+    do not match the digest, and accepts those that do."""
+    if not compiled:
+        monkeypatch.setattr(float_planes, "_planes", None)
+    raw = raw_bytes(t)
+    choice = codec.choose(str(t.dtype).removeprefix("torch."), t.element_size(), raw.nbytes)
+    blob = bytes(codec.Codec().encode(memoryview(raw), choice))
+    out = np.empty(raw.nbytes, dtype=np.uint8)
+    codec.Codec().decode_into(blob, out, "x", codec.content_hash(memoryview(raw)))
+    assert out.tobytes() == raw.tobytes()
+    other = codec.content_hash(b"something else")
+    with pytest.raises(CorruptCheckpoint, match="does not match its hash"):
+        codec.Codec().decode_into(blob, out, "x", other)

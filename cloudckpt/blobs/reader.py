@@ -167,8 +167,7 @@ class BlobReader:
             blob = self._get(fetch)
             with batch.gate.inside():  # the destination is the caller's: not after a failure
                 raw = self._raw(fetch, direct)
-                self._decode(fetch, blob, raw)
-                self._check(fetch, raw)
+                self._decode(fetch, blob, raw, check=True)
                 self._scatter(fetch, raw, direct)
                 if cache is not None:
                     cache.put(fetch.digest, raw)
@@ -184,10 +183,11 @@ class BlobReader:
         raw = self._raw(fetch, direct=False)
         if self.cache is not None and self.cache.read_into(digest, raw):
             return raw
-        if not (self.store.in_place and self._read_in_place(fetch, raw)):
-            self._decode(fetch, self._get(fetch), raw)
-        if check:
-            self._check(fetch, raw)
+        if self.store.in_place and self._read_in_place(fetch, raw):
+            if check:
+                self._check(fetch, raw)
+        else:
+            self._decode(fetch, self._get(fetch), raw, check)
         return raw
 
     def _read_in_place(self, fetch: _Fetch, raw: np.ndarray) -> bool:
@@ -234,8 +234,13 @@ class BlobReader:
                 return raw
         return np.empty(fetch.size, dtype=np.uint8)
 
-    def _decode(self, fetch: _Fetch, blob: bytes | memoryview, raw: np.ndarray) -> None:
-        self.codec.decode_into(blob, raw, self._where(fetch))
+    def _decode(
+        self, fetch: _Fetch, blob: bytes | memoryview, raw: np.ndarray, check: bool
+    ) -> None:
+        """Decode into ``raw``; with ``check``, against the blob's hash (in one pass where
+        the codec can)."""
+        digest = fetch.digest if check else None
+        self.codec.decode_into(blob, raw, self._where(fetch), digest)
 
     def _check(self, fetch: _Fetch, raw: np.ndarray) -> None:
         if codec.content_hash(raw) != fetch.digest:
