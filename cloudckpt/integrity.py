@@ -123,7 +123,10 @@ def _published(store: Store) -> dict[str, Version]:
         try:
             doc = manifest.read(store, vid)
         except CorruptCheckpoint as e:
-            log.warning("repair: skipping %s: %s", key, e)
+            if store.stat(key) is None:  # removed since the listing: a collection swept it
+                log.debug("repair: %s is gone since it was listed", key)
+            else:
+                log.warning("repair: skipping %s: %s", key, e)
             continue
         if vid in markers or doc.format == 1:
             rows[vid] = dataclasses.replace(doc.version, manifest_hash=doc.content_hash)

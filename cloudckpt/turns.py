@@ -45,14 +45,18 @@ class Renewals:
     def __init__(self) -> None:
         self._seen: dict[str, tuple[int, float]] = {}
 
-    def dead(self, entries: Mapping[str, Sweep], now: float) -> dict[str, int]:
-        """The entries dead at ``now``, with the counter they died at."""
+    def dead(
+        self, entries: Mapping[str, Sweep], now: float, most: float | None = None
+    ) -> dict[str, int]:
+        """The entries dead at ``now``, with the counter they died at; an entry's ttl
+        counts as at most ``most`` seconds where given."""
         dead = {}
         for token, entry in entries.items():
             seq, since = self._seen.get(token, (-1, now))
+            ttl = entry.ttl if most is None else min(entry.ttl, most)
             if seq != entry.seq:
                 self._seen[token] = (entry.seq, now)
-            elif now - since > entry.ttl:
+            elif now - since > ttl:
                 dead[token] = entry.seq
         return dead
 
@@ -189,7 +193,9 @@ class Deference:
 
     def check(self, index: Index) -> None:
         now = time.monotonic()
-        dead = self.renewals.dead(index.waiting, now)
+        # Commits of this release renew every TURN_TTL/3: a longer ttl (another writer's)
+        # is not waited out.
+        dead = self.renewals.dead(index.waiting, now, TURN_TTL)
         if drop_dead(index.waiting, dead):
             log.warning("commits %s waited without renewing; treating them as dead", list(dead))
         if index.waiting and now < self.deadline:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from test_commit import assert_loads, repo_at, state
 
-from cloudckpt import versions
+from cloudckpt import turns, versions
 from cloudckpt.errors import FencedOut
 from cloudckpt.turns import Turn, after_waiting_commits
 from cloudckpt.versions import Index, Sweep
@@ -96,6 +96,21 @@ def test_a_dead_waiting_commit_holds_collections_back_only_for_its_ttl() -> None
     t0 = time.monotonic()
     repo.gc(grace=0)
     assert 0.5 <= time.monotonic() - t0 < 15
+    assert not repo.index().waiting
+
+
+def test_a_waiting_entry_with_a_long_ttl_is_waited_out_for_a_turn_ttl_only(
+    monkeypatch,
+) -> None:
+    """Only another writer can write a ttl above TURN_TTL (up to 300 s passes the schema):
+    a collection still waits TURN_TTL at most for an entry that does not move."""
+    monkeypatch.setattr(turns, "TURN_TTL", 0.5)
+    repo = repo_at(("memory://turns-long-ttl", {}))
+    repo.commit(state(1))
+    versions.update(repo.store, lambda ix: ix.waiting.update({"commit-x": Sweep(1, 300.0)}))
+    t0 = time.monotonic()
+    repo.gc(grace=0)
+    assert time.monotonic() - t0 < 15
     assert not repo.index().waiting
 
 
