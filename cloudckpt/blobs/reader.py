@@ -42,6 +42,10 @@ def _fetches(targets: list[tuple[dict[str, Any], Any]]) -> dict[str, _Fetch]:
     return fetches
 
 
+#: The most HEADs ``check_sizes`` has in flight at once.
+MAX_HEADS = 64
+
+
 class BlobReader:
     """Downloads, decodes and verifies blobs into destination arrays; with a ``cache``,
     reads the blobs it holds from there and keeps those it downloads."""
@@ -72,11 +76,14 @@ class BlobReader:
         exists and that its stored size fits the raw size the manifest gives it: not
         larger than any encoding of those bytes, nor too small to decode to them.
 
-        One HEAD per distinct blob, in parallel on ``workers`` threads; the first blob
-        that fails raises (``CorruptCheckpoint`` naming it, or the ``StoreError``).
+        One HEAD per distinct blob, in parallel on four times ``workers`` threads (at
+        most :data:`MAX_HEADS`: a HEAD waits on the store's latency, not on this machine);
+        the first blob that fails raises (``CorruptCheckpoint`` naming it, or the
+        ``StoreError``).
         """
         fetches = _fetches([(e, None) for e in entries])
-        with Batch(self.options.workers, "cloudckpt-check") as batch:
+        threads = min(MAX_HEADS, 4 * self.options.workers, len(fetches)) or 1
+        with Batch(threads, "cloudckpt-check") as batch:
             for digest, fetch in fetches.items():
                 if not batch.submit(digest, 0, self._check_size, fetch):
                     break
