@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     from cloudckpt import LocalTier, Repo
     from cloudckpt.distributed import Group
     from cloudckpt.tiers.local import BucketHead, HostTier, TierRecord
-    from cloudckpt.tiers.replicas import HostMap, recover, replicate
+    from cloudckpt.tiers.replicas import HostMap, recover, recreate, replicate
 
     dist.init_process_group("gloo")
     group = Group.detect(timeout=600)
@@ -86,12 +86,16 @@ def worker(args: argparse.Namespace) -> None:
                     Repo(args.uri).load(head, into=into)
                 row["bucket"] = time.perf_counter() - t0
             else:
-                report = recover(group, hosts, tier, BucketHead(head))
+                # As the manager does: the partners' replicas are re-created after the load.
+                report = recover(group, hosts, tier, BucketHead(head), recreate_now=False)
                 row["recover"] = time.perf_counter() - t0
                 assert report.target is not None, report.reason
                 if host == lost:
                     tier.repo.load(report.target.id, into=into)
                 row["peer"] = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                recreate(group, hosts, tier, report)
+                row["recreate"] = time.perf_counter() - t1
                 row["received"] = report.bytes_received
             if host == lost:
                 for k, v in model.state_dict().items():
@@ -122,21 +126,23 @@ def table(args: argparse.Namespace, results: dict[int, dict[str, Any]], load: st
         f"{time.strftime('%Y-%m-%d %H:%M')}, load average before: {load}): GPT "
         f"({args.preset}) + AdamW, {logical / 1e6:.0f} MB, one rank per host; the bucket is "
         "a local SeaweedFS. Median seconds of the replaced host; peer = recover (receive "
-        "from the partner into the local tier) + load from the tier into the model.",
+        "from the partner into the local tier) + load from the tier into the model; the "
+        "partner's replica is re-created after that, as the manager does.",
         "",
-        "| hosts | bucket load | recover | peer total | peer / bucket | received (MB) "
-        "| replicate a save (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| hosts | bucket load | recover | peer total | peer / bucket | re-create the "
+        "partner's replica after (s) | received (MB) | replicate a save (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for hosts, found in results.items():
         rows = found["lost"]["rows"]
         bucket = statistics.median(r["bucket"] for r in rows)
         rec = statistics.median(r["recover"] for r in rows)
         peer = statistics.median(r["peer"] for r in rows)
+        after = statistics.median(r["recreate"] for r in rows)
         replicated = max(r["replicate"] for r in found["ranks"])
         lines.append(
             f"| {hosts} | {bucket:.2f} | {rec:.2f} | {peer:.2f} | {peer / bucket:.2f}x | "
-            f"{rows[-1]['received'] / 1e6:.0f} | {replicated:.2f} |"
+            f"{after:.2f} | {rows[-1]['received'] / 1e6:.0f} | {replicated:.2f} |"
         )
     lines += [
         "",

@@ -265,8 +265,17 @@ class TieredSaves:
         failed: list[list[int]] = []
         for _ in range(self.tier.keep + 1):  # each round passes over one save at least
             own = None if failed else held  # a round after the first may have received some
+            # The partners' replicas are re-created once the state is loaded: the job
+            # waits for its own state only.
             self.last_recover = report = replicas.recover(
-                group, self.hosts, self.host, head, replicated=True, exclude=failed, own=own
+                group,
+                self.hosts,
+                self.host,
+                head,
+                replicated=True,
+                exclude=failed,
+                own=own,
+                recreate_now=False,
             )
             target = report.target
             if target is None or report.order is None:
@@ -285,6 +294,7 @@ class TieredSaves:
                 failed.append(report.order)
                 continue
             log.info("resumed from the local tiers: step %s (%s)", target.step, target.id)
+            replicas.recreate(group, self.hosts, self.host, report)
             return target
         return None
 

@@ -48,6 +48,11 @@ def main() -> None:
     restored = digest(model)
     assert mgr.tiers is not None
     recover = mgr.tiers.last_recover
+    # The replica of the host this one keeps, as restore() left it (re-created after the
+    # load where this host was replaced).
+    kept_of = mgr.tiers.hosts.replicated_by(host)
+    kept = mgr.tiers.host.replica(kept_of) if kept_of else None
+    replica_steps = sorted(v.step for v in kept.versions()) if kept else []
     g = torch.Generator().manual_seed(1000 + start.step)
     with mgr:
         for step in range(start.step + 1, start.step + 1 + int(steps)):
@@ -66,6 +71,7 @@ def main() -> None:
         "loaded_in_bucket": start.version is not None and start.version.id in bucket_ids,
         "received": recover.bytes_received if recover else None,
         "recover_reason": recover.reason if recover else None,
+        "replica_steps": replica_steps,
         "restored": restored,
         "final_step": mgr.step_count,
         "final": digest(model),

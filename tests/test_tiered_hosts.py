@@ -57,6 +57,8 @@ def test_a_replaced_host_restores_from_its_partner_not_the_bucket(
     assert [r["resumed_step"] for r in replaced] == [7, 7]
     assert replaced[0]["restored"] == replaced[1]["restored"] == again[0]["final"]
     assert replaced[1]["received"] > 0 and not replaced[1]["loaded_in_bucket"]
+    # ... and, once loaded, re-created its replica of h0's saves (step 7, the target).
+    assert 7 in replaced[1]["replica_steps"], replaced[1]
 
     # A new machine under a new host id (a new hostname) takes h1's place. Step 8 was a
     # bucket save: each host's own local copy of it stands for it, so it still comes from

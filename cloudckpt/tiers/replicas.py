@@ -109,6 +109,11 @@ class RecoverReport:
     #: Why there is no target, or what failed after it was in place.
     reason: str = ""
     transfers: list[dict[str, Any]] = field(default_factory=list)
+    #: The rounds that re-create partners' replicas, where :func:`recover` was told to
+    #: leave them to :func:`recreate` (after the load).
+    pending: list[list[dict[str, Any]]] = field(default_factory=list)
+    #: This host's target id in its own tier (what the pending rounds send).
+    own_id: str | None = None
 
 
 # -- moving one version between leaders ---------------------------------------------------
@@ -276,11 +281,14 @@ def recover(
     replicated: bool = False,
     exclude: list[list[int]] | None = None,
     own: LocalVersions | None = None,
+    recreate_now: bool = True,
 ) -> RecoverReport:
     """Put the newest step every host can reach in every host's own tier, receiving it
     from peers where a host lacks it, then re-create the replicas partners lack
-    (collective, every rank, before anything is loaded). The target is None on every
-    rank when there is no such step or a transfer failed: restore from the bucket. (A
+    (collective, every rank, before anything is loaded -- or, with ``recreate_now``
+    False, left in the report for :func:`recreate` once the target is loaded). The
+    target is None on every rank when there is no such step or a transfer failed:
+    restore from the bucket. (A
     rank that stopped answering raises RanksUnreachable: the ranks can no longer agree
     on anything, not even on the bucket.)
     ``replicated``: every host saved the same state, so any host's copy will do (see
@@ -316,15 +324,9 @@ def recover(
         raise
     except CloudCkptError as e:
         return _none(report, f"receiving from peers failed: {e}", t0)
-    try:
-        for transfers in decided["recreate"]:
-            _, sent, received = _round(group, hosts, tier, transfers, mine)
-            _count(report, sent, received, transfers)
-    except RanksUnreachable:
-        raise
-    except CloudCkptError as e:  # the target is in place; the next save replicates again
-        report.reason = f"re-creating replicas failed: {e}"
-        log.warning("recover: %s", report.reason)
+    report.pending, report.own_id = decided["recreate"], mine
+    if recreate_now:
+        recreate(group, hosts, tier, report)
     try:
         ids = group.all_gather_json(mine)
         vid = ids[hosts.leader(host)]
@@ -343,6 +345,22 @@ def recover(
     return report
 
 
+def recreate(group: Group, hosts: HostMap, tier: HostTier, report: RecoverReport) -> None:
+    """Re-create the replicas partners lack, as :func:`recover` planned (collective,
+    every rank). A failure is logged in ``report.reason``: the target is in place, and
+    the next save replicates again."""
+    try:
+        for transfers in report.pending:
+            _, sent, received = _round(group, hosts, tier, transfers, report.own_id)
+            _count(report, sent, received, transfers)
+    except RanksUnreachable:
+        raise
+    except CloudCkptError as e:
+        report.reason = f"re-creating replicas failed: {e}"
+        log.warning("recover: %s", report.reason)
+    report.pending = []
+
+
 def _count(
     report: RecoverReport, sent: peer.Moved, received: peer.Moved, transfers: list[Any]
 ) -> None:
@@ -352,7 +370,7 @@ def _count(
 
 
 def _none(report: RecoverReport, reason: str, t0: float) -> RecoverReport:
-    report.target, report.reason = None, reason
+    report.target, report.reason, report.pending = None, reason, []
     report.seconds = time.perf_counter() - t0
     log.info("no local restore: %s", reason)
     return report
