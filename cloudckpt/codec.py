@@ -213,6 +213,8 @@ class Codec:
         With ``digest``, the raw bytes are checked against it (CorruptCheckpoint if they
         differ): float planes are hashed as they are joined, while still in the cache.
         """
+        if not out.flags.c_contiguous:
+            raise ValueError("decode_into: out must be a contiguous uint8 array")
         hasher = xxhash.xxh3_128() if digest is not None else None
         hashed = self._decode(memoryview(blob), out, where, hasher)
         if hasher is not None:

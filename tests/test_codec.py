@@ -341,3 +341,7 @@ def test_decoding_checks_the_hash_when_given_one(t, compiled, monkeypatch) -> No
     other = codec.content_hash(b"something else")
     with pytest.raises(CorruptCheckpoint, match="does not match its hash"):
         codec.Codec().decode_into(blob, out, "x", other)
+    # A strided destination is refused up front, with or without a digest.
+    wide = np.zeros(2 * raw.nbytes, dtype=np.uint8)
+    with pytest.raises(ValueError, match="contiguous"):
+        codec.Codec().decode_into(blob, wide[::2], "x", codec.content_hash(memoryview(raw)))
