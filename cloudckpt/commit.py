@@ -208,6 +208,7 @@ class Transaction:
                         self.store,
                         lambda ix, r=row, e=epoch, c=checked: self._add(ix, r, e, c, turn),
                     )
+                    turn.left()  # no read of the index to withdraw a turn it removed
                     self._acknowledge(row)
                     return row
                 except _Unchecked:

@@ -142,6 +142,10 @@ class Turn:
         """Remove the entry in ``index`` (the commit's publishing swap applies it)."""
         index.waiting.pop(self.token, None)
 
+    def left(self) -> None:
+        """The swap that applied :meth:`leave` landed: closing has nothing to remove."""
+        self._held = False
+
     @property
     def lost(self) -> str | None:
         return self._lost
