@@ -514,3 +514,30 @@ def test_a_symlinked_directory_in_the_cache_leads_nothing_outside_it(tmp_path: P
     assert sorted(p.name for p in outside.iterdir()) == [digest]
     out = np.zeros(1000, dtype=np.uint8)
     assert not cache.read_into(digest, out)  # nor read through it
+
+
+def test_an_eviction_racing_another_counts_what_the_other_removed(tmp_path, monkeypatch) -> None:
+    """Two processes evict at once: files the other removed after this one's listing are
+    gone all the same. Counting them as not freed made an eviction go on down to the
+    newest files and leave the cache empty (seen under load in CI)."""
+    cache = BlobCache(CacheOptions(tmp_path / "c", max_bytes=250))
+    names = [f"{i:02x}" + "0" * 30 for i in range(6)]
+    for age, digest in enumerate(names):  # written as another process left them
+        path = Path(cache.path(digest))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(100))
+        os.utime(path, (1000 + age, 1000 + age))  # oldest first
+    real = BlobCache._remove
+    calls: list[str] = []
+
+    def remove(path: str) -> bool:
+        if not calls:  # another evictor got to the three oldest first
+            for digest in names[:3]:
+                os.unlink(cache.path(digest))
+        calls.append(path)
+        return real(path)
+
+    monkeypatch.setattr(BlobCache, "_remove", staticmethod(remove))
+    cache.evict()
+    left = sorted(p.name for p in (tmp_path / "c").rglob("*") if p.is_file())
+    assert left == sorted(names[4:])

@@ -294,8 +294,13 @@ class BlobCache:
 
     @staticmethod
     def _remove(path: str) -> bool:
+        """Whether ``path`` is gone now. Gone already counts: another process (or thread)
+        evicting at once removed it, and an eviction that did not count it would go on
+        removing newer files, down to an empty cache."""
         try:
             os.unlink(path)
+            return True
+        except FileNotFoundError:
             return True
         except OSError:
             return False
